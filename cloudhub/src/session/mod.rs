@@ -1,0 +1,548 @@
+//! The cloud's per-node session as a sans-IO state machine: liveness (keepalive check), upstream
+//! dispatch with deduplication and acknowledgement, and windowed, resent downstream delivery. It
+//! imports no runtime and touches no socket or file; the async driver in [`crate::driver`] feeds
+//! it and carries out what it asks.
+//!
+//! How it improves on KubeEdge's `NodeSession` (PROTOCOL.md B§8.5, W12): up to
+//! [`SessionConfig::window`] ACK-required messages in flight at once instead of one, resends with
+//! exponential backoff for as long as the session lives instead of giving up after four, and
+//! order kept per resource so that a resend can never overtake a newer message for the same
+//! object.
+
+mod timer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use proto::Message;
+use proto::message::{GROUP_CAUSEWAY, OP_ACK, OP_KEEPALIVE, OP_RESPONSE};
+
+use self::timer::{Timer, TimerTable};
+
+/// Route source of messages the cloud hub itself originates (upstream acks).
+pub const SOURCE_CLOUDHUB: &str = "cloudhub";
+
+/// Tunables of one node session. The defaults assume KubeEdge's edge (15 s heartbeat) on a
+/// mediocre link (up to ~1 s RTT, a few % loss).
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// How long the node may stay silent (no keepalive) before the session ends. Default 30 s,
+    /// KubeEdge's `keepaliveInterval`: two edge heartbeats. Shorter notices dead nodes sooner but
+    /// drops nodes whose keepalive is merely late.
+    pub keepalive_interval: Duration,
+    /// Most ACK-required messages unacknowledged at once. Default 64. KubeEdge allows 1, which
+    /// caps a node at one message per round trip; larger costs memory per node only.
+    pub window: usize,
+    /// Wait before the first resend of an unacknowledged message. Default 5 s, as KubeEdge.
+    pub ack_timeout: Duration,
+    /// Upper bound of the doubling resend interval. Default 60 s: a healed link is noticed within
+    /// a minute without a resend storm on a dead one.
+    pub max_ack_timeout: Duration,
+    /// Whether the edge negotiated `upstream-ack` (CONTRACTS.md): if so, every durably accepted
+    /// upstream message is acknowledged with a `causeway`/`ack` message.
+    pub upstream_ack: bool,
+    /// How many accepted upstream ids the session remembers to re-ack duplicates without asking
+    /// the store. Default 4096. The store keeps the persisted, longer window.
+    pub dedup_window: usize,
+    /// Source of message ids for messages the session creates; injected so tests are
+    /// deterministic. Default: random UUID v4.
+    pub new_id: fn() -> String,
+    /// Wall clock in Unix milliseconds for message timestamps; injected like `new_id`.
+    pub wall_millis: fn() -> i64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            keepalive_interval: Duration::from_secs(30),
+            window: 64,
+            ack_timeout: Duration::from_secs(5),
+            max_ack_timeout: Duration::from_secs(60),
+            upstream_ack: false,
+            dedup_window: 4096,
+            new_id: proto::new_id,
+            wall_millis: proto::now_millis,
+        }
+    }
+}
+
+/// A message queued for the node, as the store hands it out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Downstream {
+    /// The store's sequence number: an opaque handle the session passes back in
+    /// [`Transmit`] and [`SessionEvent::Acked`].
+    pub seq: u64,
+    /// The message, sent unchanged (same id on every resend).
+    pub message: Message,
+    /// Whether the edge must acknowledge it ([`crate::delivery::needs_ack`] or an override).
+    pub needs_ack: bool,
+}
+
+/// A message for the driver to write to the connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transmit {
+    /// What to write.
+    pub message: Message,
+    /// Why: tells the driver what to record once the write succeeded.
+    pub kind: TransmitKind,
+}
+
+/// What a [`Transmit`] is, so the driver can update the store after the write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransmitKind {
+    /// A queued downstream message.
+    Delivery {
+        /// Its store sequence number.
+        seq: u64,
+        /// Whether it waits for an ACK; if not, the driver removes it from the store once
+        /// written.
+        needs_ack: bool,
+        /// 1 for the first send in this session, then 2, 3, ... for resends.
+        attempt: u32,
+    },
+    /// An acknowledgement of an upstream message (nothing to record).
+    UpstreamAck,
+}
+
+/// Something the driver must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEvent {
+    /// A message from the edge for the applications. Persist it (deduplicated by id), then call
+    /// [`NodeSession::upstream_accepted`] (or [`NodeSession::upstream_failed`]).
+    Upstream(Message),
+    /// The edge acknowledged a downstream message (op `response`, parent id = its id).
+    Acked {
+        /// The acknowledged message id.
+        id: String,
+        /// Its store sequence number when this session holds it; `None` when the id is not
+        /// one the session knows (the store may still: mark it acked there).
+        seq: Option<u64>,
+        /// From the first send in this session to the ACK; `None` if not sent in this session.
+        latency: Option<Duration>,
+        /// The edge's response itself (its content may be a reply).
+        response: Message,
+    },
+    /// The session ended on its own; see the reason. Close the connection.
+    Closed(CloseReason),
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// No keepalive within [`SessionConfig::keepalive_interval`].
+    KeepaliveTimeout,
+    /// The driver called [`NodeSession::close`] (transport error, replaced, shutdown).
+    Local,
+}
+
+/// Counters of one session, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Downstream messages sent for the first time in this session.
+    pub sent: u64,
+    /// Downstream messages sent again because no ACK came in time.
+    pub resent: u64,
+    /// ACKs that matched a message the session held.
+    pub acked: u64,
+    /// Upstream messages handed to the driver as [`SessionEvent::Upstream`].
+    pub upstream: u64,
+    /// Upstream messages dropped as duplicates of an id already accepted or being accepted.
+    pub duplicates: u64,
+    /// Keepalives received.
+    pub keepalives: u64,
+}
+
+/// A message sent and waiting for its ACK.
+#[derive(Debug)]
+struct InFlight {
+    down: Downstream,
+    first_sent: Instant,
+    attempts: u32,
+    deadline: Instant,
+}
+
+/// The cloud's session with one connected node, free of I/O.
+///
+/// It takes events in (`handle_*`, plus commands such as [`Self::queue`]) and hands actions out
+/// (`poll_*`), as quinn-proto's `Connection` does. Its methods come in four kinds:
+///
+/// - A. getters, taking `&self`;
+/// - B. handlers of input from the network or the clock, named `handle_*`;
+/// - C. commands from the driver: [`Self::queue`], [`Self::upstream_accepted`],
+///   [`Self::upstream_failed`], [`Self::close`]. They perform no system I/O either;
+/// - D. polls for what the driver must do, named `poll_*`.
+///
+/// Use it by calling (B) and (C) as things happen, and after each such call, as soon as
+/// feasible, calling every poll (D) until it returns `None`, acting on each output (write the
+/// message, persist the event, re-arm the one timer). Poll in this order:
+///
+/// 1. [`Self::poll_transmit`]
+/// 2. [`Self::poll_timeout`]
+/// 3. [`Self::poll_event`]
+///
+/// Only (2) depends on (1) today, but keep the order: more dependencies may come. (A) may be
+/// called at any time.
+///
+/// Time passed in must be monotonic: inputs at different instants must arrive in order;
+/// [`Self::handle_timeout`] and other handlers at the same instant may interleave freely.
+/// Timers fire only through [`Self::handle_timeout`], never by looking at a clock.
+#[derive(Debug)]
+pub struct NodeSession {
+    config: SessionConfig,
+    timers: TimerTable,
+    closed: Option<CloseReason>,
+    last_keepalive: Instant,
+    /// Queued downstream messages not yet sent in this session, in store order.
+    pending: VecDeque<Downstream>,
+    /// Sent ACK-required messages by id.
+    in_flight: HashMap<String, InFlight>,
+    /// Resources with a message in flight: later messages for them wait (per-resource order).
+    busy_resources: HashSet<String>,
+    /// Ids in `pending` or `in_flight`, so a message fed twice is held once.
+    held: HashSet<String>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<SessionEvent>,
+    /// Upstream ids handed out as events and not yet accepted by the driver.
+    accepting: HashSet<String>,
+    /// Recently accepted upstream ids, oldest first, for in-session dedup.
+    accepted: RecentIds,
+    stats: SessionStats,
+}
+
+impl NodeSession {
+    /// A session for a node that connected at `now`; the keepalive check starts at once.
+    pub fn new(config: SessionConfig, now: Instant) -> Self {
+        let mut timers = TimerTable::default();
+        timers.set(Timer::KeepaliveCheck, now + config.keepalive_interval);
+        let accepted = RecentIds::new(config.dedup_window);
+        Self {
+            config,
+            timers,
+            closed: None,
+            last_keepalive: now,
+            pending: VecDeque::new(),
+            in_flight: HashMap::new(),
+            busy_resources: HashSet::new(),
+            held: HashSet::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            accepting: HashSet::new(),
+            accepted,
+            stats: SessionStats::default(),
+        }
+    }
+
+    /// Processes one message received from the node at `now` (PROTOCOL.md B§8.3, as amended
+    /// by Causeway):
+    /// - op `keepalive` (any route): refreshes liveness; nothing else.
+    /// - op `response` with a parent id: the ACK of a downstream message.
+    /// - anything else: an upstream message for the applications, once per id.
+    pub fn handle_message(&mut self, now: Instant, mut msg: Message) {
+        if self.closed.is_some() {
+            return;
+        }
+        if msg.route.operation == OP_KEEPALIVE {
+            self.stats.keepalives += 1;
+            self.last_keepalive = now;
+            self.timers
+                .set(Timer::KeepaliveCheck, now + self.config.keepalive_interval);
+            return;
+        }
+        if msg.route.operation == OP_RESPONSE && !msg.header.parent_id.is_empty() {
+            self.handle_ack(now, msg);
+            return;
+        }
+        if msg.header.id.is_empty() {
+            // Without an id the message can be neither deduplicated nor acknowledged; give it
+            // one so the store can hold it, and deliver it as KubeEdge would.
+            msg.header.id = (self.config.new_id)();
+        } else if self.accepting.contains(&msg.header.id) {
+            // A resend racing the first copy's persistence: its ACK follows that copy's.
+            self.stats.duplicates += 1;
+            return;
+        } else if self.accepted.contains(&msg.header.id) {
+            self.stats.duplicates += 1;
+            self.queue_upstream_ack(&msg.header.id);
+            return;
+        }
+        self.accepting.insert(msg.header.id.clone());
+        self.stats.upstream += 1;
+        self.events.push_back(SessionEvent::Upstream(msg));
+    }
+
+    /// Fires whichever timers are due at `now`: the keepalive check ends the session; due
+    /// in-flight messages are resent with a doubled interval.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        if self.timers.is_expired(Timer::KeepaliveCheck, now) {
+            self.end(CloseReason::KeepaliveTimeout);
+            self.events
+                .push_back(SessionEvent::Closed(CloseReason::KeepaliveTimeout));
+            return;
+        }
+        if self.timers.is_expired(Timer::AckResend, now) {
+            let mut due: Vec<&mut InFlight> = self
+                .in_flight
+                .values_mut()
+                .filter(|f| f.deadline <= now)
+                .collect();
+            // Resend in store order so the edge sees them as queued.
+            due.sort_by_key(|f| f.down.seq);
+            for flight in due {
+                flight.attempts += 1;
+                flight.deadline = now + backoff(&self.config, flight.attempts);
+                self.stats.resent += 1;
+                self.transmits.push_back(Transmit {
+                    message: flight.down.message.clone(),
+                    kind: TransmitKind::Delivery {
+                        seq: flight.down.seq,
+                        needs_ack: true,
+                        attempt: flight.attempts,
+                    },
+                });
+            }
+            self.rearm_resend();
+        }
+    }
+
+    /// Queues downstream messages (in store order) for sending at `now`. Ids the session already
+    /// holds are ignored, so the driver may refill from the store without tracking exactly what
+    /// was handed over.
+    pub fn queue(&mut self, now: Instant, messages: impl IntoIterator<Item = Downstream>) {
+        if self.closed.is_some() {
+            return;
+        }
+        for down in messages {
+            if self.held.insert(down.message.header.id.clone()) {
+                self.pending.push_back(down);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// The driver durably accepted upstream message `id`: acknowledges it to the edge (if
+    /// negotiated) and remembers it, so a resend is re-acked without a store round trip.
+    pub fn upstream_accepted(&mut self, id: &str) {
+        self.accepting.remove(id);
+        self.accepted.insert(id.to_owned());
+        if self.closed.is_none() {
+            self.queue_upstream_ack(id);
+        }
+    }
+
+    /// The driver could not persist upstream message `id`: forgets it unacknowledged, so the
+    /// edge's resend is tried again.
+    pub fn upstream_failed(&mut self, id: &str) {
+        self.accepting.remove(id);
+    }
+
+    /// Ends the session at the driver's request; every poll then returns nothing. Messages held
+    /// stay in the store and go to the node's next session.
+    pub fn close(&mut self) {
+        if self.closed.is_none() {
+            self.end(CloseReason::Local);
+        }
+    }
+
+    /// The next message to write, if any.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] must next be called; `None` once closed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_timeout()
+    }
+
+    /// The next event for the driver, if any.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// Why the session ended, or `None` while it is open.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.closed
+    }
+
+    /// When the node's last keepalive arrived (the session's start before the first).
+    pub fn last_keepalive(&self) -> Instant {
+        self.last_keepalive
+    }
+
+    /// ACK-required messages sent and not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// How many more messages [`Self::queue`] should be given: the session buffers up to two
+    /// windows so the window never runs dry between refills.
+    pub fn wants(&self) -> usize {
+        if self.closed.is_some() {
+            return 0;
+        }
+        (2 * self.config.window).saturating_sub(self.held.len())
+    }
+
+    /// This session's counters.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    fn handle_ack(&mut self, now: Instant, response: Message) {
+        let id = response.header.parent_id.clone();
+        let (seq, latency) = if let Some(flight) = self.in_flight.remove(&id) {
+            self.busy_resources
+                .remove(&flight.down.message.route.resource);
+            self.held.remove(&id);
+            self.stats.acked += 1;
+            self.rearm_resend();
+            (
+                Some(flight.down.seq),
+                Some(now.saturating_duration_since(flight.first_sent)),
+            )
+        } else if let Some(pos) = self.pending.iter().position(|d| d.message.header.id == id) {
+            // Sent by an earlier session and answered only now: no need to send it again.
+            let down = self.pending.remove(pos);
+            self.held.remove(&id);
+            self.stats.acked += 1;
+            (down.map(|d| d.seq), None)
+        } else {
+            (None, None)
+        };
+        self.events.push_back(SessionEvent::Acked {
+            id,
+            seq,
+            latency,
+            response,
+        });
+        self.pump(now);
+    }
+
+    /// Moves pending messages to the wire while the window and per-resource order allow.
+    fn pump(&mut self, now: Instant) {
+        // Resources passed over in this scan: later messages for them must wait too.
+        let mut blocked: HashSet<String> = HashSet::new();
+        let mut idx = 0;
+        while idx < self.pending.len() {
+            let down = &self.pending[idx];
+            let resource = &down.message.route.resource;
+            let window_full = self.in_flight.len() >= self.config.window;
+            if blocked.contains(resource)
+                || self.busy_resources.contains(resource)
+                || (down.needs_ack && window_full)
+            {
+                blocked.insert(resource.clone());
+                idx += 1;
+                continue;
+            }
+            let Some(down) = self.pending.remove(idx) else {
+                break;
+            };
+            self.stats.sent += 1;
+            let kind = TransmitKind::Delivery {
+                seq: down.seq,
+                needs_ack: down.needs_ack,
+                attempt: 1,
+            };
+            self.transmits.push_back(Transmit {
+                message: down.message.clone(),
+                kind,
+            });
+            if down.needs_ack {
+                self.busy_resources.insert(resource_of(&down).to_owned());
+                let id = down.message.header.id.clone();
+                self.in_flight.insert(
+                    id,
+                    InFlight {
+                        down,
+                        first_sent: now,
+                        attempts: 1,
+                        deadline: now + self.config.ack_timeout,
+                    },
+                );
+            } else {
+                self.held.remove(&down.message.header.id);
+            }
+        }
+        self.rearm_resend();
+    }
+
+    fn queue_upstream_ack(&mut self, id: &str) {
+        if !self.config.upstream_ack {
+            return;
+        }
+        let message = Message::with_header((self.config.new_id)(), id, (self.config.wall_millis)())
+            .route(SOURCE_CLOUDHUB, GROUP_CAUSEWAY, "", OP_ACK);
+        self.transmits.push_back(Transmit {
+            message,
+            kind: TransmitKind::UpstreamAck,
+        });
+    }
+
+    fn rearm_resend(&mut self) {
+        match self.in_flight.values().map(|f| f.deadline).min() {
+            Some(deadline) => self.timers.set(Timer::AckResend, deadline),
+            None => self.timers.stop(Timer::AckResend),
+        }
+    }
+
+    fn end(&mut self, reason: CloseReason) {
+        self.closed = Some(reason);
+        self.timers.stop_all();
+        self.transmits.clear();
+    }
+}
+
+fn resource_of(down: &Downstream) -> &str {
+    &down.message.route.resource
+}
+
+/// Wait after send number `attempts` (1-based): `ack_timeout` doubled per resend, capped.
+fn backoff(config: &SessionConfig, attempts: u32) -> Duration {
+    let factor = 1u32 << attempts.saturating_sub(1).min(16);
+    config
+        .ack_timeout
+        .saturating_mul(factor)
+        .min(config.max_ack_timeout)
+}
+
+/// A bounded set of ids that forgets the oldest first.
+#[derive(Debug)]
+struct RecentIds {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+    cap: usize,
+}
+
+impl RecentIds {
+    fn new(cap: usize) -> Self {
+        Self {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn insert(&mut self, id: String) {
+        if self.set.contains(&id) {
+            return;
+        }
+        if self.order.len() >= self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.set.insert(id.clone());
+        self.order.push_back(id);
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
+}
