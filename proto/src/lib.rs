@@ -1,0 +1,29 @@
+//! The Causeway wire model: KubeEdge's beehive message (header, route, content), its two wire forms
+//! and the viaduct packer frame. Byte-compatible with KubeEdge (see `PROTOCOL.md` and the golden
+//! vectors in `conformance/vectors/`).
+//!
+//! This crate performs **no I/O**: it depends on no runtime, socket or TLS crate. Codecs work on
+//! byte buffers; ids and clocks can be injected.
+//!
+//! Layout:
+//! - [`message`]: [`Message`], [`Header`], [`Route`], [`Content`] and KubeEdge's constructors.
+//! - [`json`]: the WebSocket form, byte-identical to Go's `encoding/json`.
+//! - [`pb`]: the QUIC form, viaduct's protobuf (and Causeway's extension fields).
+//! - [`frame`]: the 10-byte packer header, a sans-IO decoder with a 32 MiB cap.
+//! - [`error`]: [`DecodeError`] and [`FrameError`], what a peer's bad bytes produce.
+//!
+//! ```text
+//!  WebSocket text frame            QUIC message stream
+//!  json::to_ws_text / from_slice   "msg" | frame::encode_message / FrameDecoder::decode_message
+//!            \                                  |  10-byte header + pb::encode / pb::decode
+//!             +--------------- Message ---------+
+//! ```
+
+pub mod error;
+pub mod frame;
+pub mod json;
+pub mod message;
+pub mod pb;
+
+pub use error::{DecodeError, FrameError};
+pub use message::{Content, Header, Message, Route, new_id, now_millis};
