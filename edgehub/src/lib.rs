@@ -1,0 +1,10 @@
+//! EdgeHub: the edge end of the edge/cloud link.
+//!
+//! Layout:
+//! - [`session`]: the link logic as a sans-IO state machine (connect, keepalive, dead-cloud
+//!   detection, reconnect with backoff, rate limiting, routing); no tokio.
+//! - [`route`]: where cloud messages go on the bus (KubeEdge's handler table) and the edge's
+//!   module and group names.
+
+pub mod route;
+pub mod session;

@@ -1,0 +1,841 @@
+//! Virtual-time tests of [`EdgeSession`]: the production state machine driven by a harness whose
+//! "network" is a queue of timed deliveries and whose "cloud" records what arrives, acknowledges
+//! upstream messages and answers transport pings (modelled as [`Event::PeerActivity`]). Hours of
+//! link time run in milliseconds; nothing sleeps.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use super::*;
+
+const HB: Duration = Duration::from_secs(15);
+
+/// What the simulated link does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Connects succeed after one latency; messages arrive after one latency.
+    Up,
+    /// Connects are refused after one latency (cloud down).
+    Refused,
+    /// Everything vanishes: connects time out after the handshake timeout, messages are lost
+    /// and no sign of life comes back (half-open TCP, UDP blackhole).
+    Blackhole,
+}
+
+/// Something scheduled to happen at a virtual instant.
+#[derive(Debug)]
+enum Delivery {
+    ToSession(Event),
+    MessageToSession(Generation, Message),
+    ToCloud(Generation, Message),
+}
+
+struct Harness {
+    session: EdgeSession,
+    t0: Instant,
+    now: Instant,
+    link: Link,
+    latency: Duration,
+    handshake_timeout: Duration,
+    /// Whether the simulated cloud negotiates and sends upstream acknowledgements.
+    cloud_acks: bool,
+    /// Whether the cloud's transport answers each received message with a sign of life.
+    cloud_pongs: bool,
+    queue: BinaryHeap<Reverse<(Instant, u64)>>,
+    pending: std::collections::HashMap<u64, Delivery>,
+    seq: u64,
+    /// The generation the cloud currently serves (None: no connection).
+    cloud_conn: Option<Generation>,
+    /// Everything the cloud received: (time since t0, generation, message).
+    received: Vec<(Duration, Generation, Message)>,
+    actions: Vec<(Duration, Action)>,
+    events: Vec<(Duration, SessionEvent)>,
+    written_without_ack: Vec<String>,
+}
+
+impl Harness {
+    fn new(config: SessionConfig) -> Self {
+        Self::with_random(config, || 0.5)
+    }
+
+    fn with_random(config: SessionConfig, random: impl FnMut() -> f64 + Send + 'static) -> Self {
+        let t0 = Instant::now();
+        let h = Self {
+            session: EdgeSession::new(config, t0, random),
+            t0,
+            now: t0,
+            link: Link::Up,
+            latency: Duration::from_millis(50),
+            handshake_timeout: Duration::from_secs(30),
+            cloud_acks: true,
+            cloud_pongs: true,
+            queue: BinaryHeap::new(),
+            pending: std::collections::HashMap::new(),
+            seq: 0,
+            cloud_conn: None,
+            received: Vec::new(),
+            actions: Vec::new(),
+            events: Vec::new(),
+            written_without_ack: Vec::new(),
+        };
+        // Nothing is performed until the first `run_until`, so a test can set the link first.
+        h
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.now - self.t0
+    }
+
+    fn schedule(&mut self, after: Duration, delivery: Delivery) {
+        self.seq += 1;
+        self.queue.push(Reverse((self.now + after, self.seq)));
+        self.pending.insert(self.seq, delivery);
+    }
+
+    /// Performs everything the session asks for at the current instant.
+    fn drain(&mut self) {
+        while let Some(transmit) = self.session.poll_transmit(self.now) {
+            if let TransmitKind::Upstream {
+                forget_after_write: true,
+            } = transmit.kind
+            {
+                self.written_without_ack
+                    .push(transmit.message.header.id.clone());
+            }
+            if self.link != Link::Blackhole {
+                self.schedule(
+                    self.latency,
+                    Delivery::ToCloud(transmit.generation, transmit.message),
+                );
+            }
+        }
+        while let Some(action) = self.session.poll_action() {
+            match &action {
+                Action::Connect { generation } => {
+                    let generation = *generation;
+                    match self.link {
+                        Link::Up => self.schedule(
+                            self.latency * 2,
+                            Delivery::ToSession(Event::Connected {
+                                generation,
+                                upstream_ack: self.cloud_acks,
+                            }),
+                        ),
+                        Link::Refused => self.schedule(
+                            self.latency,
+                            Delivery::ToSession(Event::ConnectFailed {
+                                generation,
+                                reason: "connection refused".into(),
+                            }),
+                        ),
+                        Link::Blackhole => self.schedule(
+                            self.handshake_timeout,
+                            Delivery::ToSession(Event::ConnectFailed {
+                                generation,
+                                reason: "handshake timed out".into(),
+                            }),
+                        ),
+                    }
+                }
+                Action::Close { generation, .. } => {
+                    if self.cloud_conn == Some(*generation) {
+                        self.cloud_conn = None;
+                    }
+                }
+                Action::Forget { .. } => {}
+            }
+            self.actions.push((self.elapsed(), action));
+        }
+        while let Some(event) = self.session.poll_event() {
+            if let SessionEvent::Connected { generation, .. } = &event {
+                self.cloud_conn = Some(*generation);
+            }
+            self.events.push((self.elapsed(), event));
+        }
+    }
+
+    /// Advances to the next timer or delivery, handles it, and drains. False when nothing is left.
+    fn step(&mut self) -> bool {
+        let next_delivery = self.queue.peek().map(|Reverse((at, _))| *at);
+        let next_timer = self.session.poll_timeout();
+        let next = match (next_delivery, next_timer) {
+            (Some(d), Some(t)) => d.min(t),
+            (Some(d), None) => d,
+            (None, Some(t)) => t,
+            (None, None) => return false,
+        };
+        self.now = self.now.max(next);
+        if next_delivery == Some(next) {
+            let Some(Reverse((_, seq))) = self.queue.pop() else {
+                unreachable!()
+            };
+            let delivery = self.pending.remove(&seq).expect("scheduled");
+            self.deliver(delivery);
+        } else {
+            self.session.handle_timeout(self.now);
+        }
+        self.drain();
+        true
+    }
+
+    fn deliver(&mut self, delivery: Delivery) {
+        match delivery {
+            Delivery::ToSession(event) => self.session.handle_event(self.now, event),
+            Delivery::MessageToSession(generation, message) => {
+                if self.link != Link::Blackhole {
+                    self.session.handle_message(self.now, generation, message);
+                }
+            }
+            Delivery::ToCloud(generation, message) => {
+                if self.link == Link::Blackhole || self.cloud_conn != Some(generation) {
+                    return;
+                }
+                let is_upstream = message.route.operation != OP_KEEPALIVE;
+                self.received
+                    .push((self.elapsed(), generation, message.clone()));
+                if self.cloud_pongs {
+                    self.schedule(
+                        self.latency,
+                        Delivery::ToSession(Event::PeerActivity { generation }),
+                    );
+                }
+                if is_upstream && self.cloud_acks {
+                    let ack = Message::with_header(
+                        format!("ack-{}", message.header.id),
+                        message.header.id,
+                        0,
+                    )
+                    .route(
+                        "cloudhub",
+                        proto::message::GROUP_CAUSEWAY,
+                        "",
+                        proto::message::OP_ACK,
+                    );
+                    self.schedule(self.latency, Delivery::MessageToSession(generation, ack));
+                }
+            }
+        }
+    }
+
+    fn run_until(&mut self, until: Duration) {
+        self.drain();
+        while self.next_at().is_some_and(|at| at - self.t0 <= until) {
+            self.step();
+        }
+        self.now = self.now.max(self.t0 + until);
+    }
+
+    fn next_at(&self) -> Option<Instant> {
+        let d = self.queue.peek().map(|Reverse((at, _))| *at);
+        match (d, self.session.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Injects an event from the driver at the current instant.
+    fn inject(&mut self, event: Event) {
+        self.session.handle_event(self.now, event);
+        self.drain();
+    }
+
+    fn keepalive_times(&self) -> Vec<Duration> {
+        self.received
+            .iter()
+            .filter(|(_, _, m)| m.route.operation == OP_KEEPALIVE)
+            .map(|(t, _, _)| *t)
+            .collect()
+    }
+
+    fn connects(&self) -> Vec<(Duration, Generation)> {
+        self.actions
+            .iter()
+            .filter_map(|(t, a)| match a {
+                Action::Connect { generation } => Some((*t, *generation)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn closes(&self) -> Vec<(Duration, Generation, DisconnectReason)> {
+        self.actions
+            .iter()
+            .filter_map(|(t, a)| match a {
+                Action::Close { generation, reason } => Some((*t, *generation, reason.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn published(&self, content: &str) -> usize {
+        self.events
+            .iter()
+            .filter(|(_, e)| {
+                matches!(e, SessionEvent::Publish { message, .. } if message.content.as_text() == Some(content))
+            })
+            .count()
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn upstream(id: &str) -> Message {
+    Message::with_header(id, "", 0).route("metamanager", "resource", "default/pod/p", "update")
+}
+
+#[test]
+fn keepalive_right_after_connect_then_every_heartbeat() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.run_until(Duration::from_secs(61));
+    // Connected at 100 ms (two latencies); each keepalive arrives one latency after it is sent.
+    let sent: Vec<Duration> = h.keepalive_times().iter().map(|t| *t - ms(50)).collect();
+    assert_eq!(
+        sent,
+        [ms(100), ms(15_100), ms(30_100), ms(45_100), ms(60_100)]
+    );
+    let k = &h.received[0].2;
+    assert_eq!(
+        (
+            k.route.source.as_str(),
+            k.route.group.as_str(),
+            k.route.resource.as_str()
+        ),
+        ("websocket", "resource", "node")
+    );
+    assert_eq!(k.route.operation, "keepalive");
+    assert_eq!(k.content, Content::text("ping"));
+    assert_eq!(
+        h.session.stats().disconnects,
+        0,
+        "a live cloud is never declared dead"
+    );
+}
+
+#[test]
+fn heartbeat_cadence_does_not_drift_when_the_driver_is_late() {
+    let mut config = SessionConfig::new(HB);
+    config.dead_after = None; // the test jumps time without letting the cloud answer
+    let mut h = Harness::new(config);
+    h.run_until(ms(200));
+    // The driver wakes 3 s late for the first heartbeat: the next keeps the original schedule.
+    let due = h.session.timer(Timer::Heartbeat).expect("armed");
+    h.now = due + Duration::from_secs(3);
+    h.session.handle_timeout(h.now);
+    assert_eq!(h.session.timer(Timer::Heartbeat), Some(due + HB));
+    // 20 s late (more than a period): restart the cadence from now rather than bursting.
+    let due = due + HB;
+    h.now = due + Duration::from_secs(20);
+    h.session.handle_timeout(h.now);
+    assert_eq!(h.session.timer(Timer::Heartbeat), Some(h.now + HB));
+}
+
+#[test]
+fn connection_events_are_published_to_the_four_groups() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.run_until(ms(500));
+    let groups: Vec<&str> = h
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            SessionEvent::Publish { group, .. } => Some(*group),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(groups, ["twin", "meta", "bus", "taskmanager"]);
+    assert_eq!(h.published("cloud_connected"), 4);
+    h.inject(Event::Failed {
+        generation: Generation(1),
+        reason: "reset".into(),
+    });
+    assert_eq!(h.published("cloud_disconnected"), 4);
+}
+
+#[test]
+fn reconnect_waits_exactly_two_heartbeats_after_a_loss() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.run_until(Duration::from_secs(20));
+    h.inject(Event::Failed {
+        generation: Generation(1),
+        reason: "connection reset".into(),
+    });
+    let lost_at = h.elapsed();
+    assert_eq!(h.session.state(), SessionState::Waiting);
+    h.run_until(Duration::from_secs(120));
+    let connects = h.connects();
+    assert_eq!(connects.len(), 2);
+    assert_eq!(connects[1], (lost_at + HB * 2, Generation(2)));
+    assert_eq!(h.session.state(), SessionState::Connected(Generation(2)));
+    let scheduled = h.events.iter().find_map(|(_, e)| match e {
+        SessionEvent::ReconnectScheduled {
+            after, failures, ..
+        } => Some((*after, *failures)),
+        _ => None,
+    });
+    assert_eq!(scheduled, Some((HB * 2, 0)));
+}
+
+#[test]
+fn dead_cloud_is_detected_within_two_heartbeats() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.run_until(Duration::from_secs(40));
+    // The link blackholes: keepalives vanish, nothing comes back, no transport error is reported.
+    h.link = Link::Blackhole;
+    let cut = h.elapsed();
+    h.run_until(Duration::from_secs(200));
+    let (at, generation, reason) = h.closes().first().cloned().expect("closed");
+    assert_eq!(generation, Generation(1));
+    let DisconnectReason::DeadPeer { silent_for } = reason else {
+        panic!("{reason:?}")
+    };
+    assert_eq!(silent_for, HB * 2);
+    // Last sign of life: the pong of the keepalive sent at 30.1 s, heard at 30.2 s.
+    assert_eq!(at, ms(30_200) + HB * 2);
+    assert!(at - cut <= HB * 2, "noticed {:?} after the cut", at - cut);
+}
+
+#[test]
+fn quiet_cloud_without_any_sign_of_life_is_dead_but_activity_keeps_it_alive() {
+    let mut config = SessionConfig::new(HB);
+    config.dead_after = Some(HB * 2);
+    let mut h = Harness::new(config.clone());
+    h.cloud_pongs = false;
+    h.run_until(Duration::from_secs(31));
+    assert_eq!(
+        h.closes().len(),
+        1,
+        "no message and no activity for 30 s: dead"
+    );
+
+    let mut h = Harness::new(config);
+    h.cloud_pongs = true;
+    h.run_until(Duration::from_secs(300));
+    assert!(h.closes().is_empty(), "transport activity counts as life");
+}
+
+#[test]
+fn liveness_can_be_left_to_the_transport() {
+    let mut config = SessionConfig::new(HB);
+    config.dead_after = None;
+    let mut h = Harness::new(config);
+    h.cloud_pongs = false;
+    h.run_until(Duration::from_secs(600));
+    assert!(h.closes().is_empty());
+    assert_eq!(h.session.timer(Timer::ReadDeadline), None);
+}
+
+#[test]
+fn concurrent_failures_of_one_connection_cause_one_reconnect() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.run_until(Duration::from_secs(20));
+    // The reader, the writer and the transport's deadline all report the same dead connection.
+    for reason in ["recv: reset", "send: broken pipe", "read deadline"] {
+        h.inject(Event::Failed {
+            generation: Generation(1),
+            reason: reason.into(),
+        });
+    }
+    h.now += ms(10);
+    h.inject(Event::Failed {
+        generation: Generation(1),
+        reason: "late".into(),
+    });
+    h.run_until(Duration::from_secs(100));
+    assert_eq!(h.closes().len(), 1);
+    assert_eq!(h.connects().len(), 2);
+    assert_eq!(h.published("cloud_disconnected"), 4, "modules told once");
+    assert_eq!(h.session.stats().coalesced_failures, 3);
+    assert_eq!(h.session.state(), SessionState::Connected(Generation(2)));
+}
+
+#[test]
+fn stale_generation_events_never_touch_the_new_connection() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.run_until(Duration::from_secs(20));
+    h.inject(Event::Failed {
+        generation: Generation(1),
+        reason: "reset".into(),
+    });
+    h.run_until(Duration::from_secs(60));
+    assert_eq!(h.session.state(), SessionState::Connected(Generation(2)));
+    let before = h.session.stats();
+    // Late signals from generation 1 arrive while generation 2 is healthy.
+    h.inject(Event::Failed {
+        generation: Generation(1),
+        reason: "late read error".into(),
+    });
+    h.inject(Event::ConnectFailed {
+        generation: Generation(1),
+        reason: "late".into(),
+    });
+    h.inject(Event::PeerActivity {
+        generation: Generation(1),
+    });
+    h.inject(Event::Connected {
+        generation: Generation(1),
+        upstream_ack: true,
+    });
+    let late = Message::with_header("late", "", 0).route(
+        "edgecontroller",
+        "resource",
+        "a/pod/b",
+        "update",
+    );
+    h.session.handle_message(h.now, Generation(1), late);
+    h.drain();
+    assert_eq!(h.session.state(), SessionState::Connected(Generation(2)));
+    assert_eq!(h.session.stats().stale_events, before.stale_events + 5);
+    assert_eq!(
+        h.session.stats().delivered,
+        before.delivered,
+        "late message not delivered"
+    );
+    // The late `Connected` of generation 1 is closed, never adopted; generation 2 is untouched.
+    let closes = h.closes();
+    assert_eq!(closes.len(), 2);
+    assert_eq!(closes[1].1, Generation(1));
+    h.run_until(Duration::from_secs(200));
+    assert_eq!(h.session.state(), SessionState::Connected(Generation(2)));
+}
+
+#[test]
+fn failures_back_off_exponentially_within_bounds() {
+    let mut config = SessionConfig::new(HB);
+    config.backoff = BackoffConfig {
+        min: Duration::from_secs(1),
+        base: Duration::from_secs(30),
+        max: Duration::from_secs(120),
+    };
+    // Always draw the top of the range, so each wait equals its ceiling.
+    let mut h = Harness::with_random(config, || 1.0 - f64::EPSILON);
+    h.link = Link::Refused;
+    h.run_until(Duration::from_secs(1000));
+    let connects = h.connects();
+    let gaps: Vec<u64> = connects
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].0 - h.latency).as_secs_f64().round() as u64)
+        .collect();
+    assert_eq!(&gaps[..6], &[30, 60, 120, 120, 120, 120]);
+    assert_eq!(h.session.failures() as usize, connects.len());
+}
+
+#[test]
+fn backoff_jitter_spreads_a_fleet() {
+    // Ten edges lose a cloud that stays down; with full jitter their attempts spread out.
+    let mut firsts = Vec::new();
+    for seed in 0..10u64 {
+        let mut h = Harness::new(SessionConfig::new(HB));
+        h.session = EdgeSession::with_seed(SessionConfig::new(HB), h.t0, seed);
+        h.link = Link::Refused;
+        h.run_until(Duration::from_secs(400));
+        let connects = h.connects();
+        let gap = connects[1].0 - connects[0].0 - h.latency;
+        let config = BackoffConfig::from_heartbeat(HB);
+        assert!(gap >= config.min && gap <= config.ceiling(1), "{gap:?}");
+        for w in connects.windows(2).skip(1) {
+            assert!(w[1].0 - w[0].0 - h.latency <= config.max);
+        }
+        firsts.push(gap);
+    }
+    firsts.sort();
+    firsts.dedup();
+    assert_eq!(
+        firsts.len(),
+        10,
+        "every seed gives a different wait: {firsts:?}"
+    );
+}
+
+#[test]
+fn success_resets_the_backoff_but_a_short_lived_connection_does_not() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.link = Link::Refused;
+    h.run_until(Duration::from_secs(100));
+    assert!(h.session.failures() >= 2);
+    h.link = Link::Up;
+    h.run_until(Duration::from_secs(400));
+    assert_eq!(
+        h.session.state(),
+        SessionState::Connected(h.session.connected_generation().unwrap())
+    );
+    let failures_before = h.session.failures();
+    // The connection is healthy for a long time, then lost: the counter resets, wait = 2 HB.
+    h.inject(Event::Failed {
+        generation: h.session.connected_generation().unwrap(),
+        reason: "x".into(),
+    });
+    assert_eq!(h.session.failures(), 0);
+    assert!(failures_before > 0);
+    h.run_until(h.elapsed() + HB * 2 + ms(200));
+    // Now a connection that dies right away counts as a failure and waits at least 2 HB.
+    let generation = h.session.connected_generation().expect("reconnected");
+    h.inject(Event::Failed {
+        generation,
+        reason: "accepted then closed".into(),
+    });
+    assert_eq!(h.session.failures(), 1);
+    let wait = h.session.timer(Timer::ReconnectWait).unwrap() - h.now;
+    assert!(wait >= HB * 2);
+}
+
+#[test]
+fn blackholed_connect_attempts_time_out_and_back_off() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.link = Link::Blackhole;
+    h.run_until(Duration::from_secs(300));
+    let failures = h
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, SessionEvent::ConnectFailed { .. }))
+        .count();
+    assert!(failures >= 3);
+    assert_eq!(h.session.stats().connects, 0);
+    assert_eq!(h.published("cloud_connected"), 0);
+}
+
+#[test]
+fn upstream_is_rate_limited_but_keepalives_are_not() {
+    let mut config = SessionConfig::new(HB);
+    config.message_qps = 10.0;
+    config.message_burst = 5;
+    config.upstream_window = 1000;
+    let mut h = Harness::new(config);
+    h.run_until(ms(200));
+    for i in 0..25 {
+        h.session
+            .queue_upstream(upstream(&format!("m{i}")))
+            .unwrap();
+    }
+    h.drain();
+    h.run_until(Duration::from_secs(10));
+    let times: Vec<Duration> = h
+        .received
+        .iter()
+        .filter(|(_, _, m)| m.route.operation != OP_KEEPALIVE)
+        .map(|(t, _, _)| *t)
+        .collect();
+    assert_eq!(times.len(), 25);
+    // Five at once (the burst), then one every 100 ms.
+    assert!(times[..5].iter().all(|t| *t == ms(250)));
+    for (i, t) in times[5..].iter().enumerate() {
+        let expected = ms(250 + 100 * (i as u64 + 1));
+        assert!(
+            t.abs_diff(expected) <= ms(1),
+            "message {}: {t:?} vs {expected:?}",
+            i + 5
+        );
+    }
+    // Order is kept.
+    let ids: Vec<&str> = h
+        .received
+        .iter()
+        .filter(|(_, _, m)| m.route.operation != OP_KEEPALIVE)
+        .map(|(_, _, m)| m.header.id.as_str())
+        .collect();
+    let want: Vec<String> = (0..25).map(|i| format!("m{i}")).collect();
+    assert_eq!(ids, want);
+    // The keepalive at 15 s is not delayed by a full bucket.
+    h.session.queue_upstream(upstream("late")).unwrap();
+    h.run_until(Duration::from_secs(16));
+    assert!(h.keepalive_times().contains(&ms(15_150)));
+}
+
+#[test]
+fn acknowledged_upstream_is_forgotten_and_unacknowledged_survives_a_reconnect() {
+    let mut config = SessionConfig::new(HB);
+    config.upstream_window = 3;
+    let mut h = Harness::new(config);
+    h.run_until(ms(200));
+    for id in ["a", "b", "c"] {
+        h.session.queue_upstream(upstream(id)).unwrap();
+    }
+    assert!(matches!(
+        h.session.queue_upstream(upstream("d")),
+        Err(QueueUpstreamError::WindowFull(_))
+    ));
+    h.drain();
+    h.run_until(ms(400));
+    let forgotten: Vec<&str> = h
+        .actions
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::Forget { id } => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(forgotten, ["a", "b", "c"]);
+    assert_eq!(h.session.in_flight(), 0);
+    assert_eq!(h.session.upstream_capacity(), 3);
+
+    // Now the cloud stops acknowledging; the link drops with "e" in flight.
+    h.cloud_acks = false;
+    h.session.queue_upstream(upstream("e")).unwrap();
+    h.drain();
+    h.run_until(ms(600));
+    assert_eq!(h.session.in_flight(), 1);
+    h.inject(Event::Failed {
+        generation: Generation(1),
+        reason: "reset".into(),
+    });
+    assert_eq!(
+        h.session.in_flight(),
+        0,
+        "cleared from the session, still in the outbox"
+    );
+    assert!(matches!(
+        h.session.queue_upstream(upstream("e")),
+        Err(QueueUpstreamError::NotConnected(_))
+    ));
+    assert!(
+        !h.actions
+            .iter()
+            .any(|(_, a)| matches!(a, Action::Forget { id } if id == "e"))
+    );
+}
+
+#[test]
+fn without_upstream_ack_messages_are_forgotten_once_written() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.cloud_acks = false;
+    h.run_until(ms(200));
+    h.session.queue_upstream(upstream("x")).unwrap();
+    h.drain();
+    assert_eq!(h.written_without_ack, ["x"]);
+    assert_eq!(h.session.in_flight(), 0);
+    let connected = h.events.iter().find_map(|(_, e)| match e {
+        SessionEvent::Connected { upstream_ack, .. } => Some(*upstream_ack),
+        _ => None,
+    });
+    assert_eq!(connected, Some(false));
+}
+
+#[test]
+fn cloud_messages_are_routed_and_acks_consumed() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.run_until(ms(200));
+    let g = Generation(1);
+    let pod = Message::with_header("p1", "", 0).route(
+        "edgecontroller",
+        "resource",
+        "default/pod/a",
+        "update",
+    );
+    let reply = Message::with_header("r1", "q1", 0).route(
+        "edgecontroller",
+        "resource",
+        "default/pod/a",
+        "response",
+    );
+    let junk = Message::with_header("j1", "", 0).route("x", "nowhere", "r", "update");
+    let echo = Message::with_header("k1", "", 0).route("cloudhub", "resource", "node", "keepalive");
+    let ack = Message::with_header("a1", "up-1", 0).route("cloudhub", "causeway", "", "ack");
+    for m in [pod, reply, junk, echo, ack] {
+        h.session.handle_message(h.now, g, m);
+    }
+    h.drain();
+    let routed: Vec<(String, String)> = h
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            SessionEvent::Deliver {
+                destination,
+                message,
+            } => Some((format!("{destination:?}"), message.header.id.clone())),
+            SessionEvent::Unroutable { message, .. } => {
+                Some(("unroutable".into(), message.header.id.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        routed,
+        [
+            ("Group(\"meta\")".to_string(), "p1".to_string()),
+            ("Response".into(), "r1".into()),
+            ("unroutable".into(), "j1".into())
+        ]
+    );
+    let stats = h.session.stats();
+    assert_eq!(
+        (
+            stats.delivered,
+            stats.unroutable,
+            stats.keepalives_received,
+            stats.upstream_acks
+        ),
+        (2, 1, 1, 1)
+    );
+    assert!(
+        h.actions
+            .iter()
+            .any(|(_, a)| matches!(a, Action::Forget { id } if id == "up-1"))
+    );
+}
+
+#[test]
+fn requested_reconnect_and_shutdown() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.run_until(Duration::from_secs(20));
+    h.inject(Event::Reconnect {
+        reason: "certificate renewed".into(),
+    });
+    assert!(matches!(h.closes()[0].2, DisconnectReason::Requested(_)));
+    h.run_until(Duration::from_secs(60));
+    assert_eq!(h.session.state(), SessionState::Connected(Generation(2)));
+    h.inject(Event::Shutdown);
+    assert_eq!(h.session.state(), SessionState::Stopped);
+    assert_eq!(
+        h.closes().last().map(|c| c.2.clone()),
+        Some(DisconnectReason::Shutdown)
+    );
+    assert_eq!(h.session.poll_timeout(), None);
+    assert!(!h.step() || h.session.state() == SessionState::Stopped);
+    h.run_until(Duration::from_secs(600));
+    assert_eq!(h.connects().len(), 2, "no attempt after shutdown");
+}
+
+#[test]
+fn shutdown_while_connecting_closes_the_attempt() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.inject(Event::Shutdown);
+    assert_eq!(h.closes().len(), 1);
+    h.run_until(Duration::from_secs(10));
+    // The attempt's late `Connected` is closed, not adopted.
+    assert_eq!(h.session.state(), SessionState::Stopped);
+    assert_eq!(h.closes().len(), 2);
+    assert_eq!(h.published("cloud_connected"), 0);
+}
+
+#[test]
+fn an_outage_and_recovery_lose_nothing_in_the_session_contract() {
+    // Long run: outages of different kinds; after each, the session reconnects and resumes
+    // keepalives; the generation grows by one per attempt and only the newest is ever connected.
+    let mut h = Harness::new(SessionConfig::new(HB));
+    let mut t = Duration::ZERO;
+    for (link, secs) in [
+        (Link::Up, 100),
+        (Link::Blackhole, 100),
+        (Link::Refused, 200),
+        (Link::Up, 300),
+    ] {
+        h.link = link;
+        t += Duration::from_secs(secs);
+        h.run_until(t);
+    }
+    assert!(matches!(h.session.state(), SessionState::Connected(_)));
+    let connects = h.connects();
+    for (i, (_, g)) in connects.iter().enumerate() {
+        assert_eq!(g.get(), i as u64 + 1);
+    }
+    // Keepalives resumed on the final connection at the heartbeat cadence.
+    let last_gen = h.session.connected_generation().unwrap();
+    let last: Vec<Duration> = h
+        .received
+        .iter()
+        .filter(|(_, g, m)| *g == last_gen && m.route.operation == OP_KEEPALIVE)
+        .map(|(t, _, _)| *t)
+        .collect();
+    assert!(last.len() >= 10);
+    assert!(last.windows(2).all(|w| w[1] - w[0] == HB));
+}
