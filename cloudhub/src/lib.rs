@@ -9,9 +9,12 @@
 //! Layout:
 //! - [`session`]: [`session::NodeSession`], the per-node state machine (sans-IO).
 //! - [`delivery`]: [`delivery::needs_ack`], KubeEdge's ACK classification.
+//! - [`store`]: [`store::MessageStore`], the durable queues and upstream log, and its SQLite
+//!   implementation [`store::sqlite::SqliteStore`].
 //!
 //! It is not a Kubernetes controller: there is no edgecontroller or synccontroller; the
 //! applications behind the API play their part.
 
 pub mod delivery;
 pub mod session;
+pub mod store;

@@ -1,0 +1,773 @@
+//! The embedded [`MessageStore`]: one SQLite file in WAL mode, written by one dedicated thread
+//! that batches every operation queued meanwhile into one transaction (group commit), so a
+//! thousand nodes cost a handful of fsyncs per batch rather than one each, while every
+//! operation is durable before its future resolves.
+//!
+//! Open-message counts per node are kept in memory (loaded at start) so the queue bound costs
+//! no `COUNT(*)`; acked rows are kept for `acked_retention` (for status queries and duplicate
+//! POSTs) and then pruned; the upstream log keeps the newest `upstream_window` records per node,
+//! which is both what SSE consumers can resume from and the deduplication window.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use proto::{Content, Header, Message, Route};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use tokio::sync::{broadcast, oneshot};
+
+use super::{
+    Accepted, EnqueueError, Enqueued, MessageState, MessageStore, NodeRecord, QueueDepth,
+    StoreError, StoreFuture, UpstreamRecord,
+};
+use crate::session::Downstream;
+
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 1024;
+/// Capacity of the live upstream feed; slower subscribers catch up from the table.
+const UPSTREAM_FEED: usize = 4096;
+/// How often acked rows past their retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// How hard SQLite syncs to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// `synchronous=FULL`: a committed operation survives a power loss. Default.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: survives a process crash (kill -9), may lose the last commits on
+    /// power loss; several times more commits per second on slow disks.
+    Normal,
+}
+
+/// Settings of [`SqliteStore`].
+#[derive(Debug, Clone)]
+pub struct SqliteConfig {
+    /// Database file (created with its directory if missing).
+    pub path: PathBuf,
+    /// Most open (pending + in-flight) messages per node; beyond it `enqueue` refuses. Default
+    /// 10,000: about 10 MB of 1 KiB messages for a node that is offline for long.
+    pub queue_limit: u64,
+    /// Upstream records kept per node (deduplication window and SSE replay). Default 10,000:
+    /// far more than an edge outbox resends after a reconnect.
+    pub upstream_window: u64,
+    /// How long acked downstream rows are kept for status queries. Default 10 minutes.
+    pub acked_retention: Duration,
+    /// Sync level. Default [`Durability::Full`].
+    pub durability: Durability,
+}
+
+impl SqliteConfig {
+    /// Defaults with the database at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            queue_limit: 10_000,
+            upstream_window: 10_000,
+            acked_retention: Duration::from_secs(600),
+            durability: Durability::Full,
+        }
+    }
+}
+
+/// The SQLite-backed [`MessageStore`]. Cheap to share behind an `Arc`; dropping the last
+/// handle finishes queued operations and stops the writer thread.
+#[derive(Debug)]
+pub struct SqliteStore {
+    jobs: Option<mpsc::Sender<Job>>,
+    feed: broadcast::Sender<Arc<UpstreamRecord>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+type Job = Box<dyn FnOnce(&mut Batch<'_, '_>) + Send>;
+type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
+
+/// What one job sees while its batch runs.
+struct Batch<'c, 's> {
+    tx: &'c mut Transaction<'s>,
+    state: &'c mut State,
+    config: &'c SqliteConfig,
+    now_ms: i64,
+    completions: Vec<Completion>,
+    published: Vec<Arc<UpstreamRecord>>,
+}
+
+/// Writer-thread memory mirrored from the database.
+#[derive(Debug, Default)]
+struct State {
+    depth: HashMap<String, QueueDepth>,
+    upstream: HashMap<String, u64>,
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database and starts the writer thread.
+    pub fn open(config: SqliteConfig) -> Result<Self, StoreError> {
+        if let Some(dir) = config.path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::Corrupt(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+        }
+        let conn = Connection::open(&config.path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let sync = match config.durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let state = State::load(&conn)?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (feed, _) = broadcast::channel(UPSTREAM_FEED);
+        let publish = feed.clone();
+        let writer = std::thread::Builder::new()
+            .name("cloudhub-store".into())
+            .spawn(move || run_writer(conn, rx, state, config, publish))
+            .map_err(|e| StoreError::Corrupt(format!("cannot start the store thread: {e}")))?;
+        Ok(Self {
+            jobs: Some(jobs),
+            feed,
+            writer: Some(writer),
+        })
+    }
+
+    /// Queues `f` for the writer thread; its result is delivered once its batch committed.
+    fn submit<T, E, F>(&self, f: F) -> StoreFuture<'static, Result<T, E>>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut Batch<'_, '_>) -> Result<T, E> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel::<Result<T, E>>();
+        let job: Job = Box::new(move |batch: &mut Batch<'_, '_>| {
+            let result = batch.isolated(f);
+            batch.completions.push(Box::new(move |commit| {
+                let result = match commit {
+                    Ok(()) => result,
+                    Err(why) => Err(E::from(StoreError::Commit(why.to_owned()))),
+                };
+                let _ = reply.send(result);
+            }));
+        });
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(job).is_ok());
+        Box::pin(async move {
+            if !sent {
+                return Err(E::from(StoreError::Closed));
+            }
+            rx.await
+                .unwrap_or_else(|_| Err(E::from(StoreError::Closed)))
+        })
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish what is queued and exit.
+        self.jobs.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Batch<'_, '_> {
+    /// Runs `f` inside a savepoint: its writes are undone if it fails, without failing the
+    /// rest of the batch.
+    fn isolated<T, E: From<StoreError>>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.tx
+            .execute_batch("SAVEPOINT job")
+            .map_err(|e| E::from(StoreError::from(e)))?;
+        let result = f(self);
+        let end = if result.is_ok() {
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
+        };
+        self.tx
+            .execute_batch(end)
+            .map_err(|e| E::from(StoreError::from(e)))?;
+        result
+    }
+}
+
+fn run_writer(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    mut state: State,
+    config: SqliteConfig,
+    publish: broadcast::Sender<Arc<UpstreamRecord>>,
+) {
+    let mut last_prune = Instant::now();
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let now_ms = proto::now_millis();
+        let mut completions = Vec::with_capacity(jobs.len());
+        let mut published = Vec::new();
+        let outcome = (|| -> Result<(), rusqlite::Error> {
+            let mut tx =
+                conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut batch = Batch {
+                tx: &mut tx,
+                state: &mut state,
+                config: &config,
+                now_ms,
+                completions: Vec::new(),
+                published: Vec::new(),
+            };
+            for job in jobs.drain(..) {
+                job(&mut batch);
+            }
+            completions = std::mem::take(&mut batch.completions);
+            published = std::mem::take(&mut batch.published);
+            tx.commit()
+        })();
+        match outcome {
+            Ok(()) => {
+                for done in completions {
+                    done(Ok(()));
+                }
+                for record in published {
+                    // No subscriber is fine: the record is in the table.
+                    let _ = publish.send(record);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "message store batch failed to commit");
+                let why = e.to_string();
+                for done in completions {
+                    done(Err(&why));
+                }
+                // Jobs that never ran (transaction did not start) drop their reply: Closed.
+                drop(jobs);
+                match State::load(&conn) {
+                    Ok(fresh) => state = fresh,
+                    Err(e) => tracing::error!(error = %e, "cannot reload store counters"),
+                }
+            }
+        }
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = Instant::now();
+            let horizon = proto::now_millis()
+                - i64::try_from(config.acked_retention.as_millis()).unwrap_or(i64::MAX);
+            if let Err(e) = conn.execute(
+                "DELETE FROM downstream WHERE state = 2 AND acked_ms < ?1",
+                [horizon],
+            ) {
+                tracing::warn!(error = %e, "pruning acked messages failed");
+            }
+        }
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS downstream (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    node TEXT NOT NULL,
+    needs_ack INTEGER NOT NULL,
+    state INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    enqueued_ms INTEGER NOT NULL,
+    acked_ms INTEGER,
+    msg_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    resource_version TEXT NOT NULL,
+    sync INTEGER NOT NULL,
+    msg_type TEXT NOT NULL,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    content_kind INTEGER NOT NULL,
+    content BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS downstream_id ON downstream(node, msg_id);
+CREATE INDEX IF NOT EXISTS downstream_open ON downstream(node, seq) WHERE state < 2;
+CREATE TABLE IF NOT EXISTS upstream (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    node TEXT NOT NULL,
+    accepted_ms INTEGER NOT NULL,
+    msg_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    resource_version TEXT NOT NULL,
+    sync INTEGER NOT NULL,
+    msg_type TEXT NOT NULL,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    content_kind INTEGER NOT NULL,
+    content BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS upstream_id ON upstream(node, msg_id);
+CREATE INDEX IF NOT EXISTS upstream_node_seq ON upstream(node, seq);
+";
+
+/// The twelve message columns, in table order starting at `msg_id`.
+const MESSAGE_COLUMNS: &str = "msg_id, parent_id, timestamp, resource_version, sync, msg_type, \
+     source, destination, grp, operation, resource, content_kind, content";
+
+const STATE_PENDING: i64 = 0;
+const STATE_IN_FLIGHT: i64 = 1;
+const STATE_ACKED: i64 = 2;
+const CONTENT_BYTES: i64 = 0;
+const CONTENT_JSON: i64 = 1;
+
+impl State {
+    fn load(conn: &Connection) -> Result<Self, rusqlite::Error> {
+        let mut state = Self::default();
+        let mut stmt = conn.prepare(
+            "SELECT node, state, COUNT(*) FROM downstream WHERE state < 2 GROUP BY node, state",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let node: String = row.get(0)?;
+            let st: i64 = row.get(1)?;
+            let n: i64 = row.get(2)?;
+            let depth = state.depth.entry(node).or_default();
+            let n = u64::try_from(n).unwrap_or(0);
+            if st == STATE_PENDING {
+                depth.pending = n;
+            } else {
+                depth.in_flight = n;
+            }
+        }
+        let mut stmt = conn.prepare("SELECT node, COUNT(*) FROM upstream GROUP BY node")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let n: i64 = row.get(1)?;
+            state
+                .upstream
+                .insert(row.get(0)?, u64::try_from(n).unwrap_or(0));
+        }
+        Ok(state)
+    }
+}
+
+/// Message fields as SQL values, in [`MESSAGE_COLUMNS`] order.
+fn message_values(msg: &Message) -> [rusqlite::types::Value; 13] {
+    use rusqlite::types::Value;
+    let (kind, content) = match &msg.content {
+        Content::Bytes(b) => (CONTENT_BYTES, b.to_vec()),
+        Content::Json(v) => (CONTENT_JSON, serde_json::to_vec(v).unwrap_or_default()),
+    };
+    [
+        Value::Text(msg.header.id.clone()),
+        Value::Text(msg.header.parent_id.clone()),
+        Value::Integer(msg.header.timestamp),
+        Value::Text(msg.header.resource_version.clone()),
+        Value::Integer(i64::from(msg.header.sync)),
+        Value::Text(msg.header.message_type.clone()),
+        Value::Text(msg.route.source.clone()),
+        Value::Text(msg.route.destination.clone()),
+        Value::Text(msg.route.group.clone()),
+        Value::Text(msg.route.operation.clone()),
+        Value::Text(msg.route.resource.clone()),
+        Value::Integer(kind),
+        Value::Blob(content),
+    ]
+}
+
+/// Reads a message from `row`, whose columns from `at` on are [`MESSAGE_COLUMNS`].
+fn message_from_row(row: &Row<'_>, at: usize) -> Result<Message, StoreError> {
+    let kind: i64 = row.get(at + 11)?;
+    let raw: Vec<u8> = row.get(at + 12)?;
+    let content = match kind {
+        CONTENT_BYTES => Content::Bytes(Bytes::from(raw)),
+        CONTENT_JSON => Content::Json(
+            serde_json::from_slice(&raw)
+                .map_err(|e| StoreError::Corrupt(format!("message content: {e}")))?,
+        ),
+        other => return Err(StoreError::Corrupt(format!("content kind {other}"))),
+    };
+    Ok(Message {
+        header: Header {
+            id: row.get(at)?,
+            parent_id: row.get(at + 1)?,
+            timestamp: row.get(at + 2)?,
+            resource_version: row.get(at + 3)?,
+            sync: row.get::<_, i64>(at + 4)? != 0,
+            message_type: row.get(at + 5)?,
+        },
+        route: Route {
+            source: row.get(at + 6)?,
+            destination: row.get(at + 7)?,
+            group: row.get(at + 8)?,
+            operation: row.get(at + 9)?,
+            resource: row.get(at + 10)?,
+        },
+        content,
+    })
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl MessageStore for SqliteStore {
+    fn register_node(&self, node: NodeRecord) -> StoreFuture<'_, Result<(), StoreError>> {
+        self.submit(move |b| {
+            b.tx.prepare_cached(
+                "INSERT INTO nodes (id, project, first_seen_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET project = excluded.project,
+                     last_seen_ms = excluded.last_seen_ms",
+            )?
+            .execute(params![
+                node.id,
+                node.project,
+                node.first_seen_ms,
+                node.last_seen_ms
+            ])?;
+            Ok(())
+        })
+    }
+
+    fn nodes(&self) -> StoreFuture<'_, Result<Vec<NodeRecord>, StoreError>> {
+        self.submit(|b| {
+            let mut stmt = b.tx.prepare_cached(
+                "SELECT id, project, first_seen_ms, last_seen_ms FROM nodes ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], node_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn node(&self, node: &str) -> StoreFuture<'_, Result<Option<NodeRecord>, StoreError>> {
+        let node = node.to_owned();
+        self.submit(move |b| {
+            Ok(b.tx
+                .prepare_cached(
+                    "SELECT id, project, first_seen_ms, last_seen_ms FROM nodes WHERE id = ?1",
+                )?
+                .query_row([node], node_from_row)
+                .optional()?)
+        })
+    }
+
+    fn enqueue(
+        &self,
+        node: &str,
+        msg: Message,
+        needs_ack: bool,
+    ) -> StoreFuture<'_, Result<Enqueued, EnqueueError>> {
+        let node = node.to_owned();
+        self.submit(move |b| {
+            let existing: Option<i64> =
+                b.tx.prepare_cached("SELECT seq FROM downstream WHERE node = ?1 AND msg_id = ?2")
+                    .map_err(StoreError::from)?
+                    .query_row(params![node, msg.header.id], |r| r.get(0))
+                    .optional()
+                    .map_err(StoreError::from)?;
+            if let Some(seq) = existing {
+                return Ok(Enqueued {
+                    seq: to_u64(seq),
+                    duplicate: true,
+                });
+            }
+            let limit = b.config.queue_limit;
+            let depth = b.state.depth.get(&node).copied().unwrap_or_default();
+            if depth.total() >= limit {
+                return Err(EnqueueError::QueueFull { node, limit });
+            }
+            let mut values = vec![
+                rusqlite::types::Value::Text(node.clone()),
+                rusqlite::types::Value::Integer(i64::from(needs_ack)),
+                rusqlite::types::Value::Integer(b.now_ms),
+            ];
+            values.extend(message_values(&msg));
+            let sql = format!(
+                "INSERT INTO downstream (node, needs_ack, enqueued_ms, {MESSAGE_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+            );
+            b.tx.prepare_cached(&sql)
+                .map_err(StoreError::from)?
+                .execute(rusqlite::params_from_iter(values))
+                .map_err(StoreError::from)?;
+            let seq = to_u64(b.tx.last_insert_rowid());
+            b.state.depth.entry(node).or_default().pending += 1;
+            Ok(Enqueued {
+                seq,
+                duplicate: false,
+            })
+        })
+    }
+
+    fn pending(
+        &self,
+        node: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Result<Vec<Downstream>, StoreError>> {
+        let node = node.to_owned();
+        self.submit(move |b| {
+            let sql = format!(
+                "SELECT seq, needs_ack, {MESSAGE_COLUMNS} FROM downstream
+                 WHERE node = ?1 AND state < 2 AND seq > ?2 ORDER BY seq LIMIT ?3"
+            );
+            let mut stmt = b.tx.prepare_cached(&sql)?;
+            let mut rows = stmt.query(params![
+                node,
+                to_i64(after),
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(Downstream {
+                    seq: to_u64(row.get(0)?),
+                    needs_ack: row.get::<_, i64>(1)? != 0,
+                    message: message_from_row(row, 2)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn mark_in_flight(
+        &self,
+        node: &str,
+        seq: u64,
+        attempt: u32,
+    ) -> StoreFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        self.submit(move |b| {
+            let was_pending: Option<i64> =
+                b.tx.prepare_cached("SELECT state FROM downstream WHERE seq = ?1 AND node = ?2")?
+                    .query_row(params![to_i64(seq), node], |r| r.get(0))
+                    .optional()?;
+            let Some(st) = was_pending.filter(|s| *s < STATE_ACKED) else {
+                return Ok(());
+            };
+            b.tx.prepare_cached(
+                "UPDATE downstream SET state = ?1, attempts = ?2 WHERE seq = ?3 AND node = ?4",
+            )?
+            .execute(params![
+                STATE_IN_FLIGHT,
+                i64::from(attempt),
+                to_i64(seq),
+                node
+            ])?;
+            if st == STATE_PENDING {
+                let depth = b.state.depth.entry(node).or_default();
+                depth.pending = depth.pending.saturating_sub(1);
+                depth.in_flight += 1;
+            }
+            Ok(())
+        })
+    }
+
+    fn mark_acked(&self, node: &str, id: &str) -> StoreFuture<'_, Result<Option<u64>, StoreError>> {
+        let node = node.to_owned();
+        let id = id.to_owned();
+        self.submit(move |b| {
+            let open: Option<(i64, i64)> = b
+                .tx
+                .prepare_cached(
+                    "SELECT seq, state FROM downstream WHERE node = ?1 AND msg_id = ?2 AND state < 2",
+                )?
+                .query_row(params![node, id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let Some((seq, st)) = open else {
+                return Ok(None);
+            };
+            b.tx.prepare_cached("UPDATE downstream SET state = ?1, acked_ms = ?2 WHERE seq = ?3")?
+                .execute(params![STATE_ACKED, b.now_ms, seq])?;
+            b.state.forget_open(&node, st);
+            Ok(Some(to_u64(seq)))
+        })
+    }
+
+    fn remove(&self, node: &str, seq: u64) -> StoreFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        self.submit(move |b| {
+            let st: Option<i64> =
+                b.tx.prepare_cached("SELECT state FROM downstream WHERE seq = ?1 AND node = ?2")?
+                    .query_row(params![to_i64(seq), node], |r| r.get(0))
+                    .optional()?;
+            let Some(st) = st else { return Ok(()) };
+            b.tx.prepare_cached("DELETE FROM downstream WHERE seq = ?1")?
+                .execute([to_i64(seq)])?;
+            if st < STATE_ACKED {
+                b.state.forget_open(&node, st);
+            }
+            Ok(())
+        })
+    }
+
+    fn message_state(
+        &self,
+        node: &str,
+        id: &str,
+    ) -> StoreFuture<'_, Result<Option<MessageState>, StoreError>> {
+        let node = node.to_owned();
+        let id = id.to_owned();
+        self.submit(move |b| {
+            let row: Option<(i64, i64, Option<i64>)> = b
+                .tx
+                .prepare_cached(
+                    "SELECT state, attempts, acked_ms FROM downstream WHERE node = ?1 AND msg_id = ?2",
+                )?
+                .query_row(params![node, id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            Ok(row.map(|(st, attempts, acked)| match st {
+                STATE_PENDING => MessageState::Pending,
+                STATE_IN_FLIGHT => MessageState::InFlight {
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                },
+                _ => MessageState::Acked {
+                    at_ms: acked.unwrap_or(0),
+                },
+            }))
+        })
+    }
+
+    fn queue_depths(&self) -> StoreFuture<'_, Result<Vec<(String, QueueDepth)>, StoreError>> {
+        self.submit(|b| {
+            let mut out: Vec<(String, QueueDepth)> = b
+                .state
+                .depth
+                .iter()
+                .filter(|(_, d)| d.total() > 0)
+                .map(|(n, d)| (n.clone(), *d))
+                .collect();
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(out)
+        })
+    }
+
+    fn accept_upstream(
+        &self,
+        node: &str,
+        msg: Message,
+    ) -> StoreFuture<'_, Result<Accepted, StoreError>> {
+        let node = node.to_owned();
+        self.submit(move |b| {
+            let existing: Option<i64> =
+                b.tx.prepare_cached("SELECT seq FROM upstream WHERE node = ?1 AND msg_id = ?2")?
+                    .query_row(params![node, msg.header.id], |r| r.get(0))
+                    .optional()?;
+            if let Some(seq) = existing {
+                return Ok(Accepted::Duplicate(to_u64(seq)));
+            }
+            let mut values = vec![
+                rusqlite::types::Value::Text(node.clone()),
+                rusqlite::types::Value::Integer(b.now_ms),
+            ];
+            values.extend(message_values(&msg));
+            let sql = format!(
+                "INSERT INTO upstream (node, accepted_ms, {MESSAGE_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            );
+            b.tx.prepare_cached(&sql)?
+                .execute(rusqlite::params_from_iter(values))?;
+            let seq = to_u64(b.tx.last_insert_rowid());
+            let count = b.state.upstream.entry(node.clone()).or_default();
+            *count += 1;
+            let window = b.config.upstream_window.max(1);
+            // Prune in steps of an eighth of the window, not on every insert.
+            if *count > window + window / 8 {
+                let removed =
+                    b.tx.prepare_cached(
+                        "DELETE FROM upstream WHERE node = ?1 AND seq <= (SELECT seq FROM upstream
+                         WHERE node = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+                    )?
+                    .execute(params![node, to_i64(window)])?;
+                *count = count.saturating_sub(u64::try_from(removed).unwrap_or(0));
+            }
+            b.published.push(Arc::new(UpstreamRecord {
+                seq,
+                node,
+                accepted_ms: b.now_ms,
+                message: msg,
+            }));
+            Ok(Accepted::New(seq))
+        })
+    }
+
+    fn upstream_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> StoreFuture<'_, Result<Vec<Arc<UpstreamRecord>>, StoreError>> {
+        self.submit(move |b| {
+            let sql = format!(
+                "SELECT seq, node, accepted_ms, {MESSAGE_COLUMNS} FROM upstream
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+            );
+            let mut stmt = b.tx.prepare_cached(&sql)?;
+            let mut rows = stmt.query(params![
+                to_i64(after),
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(Arc::new(UpstreamRecord {
+                    seq: to_u64(row.get(0)?),
+                    node: row.get(1)?,
+                    accepted_ms: row.get(2)?,
+                    message: message_from_row(row, 3)?,
+                }));
+            }
+            Ok(out)
+        })
+    }
+
+    fn subscribe_upstream(&self) -> broadcast::Receiver<Arc<UpstreamRecord>> {
+        self.feed.subscribe()
+    }
+}
+
+impl State {
+    /// An open message of `node` in state `st` was acked or removed.
+    fn forget_open(&mut self, node: &str, st: i64) {
+        if let Some(depth) = self.depth.get_mut(node) {
+            if st == STATE_PENDING {
+                depth.pending = depth.pending.saturating_sub(1);
+            } else {
+                depth.in_flight = depth.in_flight.saturating_sub(1);
+            }
+        }
+    }
+}
+
+fn node_from_row(row: &Row<'_>) -> Result<NodeRecord, rusqlite::Error> {
+    Ok(NodeRecord {
+        id: row.get(0)?,
+        project: row.get(1)?,
+        first_seen_ms: row.get(2)?,
+        last_seen_ms: row.get(3)?,
+    })
+}
+
+#[cfg(test)]
+mod tests;

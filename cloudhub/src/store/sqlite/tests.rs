@@ -1,0 +1,422 @@
+//! Tests of [`SqliteStore`] on real database files in temporary directories, including
+//! reopening a file to prove what a restart keeps.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use proto::{Content, Message};
+
+use super::*;
+
+fn msg(id: &str, resource: &str) -> Message {
+    Message::with_header(id, "", 1_700_000_000_000).route("app", "resource", resource, "update")
+}
+
+fn open(dir: &tempfile::TempDir) -> SqliteStore {
+    open_with(dir, |_| {})
+}
+
+fn open_with(dir: &tempfile::TempDir, tweak: impl FnOnce(&mut SqliteConfig)) -> SqliteStore {
+    let mut config = SqliteConfig::new(dir.path().join("queue.db"));
+    tweak(&mut config);
+    SqliteStore::open(config).expect("open store")
+}
+
+fn ids(downs: &[Downstream]) -> Vec<&str> {
+    downs.iter().map(|d| d.message.header.id.as_str()).collect()
+}
+
+#[tokio::test]
+async fn queued_messages_survive_a_restart_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(&dir);
+        for i in 0..5 {
+            let q = store
+                .enqueue("edge-1", msg(&format!("m{i}"), "default/pod/a"), i != 2)
+                .await
+                .expect("enqueue");
+            assert!(!q.duplicate);
+        }
+        store
+            .enqueue("edge-2", msg("other", "r"), true)
+            .await
+            .expect("enqueue");
+    }
+    let store = open(&dir);
+    let pending = store.pending("edge-1", 0, 100).await.expect("pending");
+    assert_eq!(ids(&pending), ["m0", "m1", "m2", "m3", "m4"]);
+    assert!(!pending[2].needs_ack);
+    assert!(pending[3].needs_ack);
+    let after = store
+        .pending("edge-1", pending[1].seq, 2)
+        .await
+        .expect("pending");
+    assert_eq!(ids(&after), ["m2", "m3"]);
+    let depths = store.queue_depths().await.expect("depths");
+    assert_eq!(depths.len(), 2);
+    assert_eq!(
+        depths[0],
+        (
+            "edge-1".to_owned(),
+            QueueDepth {
+                pending: 5,
+                in_flight: 0
+            }
+        )
+    );
+}
+
+#[tokio::test]
+async fn messages_round_trip_every_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let mut full = Message::with_header("id-1", "parent", 42)
+        .route("src", "grp", "ns/type/name", "op")
+        .content(Content::Json(
+            serde_json::json!({"a": [1, 2.5, "x"], "b": null}),
+        ));
+    full.header.resource_version = "123".into();
+    full.header.sync = true;
+    full.header.message_type = "channel".into();
+    full.route.destination = "dst".into();
+    let bytes = msg("id-2", "r").content(Content::Bytes(Bytes::from_static(b"\x00\xffraw")));
+    let null = msg("id-3", "r");
+    for m in [&full, &bytes, &null] {
+        store.enqueue("n", m.clone(), true).await.expect("enqueue");
+        store.accept_upstream("n", m.clone()).await.expect("accept");
+    }
+    drop(store);
+    let store = open(&dir);
+    let pending = store.pending("n", 0, 10).await.expect("pending");
+    let got: Vec<&Message> = pending.iter().map(|d| &d.message).collect();
+    assert_eq!(got, [&full, &bytes, &null]);
+    let up = store.upstream_since(0, 10).await.expect("since");
+    let got: Vec<&Message> = up.iter().map(|r| &r.message).collect();
+    assert_eq!(got, [&full, &bytes, &null]);
+}
+
+#[tokio::test]
+async fn queue_bound_refuses_without_dropping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_with(&dir, |c| c.queue_limit = 3);
+    for i in 0..3 {
+        store
+            .enqueue("n", msg(&format!("m{i}"), "r"), true)
+            .await
+            .expect("enqueue");
+    }
+    let err = store
+        .enqueue("n", msg("m3", "r"), true)
+        .await
+        .expect_err("full");
+    assert!(
+        matches!(err, EnqueueError::QueueFull { limit: 3, .. }),
+        "{err}"
+    );
+    // Other nodes have their own bound.
+    store
+        .enqueue("other", msg("x", "r"), true)
+        .await
+        .expect("enqueue");
+    // The bound counts restarts too.
+    drop(store);
+    let store = open_with(&dir, |c| c.queue_limit = 3);
+    assert!(store.enqueue("n", msg("m3", "r"), true).await.is_err());
+    assert_eq!(store.mark_acked("n", "m0").await.expect("ack"), Some(1));
+    store
+        .enqueue("n", msg("m3", "r"), true)
+        .await
+        .expect("room again");
+    assert_eq!(
+        ids(&store.pending("n", 0, 10).await.expect("pending")),
+        ["m1", "m2", "m3"]
+    );
+}
+
+#[tokio::test]
+async fn duplicate_ids_are_queued_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let first = store
+        .enqueue("n", msg("same", "r"), true)
+        .await
+        .expect("enqueue");
+    let again = store
+        .enqueue("n", msg("same", "r"), true)
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        again,
+        Enqueued {
+            seq: first.seq,
+            duplicate: true
+        }
+    );
+    // Still a duplicate once acked (within the retention), so a retried POST is harmless.
+    store.mark_acked("n", "same").await.expect("ack");
+    let late = store
+        .enqueue("n", msg("same", "r"), true)
+        .await
+        .expect("enqueue");
+    assert!(late.duplicate);
+    // The same id for another node is another message.
+    assert!(
+        !store
+            .enqueue("m", msg("same", "r"), true)
+            .await
+            .expect("enqueue")
+            .duplicate
+    );
+}
+
+#[tokio::test]
+async fn states_move_pending_in_flight_acked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let a = store
+        .enqueue("n", msg("a", "r"), true)
+        .await
+        .expect("enqueue");
+    let b = store
+        .enqueue("n", msg("b", "r"), false)
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        store.message_state("n", "a").await.expect("state"),
+        Some(MessageState::Pending)
+    );
+    store
+        .mark_in_flight("n", a.seq, 1)
+        .await
+        .expect("in flight");
+    store
+        .mark_in_flight("n", a.seq, 2)
+        .await
+        .expect("in flight again");
+    assert_eq!(
+        store.message_state("n", "a").await.expect("state"),
+        Some(MessageState::InFlight { attempts: 2 })
+    );
+    assert_eq!(
+        store.queue_depths().await.expect("depths"),
+        [(
+            "n".to_owned(),
+            QueueDepth {
+                pending: 1,
+                in_flight: 1
+            }
+        )]
+    );
+    assert_eq!(store.mark_acked("n", "a").await.expect("ack"), Some(a.seq));
+    assert_eq!(
+        store.mark_acked("n", "a").await.expect("ack"),
+        None,
+        "acked once"
+    );
+    assert_eq!(store.mark_acked("n", "unknown").await.expect("ack"), None);
+    assert!(matches!(
+        store.message_state("n", "a").await.expect("state"),
+        Some(MessageState::Acked { at_ms }) if at_ms > 0
+    ));
+    // Acked and in-flight transitions never resurrect.
+    store.mark_in_flight("n", a.seq, 3).await.expect("no-op");
+    assert!(matches!(
+        store.message_state("n", "a").await.expect("state"),
+        Some(MessageState::Acked { .. })
+    ));
+    store.remove("n", b.seq).await.expect("remove");
+    assert_eq!(store.message_state("n", "b").await.expect("state"), None);
+    assert!(store.pending("n", 0, 10).await.expect("pending").is_empty());
+    assert!(store.queue_depths().await.expect("depths").is_empty());
+    // In-flight state (and its count) survive a restart: the next session resends them.
+    let c = store
+        .enqueue("n", msg("c", "r"), true)
+        .await
+        .expect("enqueue");
+    store
+        .mark_in_flight("n", c.seq, 1)
+        .await
+        .expect("in flight");
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(
+        store.queue_depths().await.expect("depths"),
+        [(
+            "n".to_owned(),
+            QueueDepth {
+                pending: 0,
+                in_flight: 1
+            }
+        )]
+    );
+    assert_eq!(
+        ids(&store.pending("n", 0, 10).await.expect("pending")),
+        ["c"]
+    );
+}
+
+#[tokio::test]
+async fn upstream_is_accepted_once_even_across_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let mut feed = store.subscribe_upstream();
+    let first = store
+        .accept_upstream("n", msg("u1", "r"))
+        .await
+        .expect("accept");
+    let Accepted::New(seq) = first else {
+        panic!("expected new, got {first:?}")
+    };
+    let live = feed.recv().await.expect("published");
+    assert_eq!((live.seq, live.node.as_str()), (seq, "n"));
+    assert_eq!(
+        store
+            .accept_upstream("n", msg("u1", "r"))
+            .await
+            .expect("accept"),
+        Accepted::Duplicate(seq)
+    );
+    assert!(feed.try_recv().is_err(), "duplicates are not published");
+    drop(feed);
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(
+        store
+            .accept_upstream("n", msg("u1", "r"))
+            .await
+            .expect("accept"),
+        Accepted::Duplicate(seq)
+    );
+    // Another node may use the same id.
+    assert!(matches!(
+        store.accept_upstream("m", msg("u1", "r")).await.expect("accept"),
+        Accepted::New(s) if s > seq
+    ));
+    let log = store.upstream_since(0, 100).await.expect("since");
+    let nodes: Vec<&str> = log.iter().map(|r| r.node.as_str()).collect();
+    assert_eq!(nodes, ["n", "m"]);
+    assert!(
+        store
+            .upstream_since(log[1].seq, 100)
+            .await
+            .expect("since")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn upstream_window_keeps_the_newest_records_per_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_with(&dir, |c| c.upstream_window = 8);
+    for i in 0..40 {
+        store
+            .accept_upstream("n", msg(&format!("u{i}"), "r"))
+            .await
+            .expect("accept");
+    }
+    store
+        .accept_upstream("quiet", msg("q", "r"))
+        .await
+        .expect("accept");
+    let log = store.upstream_since(0, 1000).await.expect("since");
+    let kept: Vec<&str> = log
+        .iter()
+        .filter(|r| r.node == "n")
+        .map(|r| r.message.header.id.as_str())
+        .collect();
+    assert!(
+        kept.len() >= 8 && kept.len() <= 9,
+        "window of 8 (+1/8 slack): {kept:?}"
+    );
+    assert_eq!(kept.last(), Some(&"u39"));
+    // The newest ids are still deduplicated; the quiet node lost nothing.
+    assert!(matches!(
+        store
+            .accept_upstream("n", msg("u39", "r"))
+            .await
+            .expect("accept"),
+        Accepted::Duplicate(_)
+    ));
+    assert!(log.iter().any(|r| r.node == "quiet"));
+}
+
+#[tokio::test]
+async fn nodes_are_registered_and_updated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    assert_eq!(store.node("edge-1").await.expect("node"), None);
+    let rec = NodeRecord {
+        id: "edge-1".into(),
+        project: "p1".into(),
+        first_seen_ms: 10,
+        last_seen_ms: 10,
+    };
+    store.register_node(rec.clone()).await.expect("register");
+    store
+        .register_node(NodeRecord {
+            project: "p2".into(),
+            first_seen_ms: 20,
+            last_seen_ms: 20,
+            ..rec.clone()
+        })
+        .await
+        .expect("register");
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(
+        store.node("edge-1").await.expect("node"),
+        Some(NodeRecord {
+            id: "edge-1".into(),
+            project: "p2".into(),
+            first_seen_ms: 10,
+            last_seen_ms: 20,
+        })
+    );
+    assert_eq!(store.nodes().await.expect("nodes").len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_callers_are_batched_and_keep_their_own_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(open(&dir));
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            // Issue every call before awaiting any, as a pipelining driver does.
+            let futures: Vec<_> = (0..50)
+                .map(|i| store.enqueue(&format!("node-{t}"), msg(&format!("m{i}"), "r"), true))
+                .collect();
+            let mut seqs = Vec::new();
+            for f in futures {
+                seqs.push(f.await.expect("enqueue").seq);
+            }
+            seqs
+        }));
+    }
+    for task in tasks {
+        let seqs = task.await.expect("task");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "call order kept: {seqs:?}"
+        );
+    }
+    for t in 0..8 {
+        let pending = store
+            .pending(&format!("node-{t}"), 0, 100)
+            .await
+            .expect("pending");
+        let expected: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+        assert_eq!(ids(&pending), expected);
+    }
+}
+
+#[test]
+fn an_unwritable_path_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").expect("write");
+    let err = SqliteStore::open(SqliteConfig::new(file.join("queue.db"))).expect_err("not a dir");
+    assert!(!err.to_string().is_empty());
+}
