@@ -1,0 +1,1 @@
+//! Shared helpers for Causeway's benchmark binaries (`src/bin/*.rs`).

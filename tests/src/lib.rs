@@ -1,0 +1,1 @@
+//! Shared helpers for Causeway's end-to-end and conformance tests (the tests live in `tests/tests/`).
