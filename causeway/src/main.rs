@@ -1,0 +1,74 @@
+//! `causeway`: the Causeway admin CLI. Command groups live in `cmd/`, one module each: `certs`
+//! (CA, server and node certificates), `token` (bootstrap tokens), `frame` (decode and encode
+//! KubeEdge wire messages). To add a group, add a module with an `Args` struct and a `run`
+//! function, and a variant to [`Command`].
+//!
+//! Exit codes: 0 success; 1 failure (I/O, refused operation, invalid token); 2 bad input or usage
+//! (the one-line error names the byte offset for undecodable input).
+
+mod cmd;
+mod duration;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Causeway admin CLI: certificates, bootstrap tokens, and KubeEdge wire messages.
+#[derive(Debug, Parser)]
+#[command(name = "causeway", version, about, propagate_version = true)]
+#[command(after_help = "\
+Examples:
+  causeway certs init --dir /etc/causeway/pki --advertise-address 192.168.1.10
+  causeway certs node --dir /etc/causeway/pki --node-id edge-1
+  causeway token create --dir /etc/causeway/pki --ttl 24h
+  causeway frame decode capture.frame
+
+Exit codes: 0 success, 1 failure, 2 bad input or usage.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Top-level command groups; each variant's arguments and behaviour live in `cmd::<group>`.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the CA, the cloud server certificate and node certificates.
+    #[command(after_help = "\
+Examples:
+  causeway certs init --dir /etc/causeway/pki --advertise-address 192.168.1.10
+  causeway certs node --dir /etc/causeway/pki --node-id edge-1")]
+    Certs(cmd::certs::Args),
+    /// Create and check KubeEdge-format bootstrap tokens.
+    #[command(after_help = "\
+Examples:
+  TOKEN=$(causeway token create --dir /etc/causeway/pki --ttl 24h)
+  causeway token verify --dir /etc/causeway/pki \"$TOKEN\"")]
+    Token(cmd::token::Args),
+    /// Decode and encode messages in KubeEdge's wire forms (packer frame, protobuf, JSON).
+    #[command(after_help = "\
+Examples:
+  causeway frame decode conformance/vectors/keepalive.frame
+  causeway frame encode --format frame < msg.json > msg.frame")]
+    Frame(cmd::frame::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Certs(args) => cmd::certs::run(args),
+        Command::Token(args) => cmd::token::run(args),
+        Command::Frame(args) => cmd::frame::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if let Some(bad) = err.downcast_ref::<cmd::BadInput>() {
+                eprintln!("causeway: {bad}");
+                ExitCode::from(2)
+            } else {
+                eprintln!("causeway: error: {err:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
