@@ -161,7 +161,10 @@ impl FrameDecoder {
             return Ok(None);
         }
         let need = match src.first_chunk::<HEADER_LEN>() {
-            Some(h) => HEADER_LEN + u32::from_be_bytes([h[6], h[7], h[8], h[9]]) as usize,
+            // decode() refused lengths above the cap, so this is at most cap + 10.
+            Some(h) => {
+                HEADER_LEN.saturating_add(u32::from_be_bytes([h[6], h[7], h[8], h[9]]) as usize)
+            }
             None => HEADER_LEN,
         };
         Err(FrameError::Truncated {
