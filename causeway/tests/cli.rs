@@ -8,9 +8,10 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
 use certs::files::CertDir;
 use certs::{NodeId, node_id_from_cert};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 fn causeway(args: &[&str]) -> Output {
     causeway_stdin(args, &[])

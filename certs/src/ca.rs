@@ -86,23 +86,6 @@ impl CertificateAuthority {
         Self::from_parts(cert_der, key, pair)
     }
 
-    fn from_parts(
-        cert_der: CertificateDer<'static>,
-        key: P256Key,
-        pair: KeyPair,
-    ) -> Result<Self, CertError> {
-        let issuer = Issuer::from_ca_cert_der(&cert_der, pair).map_err(|e| {
-            CertError::InvalidCertificate {
-                reason: e.to_string(),
-            }
-        })?;
-        Ok(Self {
-            cert_der,
-            issuer,
-            key,
-        })
-    }
-
     /// The CA certificate (DER), as served on `/ca.crt` and hashed into the token.
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
@@ -116,11 +99,6 @@ impl CertificateAuthority {
     /// The CA private key as SEC1 PEM (`EC PRIVATE KEY`). Secret: write it with mode 0600.
     pub fn key_pem(&self) -> String {
         self.key.sec1_pem()
-    }
-
-    /// The CA key's SEC1 DER (Go's `MarshalECPrivateKey` layout): KubeEdge's token HMAC key.
-    pub(crate) fn key_sec1_der(&self) -> Vec<u8> {
-        self.key.sec1_der()
     }
 
     /// This CA as the only trust anchor, for both the cloud (verifying nodes) and edges.
@@ -212,6 +190,28 @@ impl CertificateAuthority {
             .signed_by(&spki, &self.issuer)
             .map_err(CertError::Generate)?;
         Ok(cert.der().clone())
+    }
+
+    fn from_parts(
+        cert_der: CertificateDer<'static>,
+        key: P256Key,
+        pair: KeyPair,
+    ) -> Result<Self, CertError> {
+        let issuer = Issuer::from_ca_cert_der(&cert_der, pair).map_err(|e| {
+            CertError::InvalidCertificate {
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self {
+            cert_der,
+            issuer,
+            key,
+        })
+    }
+
+    /// The CA key's SEC1 DER (Go's `MarshalECPrivateKey` layout): KubeEdge's token HMAC key.
+    pub(crate) fn key_sec1_der(&self) -> Vec<u8> {
+        self.key.sec1_der()
     }
 
     fn issue_leaf(&self, params: &CertificateParams) -> Result<IssuedCert, CertError> {

@@ -5,12 +5,13 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use rustls_pki_types::ServerName;
+use x509_parser::extensions::GeneralName;
+
 use causeway_certs::{
     CertError, CertificateAuthority, Identity, NodeId, TrustAnchors, Validity, node_id_from_cert,
 };
 use common::{ca, now, verify_chain, year};
-use rustls_pki_types::ServerName;
-use x509_parser::extensions::GeneralName;
 
 fn parse(der: &[u8]) -> x509_parser::certificate::X509Certificate<'_> {
     let (rest, cert) = x509_parser::parse_x509_certificate(der).unwrap();
@@ -335,4 +336,39 @@ fn trust_anchors_parse_and_reject_garbage() {
         TrustAnchors::from_pem(junk),
         Err(CertError::InvalidCertificate { .. })
     ));
+}
+
+#[test]
+fn a_kubeedge_style_ca_loads_and_issues_certs_that_chain() {
+    // What KubeEdge's PrepareAllCerts makes (B§9.1): CN "KubeEdge" as a PrintableString (Go's
+    // choice), serial 1024, KU keyEncipherment/digitalSignature/certSign, EKU server+client,
+    // CA:TRUE without a path length. The issuer name we write must match it byte for byte.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        rcgen::DnValue::PrintableString("KubeEdge".try_into().unwrap()),
+    );
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x04, 0x00]));
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyCertSign,
+    ];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = now() - time::Duration::days(1);
+    params.not_after = now() + time::Duration::days(36_400);
+    let cert = params.self_signed(&key).unwrap();
+
+    let ca = CertificateAuthority::from_pem(&cert.pem(), &key.serialize_pem()).unwrap();
+    let issued = ca.issue_node(&NodeId::new("edge-1").unwrap(), year()).unwrap();
+    let leaf = parse(&issued.identity.chain[0]);
+    assert_eq!(leaf.issuer().as_raw(), parse(cert.der()).subject().as_raw());
+    verify_chain(&issued.identity.chain[0], cert.der(), webpki::KeyUsage::client_auth(), now())
+        .unwrap();
 }

@@ -3,11 +3,12 @@
 
 mod common;
 
-use causeway_certs::{CertError, Identity, NodeId, generate_node_csr, node_id_from_cert};
-use common::{ca, now, verify_chain, year};
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer;
+
+use causeway_certs::{CertError, Identity, NodeId, generate_node_csr, node_id_from_cert};
+use common::{ca, now, verify_chain, year};
 
 fn node(s: &str) -> NodeId {
     NodeId::new(s).unwrap()

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ring::hmac;
+
 use causeway_certs::token::{self, TokenError};
 use common::{ca, now};
-use ring::hmac;
 
 #[test]
 fn token_has_kubeedge_format() {

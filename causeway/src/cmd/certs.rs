@@ -5,10 +5,11 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use ::certs::files::CertDir;
-use ::certs::{CertificateAuthority, NodeId, Validity, token};
 use anyhow::{Context as _, bail};
 use time::OffsetDateTime;
+
+use ::certs::files::CertDir;
+use ::certs::{CertificateAuthority, NodeId, Validity, token};
 
 /// `causeway certs` arguments.
 #[derive(Debug, clap::Args)]

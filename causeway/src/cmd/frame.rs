@@ -10,10 +10,10 @@ use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
 
 use bytes::BytesMut;
-use proto::frame::{FrameDecoder, HEADER_LEN};
-use proto::{DecodeError, FrameError, Message};
 
 use super::BadInput;
+use proto::frame::{FrameDecoder, HEADER_LEN};
+use proto::{DecodeError, FrameError, Message};
 
 /// `causeway frame` arguments.
 #[derive(Debug, clap::Args)]

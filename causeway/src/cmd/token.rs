@@ -5,13 +5,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ::certs::files::CertDir;
-use ::certs::token;
 use anyhow::Context as _;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::duration;
+use ::certs::files::CertDir;
+use ::certs::token;
 
 /// `causeway token` arguments.
 #[derive(Debug, clap::Args)]

@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use causeway_certs::{CertificateAuthority, CertificateDer, Validity};
 use rustls_pki_types::UnixTime;
 use time::OffsetDateTime;
+
+use causeway_certs::{CertificateAuthority, CertificateDer, Validity};
 
 /// A fixed "now" (2026-01-01T00:00:00Z) so tests do not depend on the wall clock.
 pub fn now() -> OffsetDateTime {
