@@ -366,9 +366,16 @@ fn a_kubeedge_style_ca_loads_and_issues_certs_that_chain() {
     let cert = params.self_signed(&key).unwrap();
 
     let ca = CertificateAuthority::from_pem(&cert.pem(), &key.serialize_pem()).unwrap();
-    let issued = ca.issue_node(&NodeId::new("edge-1").unwrap(), year()).unwrap();
+    let issued = ca
+        .issue_node(&NodeId::new("edge-1").unwrap(), year())
+        .unwrap();
     let leaf = parse(&issued.identity.chain[0]);
     assert_eq!(leaf.issuer().as_raw(), parse(cert.der()).subject().as_raw());
-    verify_chain(&issued.identity.chain[0], cert.der(), webpki::KeyUsage::client_auth(), now())
-        .unwrap();
+    verify_chain(
+        &issued.identity.chain[0],
+        cert.der(),
+        webpki::KeyUsage::client_auth(),
+        now(),
+    )
+    .unwrap();
 }
