@@ -1,12 +1,34 @@
-//! EdgeHub: the edge end of the edge/cloud link.
+//! EdgeHub: the edge end of the edge/cloud link. It keeps one mutually authenticated session
+//! with the cloud over WebSocket or QUIC, sends keepalives, notices a silent cloud within about two
+//! heartbeats, reconnects with jittered backoff, stores every module → cloud message durably until
+//! the cloud acknowledges it, and routes cloud messages to the edge's modules as KubeEdge does.
+//!
+//! What it is not: a transport (that is `transport`), nor the modules that handle cloud messages
+//! (metamanager and friends, or edgecore's local store).
 //!
 //! Layout:
 //! - [`session`]: the link logic as a sans-IO state machine (connect, keepalive, dead-cloud
 //!   detection, reconnect with backoff, rate limiting, routing); no tokio.
+//! - [`driver`]: the thin async loop around the session (private; its counters are [`HubStats`]).
+//! - [`hub`]: [`EdgeHub`], the beehive module (`websocket`, group `hub`).
 //! - [`outbox`]: the durable upstream queue (SQLite) and the downstream dedup window.
+//! - [`config`]: the `edgehub:` configuration section and the YAML loader.
 //! - [`route`]: where cloud messages go on the bus (KubeEdge's handler table) and the edge's
 //!   module and group names.
+//!
+//! ```text
+//!  modules ──send to `websocket` / group `hub`──► EdgeHub inbox ──► outbox (SQLite) ──┐
+//!                                                                                    ▼
+//!  bus ◄── delivery task ◄── dedup ◄── session.poll_event ◄── reader ◄── Connection ◄─ writer
+//! ```
 
+pub mod config;
+mod driver;
+pub mod hub;
 pub mod outbox;
 pub mod route;
 pub mod session;
+
+pub use config::EdgeHubConfig;
+pub use driver::HubStats;
+pub use hub::{EdgeHub, ReconnectTrigger, StartError, StatsHandle};

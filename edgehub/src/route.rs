@@ -104,6 +104,23 @@ pub fn route_to_edge(msg: &Message) -> Routing {
     }
 }
 
+/// Where a response goes when no module waits for it (any more): the destination an ordinary
+/// message of its route would have, or `None` when there is none.
+pub fn route_without_waiter(msg: &Message) -> Option<Destination> {
+    let route = &msg.route;
+    match route.group.as_str() {
+        GROUP_RESOURCE | GROUP_FUNC => Some(Destination::Group(GROUP_META)),
+        GROUP_TWIN => Some(Destination::Group(GROUP_TWIN)),
+        GROUP_USER => match route.source.as_str() {
+            SOURCE_ROUTER_EVENTBUS => Some(Destination::Module(MODULE_EVENTBUS)),
+            SOURCE_ROUTER_SERVICEBUS => Some(Destination::Module(MODULE_SERVICEBUS)),
+            _ => None,
+        },
+        GROUP_TASKMANAGER => Some(Destination::Module(MODULE_TASKMANAGER)),
+        _ => None,
+    }
+}
+
 /// The connection event KubeEdge publishes to each of [`CONNECTION_EVENT_GROUPS`].
 pub fn connection_event(group: &str, connected: bool) -> Message {
     let content = if connected {

@@ -1,0 +1,110 @@
+//! The EdgeHub beehive module: registered as `websocket` in group `hub`, the names KubeEdge's
+//! modules address it by. Its inbox takes every module → cloud message (metamanager's group
+//! sends to `hub`, `SendSync` to `websocket`); it runs the driver ([`crate::driver`]) until the
+//! hive shuts down.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use beehive::{BoxFuture, Module, ModuleContext, ModuleError};
+
+use crate::config::EdgeHubConfig;
+use crate::driver::{self, Counters, HubStats};
+use crate::outbox::OpenError;
+use crate::route::{GROUP_HUB, MODULE_EDGEHUB};
+
+/// The EdgeHub module. Create it, keep [`EdgeHub::stats`] / [`EdgeHub::reconnect_trigger`]
+/// handles if needed, and register it on the beehive.
+#[derive(Debug)]
+pub struct EdgeHub {
+    config: EdgeHubConfig,
+    counters: Arc<Counters>,
+    reconnect: Arc<Notify>,
+}
+
+/// Asks a running EdgeHub to reconnect (e.g. after its certificate was renewed, so the new one
+/// is presented). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ReconnectTrigger(Arc<Notify>);
+
+/// Why EdgeHub could not start. Local: fix the path or disk named in the message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The outbox database could not be opened.
+    #[error(transparent)]
+    Outbox(#[from] OpenError),
+}
+
+impl EdgeHub {
+    /// An EdgeHub for `config`; nothing happens until the hive starts it.
+    pub fn new(config: EdgeHubConfig) -> Self {
+        Self {
+            config,
+            counters: Arc::default(),
+            reconnect: Arc::default(),
+        }
+    }
+
+    /// A handle that forces a reconnect of the running hub.
+    pub fn reconnect_trigger(&self) -> ReconnectTrigger {
+        ReconnectTrigger(self.reconnect.clone())
+    }
+
+    /// The hub's counters so far.
+    pub fn stats(&self) -> HubStats {
+        self.counters.snapshot()
+    }
+
+    /// A handle that reads the counters after the module was handed to the hive.
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(self.counters.clone())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EdgeHubConfig {
+        &self.config
+    }
+}
+
+/// Reads a registered EdgeHub's counters.
+#[derive(Debug, Clone)]
+pub struct StatsHandle(Arc<Counters>);
+
+impl StatsHandle {
+    /// The counters so far.
+    pub fn get(&self) -> HubStats {
+        self.0.snapshot()
+    }
+}
+
+impl ReconnectTrigger {
+    /// Requests a reconnect; requests made while one is pending coalesce.
+    pub fn trigger(&self) {
+        self.0.notify_one();
+    }
+}
+
+impl Module for EdgeHub {
+    fn name(&self) -> &str {
+        MODULE_EDGEHUB
+    }
+
+    fn group(&self) -> &str {
+        GROUP_HUB
+    }
+
+    fn start(self: Arc<Self>, ctx: ModuleContext) -> BoxFuture<'static, Result<(), ModuleError>> {
+        Box::pin(async move {
+            driver::run(
+                self.config.clone(),
+                ctx,
+                self.counters.clone(),
+                self.reconnect.clone(),
+            )
+            .await
+            .map_err(ModuleError::new)
+        })
+    }
+}
