@@ -1,0 +1,203 @@
+//! The only place rustls configurations are built, for both adapters, so WebSocket and QUIC cannot
+//! drift in how they verify certificates (STYLE.md lesson 10).
+//!
+//! - Server: requires a client certificate and verifies it against the CA
+//!   ([`WebPkiClientVerifier`]); presents its certificate chain.
+//! - Client: verifies the server against the CA and the dialled host name; presents the leaf
+//!   certificate only (KubeEdge's authorizer rejects chains, PROTOCOL.md C.3).
+//! - WebSocket: TLS 1.2 and 1.3; TLS 1.2 limited to ECDHE-ECDSA with AES-GCM or ChaCha20 (as
+//!   KubeEdge's cloudhub); the server offers ALPN `http/1.1` only, never `h2` (which breaks the
+//!   upgrade, C.1), and the client offers none (as gorilla).
+//! - QUIC: TLS 1.3 only, ALPN `causeway/1` on both sides.
+//!
+//! The crypto provider is always ring, passed explicitly; no process default is relied on. There is
+//! no path that skips verification.
+
+use std::sync::Arc;
+
+use certs::{Identity, TrustAnchors};
+use rustls::crypto::{CryptoProvider, ring};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedCipherSuite};
+
+use crate::Protocol;
+
+/// The QUIC ALPN of the Causeway profile (PROTOCOL.md Part A item 3).
+pub const QUIC_ALPN: &[u8] = b"causeway/1";
+
+/// The only ALPN the WebSocket server accepts when a client offers any (`h2` would be chosen by
+/// HTTP/2-capable clients and break the upgrade, PROTOCOL.md C.1).
+pub const WS_SERVER_ALPN: &[u8] = b"http/1.1";
+
+/// Why TLS material could not be turned into a configuration. Caller's fault: fix the files.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    /// The identity has no certificate.
+    #[error("identity has no certificate")]
+    NoCertificate,
+    /// No trust anchor was given.
+    #[error("no trust anchor (CA certificate) given")]
+    NoTrustAnchors,
+    /// A trust anchor is not a usable CA certificate.
+    #[error("unusable trust anchor: {0}")]
+    BadTrustAnchor(#[source] rustls::Error),
+    /// rustls refused the certificate or key (unsupported key type, key not matching).
+    #[error("certificate or key refused: {0}")]
+    Rustls(#[source] rustls::Error),
+    /// The client-certificate verifier could not be built from the trust anchors.
+    #[error("cannot build the client certificate verifier: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// The configuration lacks the cipher suite QUIC needs for its initial packets (our bug).
+    #[error("QUIC needs TLS_AES_128_GCM_SHA256: {0}")]
+    Quic(#[source] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
+/// ring, restricted to the suites KubeEdge's cloudhub allows: every TLS 1.3 suite, and for TLS 1.2
+/// only ECDHE-ECDSA with AES-128-GCM, AES-256-GCM or ChaCha20-Poly1305.
+fn provider() -> Arc<CryptoProvider> {
+    use ring::cipher_suite as cs;
+    let suites: Vec<SupportedCipherSuite> = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(CryptoProvider {
+        cipher_suites: suites,
+        ..ring::default_provider()
+    })
+}
+
+/// TLS 1.2 and 1.3 for WebSocket (KubeEdge peers may be TLS 1.2-only); 1.3 only for QUIC.
+static WS_VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+static QUIC_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+fn versions(protocol: Protocol) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    match protocol {
+        Protocol::WebSocket => WS_VERSIONS,
+        Protocol::Quic => QUIC_VERSIONS,
+    }
+}
+
+fn root_store(anchors: &TrustAnchors) -> Result<Arc<RootCertStore>, TlsConfigError> {
+    if anchors.roots.is_empty() {
+        return Err(TlsConfigError::NoTrustAnchors);
+    }
+    let mut roots = RootCertStore::empty();
+    for cert in &anchors.roots {
+        roots
+            .add(cert.clone())
+            .map_err(TlsConfigError::BadTrustAnchor)?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The server configuration of `protocol`: mutual TLS against `anchors`, presenting `identity`.
+pub fn server_config(
+    protocol: Protocol,
+    identity: &Identity,
+    anchors: &TrustAnchors,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    if identity.chain.is_empty() {
+        return Err(TlsConfigError::NoCertificate);
+    }
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(root_store(anchors)?, provider.clone())
+            .build()
+            .map_err(TlsConfigError::Verifier)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions(protocol))
+        .map_err(TlsConfigError::Rustls)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(TlsConfigError::Rustls)?;
+    config.alpn_protocols = match protocol {
+        Protocol::WebSocket => vec![WS_SERVER_ALPN.to_vec()],
+        Protocol::Quic => vec![QUIC_ALPN.to_vec()],
+    };
+    Ok(Arc::new(config))
+}
+
+/// The client configuration of `protocol`: verifies the server against `anchors`, presents the
+/// leaf of `identity`.
+pub fn client_config(
+    protocol: Protocol,
+    identity: &Identity,
+    anchors: &TrustAnchors,
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let leaf = identity
+        .chain
+        .first()
+        .ok_or(TlsConfigError::NoCertificate)?
+        .clone();
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(protocol))
+        .map_err(TlsConfigError::Rustls)?
+        .with_root_certificates(root_store(anchors)?)
+        .with_client_auth_cert(vec![leaf], identity.key.clone_key())
+        .map_err(TlsConfigError::Rustls)?;
+    config.alpn_protocols = match protocol {
+        Protocol::WebSocket => Vec::new(),
+        Protocol::Quic => vec![QUIC_ALPN.to_vec()],
+    };
+    Ok(Arc::new(config))
+}
+
+/// The QUIC server crypto: [`server_config`] for QUIC, wrapped for quinn.
+pub(crate) fn quic_server_crypto(
+    identity: &Identity,
+    anchors: &TrustAnchors,
+) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsConfigError> {
+    let config = server_config(Protocol::Quic, identity, anchors)?;
+    Ok(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(TlsConfigError::Quic)?,
+    ))
+}
+
+/// The QUIC client crypto: [`client_config`] for QUIC, wrapped for quinn.
+pub(crate) fn quic_client_crypto(
+    identity: &Identity,
+    anchors: &TrustAnchors,
+) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, TlsConfigError> {
+    let config = client_config(Protocol::Quic, identity, anchors)?;
+    Ok(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(TlsConfigError::Quic)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls12_suites_are_ecdsa_only() {
+        for suite in &provider().cipher_suites {
+            if suite.version() == &rustls::version::TLS12 {
+                let name = format!("{:?}", suite.suite());
+                assert!(name.contains("ECDHE_ECDSA"), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn empty_material_is_refused() {
+        let anchors = TrustAnchors { roots: Vec::new() };
+        let identity = Identity {
+            chain: Vec::new(),
+            key: rustls_pki_types::PrivateKeyDer::Pkcs8(Vec::new().into()),
+        };
+        assert!(matches!(
+            server_config(Protocol::WebSocket, &identity, &anchors),
+            Err(TlsConfigError::NoCertificate)
+        ));
+        assert!(matches!(
+            client_config(Protocol::Quic, &identity, &anchors),
+            Err(TlsConfigError::NoCertificate)
+        ));
+    }
+}
