@@ -6,15 +6,37 @@
 //! signs node certificates (KubeEdge-compatible bootstrap on HTTPS), and offers applications a
 //! small HTTP/JSON API.
 //!
+//! It is not a Kubernetes controller: there is no edgecontroller or synccontroller; the
+//! applications behind the API play their part.
+//!
 //! Layout:
 //! - [`session`]: [`session::NodeSession`], the per-node state machine (sans-IO).
 //! - [`delivery`]: [`delivery::needs_ack`], KubeEdge's ACK classification.
 //! - [`store`]: [`store::MessageStore`], the durable queues and upstream log, and its SQLite
 //!   implementation [`store::sqlite::SqliteStore`].
+//! - [`hub`]: [`hub::Hub`], the session manager (admission, node limit, reconnect safety), and
+//!   `driver`, the async loop around each session.
+//! - [`bootstrap`]: the certificate bootstrap server (`/ca.crt`, `/edge.crt`).
+//! - [`api`]: the cloud API (nodes, send, SSE stream of upstream messages, metrics).
+//! - [`metrics`]: counters and the Prometheus text exposition.
+//! - [`config`]: `cloudcore.yaml`, typed.
+//! - [`server`]: [`server::CloudHubModule`], all of the above as one beehive module.
 //!
-//! It is not a Kubernetes controller: there is no edgecontroller or synccontroller; the
-//! applications behind the API play their part.
+//! ```text
+//!   edges ══ WS 10000 / QUIC 10001 (mTLS) ══► transport::Listener ─► Hub::admit ─► driver ⇄ NodeSession
+//!                                                                          │
+//!   applications ── HTTP 10003 ──► api ─► Hub::send ─► MessageStore (SQLite) ◄──┘ upstream log ─► SSE
+//! ```
 
+pub mod api;
+pub mod bootstrap;
+pub mod config;
 pub mod delivery;
+mod driver;
+pub mod hub;
+pub mod metrics;
+pub mod server;
 pub mod session;
 pub mod store;
+
+pub use hub::{Hub, HubConfig};

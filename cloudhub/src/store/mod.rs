@@ -7,9 +7,12 @@
 //! [`sqlite::SqliteStore`] when several cloudcores share nodes (DESIGN.md §4). Methods return
 //! boxed futures so the trait stays object-safe (`Arc<dyn MessageStore>`) and async engines fit.
 //!
-//! Ordering contract: calls made from one task take effect in call order (a later `pending`
-//! sees an earlier `mark_acked`), and upstream records are numbered and published in commit
-//! order, so a consumer resuming after sequence `n` misses nothing.
+//! Ordering contract: an operation is submitted when its method is called, not when its future
+//! is first polled, and operations take effect in call order (a later `pending` sees an earlier
+//! `mark_acked`; upstream messages of one node are logged in the order they were handed in).
+//! The futures borrow nothing, so a driver may call in order and await elsewhere. Upstream
+//! records are numbered and published in commit order, so a consumer resuming after sequence
+//! `n` misses nothing.
 
 pub mod sqlite;
 
@@ -26,16 +29,16 @@ use crate::session::Downstream;
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Durable state of the cloud hub. See the module docs for the ordering contract.
-pub trait MessageStore: Send + Sync + 'static {
+pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Records that `node` connected (creating it on first contact): it becomes known, so
     /// messages can be queued for it while it is offline.
-    fn register_node(&self, node: NodeRecord) -> StoreFuture<'_, Result<(), StoreError>>;
+    fn register_node(&self, node: NodeRecord) -> StoreFuture<'static, Result<(), StoreError>>;
 
     /// Every known node.
-    fn nodes(&self) -> StoreFuture<'_, Result<Vec<NodeRecord>, StoreError>>;
+    fn nodes(&self) -> StoreFuture<'static, Result<Vec<NodeRecord>, StoreError>>;
 
     /// One known node, or `None` if it never connected.
-    fn node(&self, node: &str) -> StoreFuture<'_, Result<Option<NodeRecord>, StoreError>>;
+    fn node(&self, node: &str) -> StoreFuture<'static, Result<Option<NodeRecord>, StoreError>>;
 
     /// Durably queues `msg` for `node`. A message whose id is already queued (or recently acked)
     /// for the node is not queued twice: the first copy's sequence number is returned with
@@ -45,7 +48,7 @@ pub trait MessageStore: Send + Sync + 'static {
         node: &str,
         msg: Message,
         needs_ack: bool,
-    ) -> StoreFuture<'_, Result<Enqueued, EnqueueError>>;
+    ) -> StoreFuture<'static, Result<Enqueued, EnqueueError>>;
 
     /// Up to `limit` messages for `node` not yet acked (pending or in flight) with a sequence
     /// number above `after`, in queue order.
@@ -54,7 +57,7 @@ pub trait MessageStore: Send + Sync + 'static {
         node: &str,
         after: u64,
         limit: usize,
-    ) -> StoreFuture<'_, Result<Vec<Downstream>, StoreError>>;
+    ) -> StoreFuture<'static, Result<Vec<Downstream>, StoreError>>;
 
     /// Message `seq` was written to the node (attempt `attempt`) and now waits for its ACK.
     fn mark_in_flight(
@@ -62,24 +65,28 @@ pub trait MessageStore: Send + Sync + 'static {
         node: &str,
         seq: u64,
         attempt: u32,
-    ) -> StoreFuture<'_, Result<(), StoreError>>;
+    ) -> StoreFuture<'static, Result<(), StoreError>>;
 
     /// The node acknowledged message `id`; returns its sequence number if it was still open
     /// (`None` for an unknown or already acked id).
-    fn mark_acked(&self, node: &str, id: &str) -> StoreFuture<'_, Result<Option<u64>, StoreError>>;
+    fn mark_acked(
+        &self,
+        node: &str,
+        id: &str,
+    ) -> StoreFuture<'static, Result<Option<u64>, StoreError>>;
 
     /// Forgets message `seq` of `node`: a no-ACK message once written.
-    fn remove(&self, node: &str, seq: u64) -> StoreFuture<'_, Result<(), StoreError>>;
+    fn remove(&self, node: &str, seq: u64) -> StoreFuture<'static, Result<(), StoreError>>;
 
     /// Where message `id` for `node` stands, if the store still knows it.
     fn message_state(
         &self,
         node: &str,
         id: &str,
-    ) -> StoreFuture<'_, Result<Option<MessageState>, StoreError>>;
+    ) -> StoreFuture<'static, Result<Option<MessageState>, StoreError>>;
 
     /// Open (pending + in flight) messages of every node that has any.
-    fn queue_depths(&self) -> StoreFuture<'_, Result<Vec<(String, QueueDepth)>, StoreError>>;
+    fn queue_depths(&self) -> StoreFuture<'static, Result<Vec<(String, QueueDepth)>, StoreError>>;
 
     /// Durably accepts upstream message `msg` from `node`, once per id within the node's
     /// deduplication window. A new record is published to [`Self::subscribe_upstream`] after it
@@ -88,14 +95,14 @@ pub trait MessageStore: Send + Sync + 'static {
         &self,
         node: &str,
         msg: Message,
-    ) -> StoreFuture<'_, Result<Accepted, StoreError>>;
+    ) -> StoreFuture<'static, Result<Accepted, StoreError>>;
 
     /// Up to `limit` upstream records with a sequence number above `after`, oldest first.
     fn upstream_since(
         &self,
         after: u64,
         limit: usize,
-    ) -> StoreFuture<'_, Result<Vec<Arc<UpstreamRecord>>, StoreError>>;
+    ) -> StoreFuture<'static, Result<Vec<Arc<UpstreamRecord>>, StoreError>>;
 
     /// A live feed of newly accepted upstream records, in sequence order. A receiver that lags
     /// catches up with [`Self::upstream_since`].

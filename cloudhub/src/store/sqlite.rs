@@ -436,7 +436,7 @@ fn to_i64(v: u64) -> i64 {
 }
 
 impl MessageStore for SqliteStore {
-    fn register_node(&self, node: NodeRecord) -> StoreFuture<'_, Result<(), StoreError>> {
+    fn register_node(&self, node: NodeRecord) -> StoreFuture<'static, Result<(), StoreError>> {
         self.submit(move |b| {
             b.tx.prepare_cached(
                 "INSERT INTO nodes (id, project, first_seen_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?4)
@@ -453,7 +453,7 @@ impl MessageStore for SqliteStore {
         })
     }
 
-    fn nodes(&self) -> StoreFuture<'_, Result<Vec<NodeRecord>, StoreError>> {
+    fn nodes(&self) -> StoreFuture<'static, Result<Vec<NodeRecord>, StoreError>> {
         self.submit(|b| {
             let mut stmt = b.tx.prepare_cached(
                 "SELECT id, project, first_seen_ms, last_seen_ms FROM nodes ORDER BY id",
@@ -463,7 +463,7 @@ impl MessageStore for SqliteStore {
         })
     }
 
-    fn node(&self, node: &str) -> StoreFuture<'_, Result<Option<NodeRecord>, StoreError>> {
+    fn node(&self, node: &str) -> StoreFuture<'static, Result<Option<NodeRecord>, StoreError>> {
         let node = node.to_owned();
         self.submit(move |b| {
             Ok(b.tx
@@ -480,7 +480,7 @@ impl MessageStore for SqliteStore {
         node: &str,
         msg: Message,
         needs_ack: bool,
-    ) -> StoreFuture<'_, Result<Enqueued, EnqueueError>> {
+    ) -> StoreFuture<'static, Result<Enqueued, EnqueueError>> {
         let node = node.to_owned();
         self.submit(move |b| {
             let existing: Option<i64> =
@@ -528,7 +528,7 @@ impl MessageStore for SqliteStore {
         node: &str,
         after: u64,
         limit: usize,
-    ) -> StoreFuture<'_, Result<Vec<Downstream>, StoreError>> {
+    ) -> StoreFuture<'static, Result<Vec<Downstream>, StoreError>> {
         let node = node.to_owned();
         self.submit(move |b| {
             let sql = format!(
@@ -558,7 +558,7 @@ impl MessageStore for SqliteStore {
         node: &str,
         seq: u64,
         attempt: u32,
-    ) -> StoreFuture<'_, Result<(), StoreError>> {
+    ) -> StoreFuture<'static, Result<(), StoreError>> {
         let node = node.to_owned();
         self.submit(move |b| {
             let was_pending: Option<i64> =
@@ -586,7 +586,11 @@ impl MessageStore for SqliteStore {
         })
     }
 
-    fn mark_acked(&self, node: &str, id: &str) -> StoreFuture<'_, Result<Option<u64>, StoreError>> {
+    fn mark_acked(
+        &self,
+        node: &str,
+        id: &str,
+    ) -> StoreFuture<'static, Result<Option<u64>, StoreError>> {
         let node = node.to_owned();
         let id = id.to_owned();
         self.submit(move |b| {
@@ -607,7 +611,7 @@ impl MessageStore for SqliteStore {
         })
     }
 
-    fn remove(&self, node: &str, seq: u64) -> StoreFuture<'_, Result<(), StoreError>> {
+    fn remove(&self, node: &str, seq: u64) -> StoreFuture<'static, Result<(), StoreError>> {
         let node = node.to_owned();
         self.submit(move |b| {
             let st: Option<i64> =
@@ -628,7 +632,7 @@ impl MessageStore for SqliteStore {
         &self,
         node: &str,
         id: &str,
-    ) -> StoreFuture<'_, Result<Option<MessageState>, StoreError>> {
+    ) -> StoreFuture<'static, Result<Option<MessageState>, StoreError>> {
         let node = node.to_owned();
         let id = id.to_owned();
         self.submit(move |b| {
@@ -651,7 +655,7 @@ impl MessageStore for SqliteStore {
         })
     }
 
-    fn queue_depths(&self) -> StoreFuture<'_, Result<Vec<(String, QueueDepth)>, StoreError>> {
+    fn queue_depths(&self) -> StoreFuture<'static, Result<Vec<(String, QueueDepth)>, StoreError>> {
         self.submit(|b| {
             let mut out: Vec<(String, QueueDepth)> = b
                 .state
@@ -669,7 +673,7 @@ impl MessageStore for SqliteStore {
         &self,
         node: &str,
         msg: Message,
-    ) -> StoreFuture<'_, Result<Accepted, StoreError>> {
+    ) -> StoreFuture<'static, Result<Accepted, StoreError>> {
         let node = node.to_owned();
         self.submit(move |b| {
             let existing: Option<i64> =
@@ -718,7 +722,7 @@ impl MessageStore for SqliteStore {
         &self,
         after: u64,
         limit: usize,
-    ) -> StoreFuture<'_, Result<Vec<Arc<UpstreamRecord>>, StoreError>> {
+    ) -> StoreFuture<'static, Result<Vec<Arc<UpstreamRecord>>, StoreError>> {
         self.submit(move |b| {
             let sql = format!(
                 "SELECT seq, node, accepted_ms, {MESSAGE_COLUMNS} FROM upstream

@@ -1,0 +1,569 @@
+//! The cloud daemon's configuration: `cloudcore.yaml`, whose one section `cloudhub:` is typed
+//! here with `deny_unknown_fields` and validated newtypes, so parsing is validation. Keys are
+//! kebab-case; durations are integers in KubeEdge's units (seconds, except the certificate
+//! lifetime in days and the token refresh period in hours, as KubeEdge's `cloudHub` section).
+//!
+//! Defaults follow KubeEdge's cloudcore (PROTOCOL.md B§8.1) where it has one, and assume a
+//! cloud serving up to a few hundred nodes on WAN links (15 s edge heartbeats, RTT up to ~1 s).
+//! [`DEFAULT_YAML`] is the complete commented default file (`cloudcore --defaultconfig`).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::{NonZeroU32, NonZeroU64};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::hub::HubConfig;
+use crate::session::SessionConfig;
+use crate::store::sqlite::{Durability, SqliteConfig};
+
+/// The whole `cloudcore.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CloudcoreConfig {
+    /// The hub: listeners, limits, certificates, queue.
+    #[serde(default)]
+    pub cloudhub: CloudHubConfig,
+}
+
+/// The `cloudhub:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CloudHubConfig {
+    /// WebSocket listener for edges (TCP). Default enabled on `0.0.0.0:10000`.
+    #[serde(default = "Endpoint::websocket")]
+    pub websocket: Endpoint,
+    /// QUIC listener for edges (UDP). Default enabled on `0.0.0.0:10001` (KubeEdge: disabled;
+    /// Causeway's QUIC is the better wire on lossy links).
+    #[serde(default = "Endpoint::quic")]
+    pub quic: Endpoint,
+    /// Certificate bootstrap server (HTTPS). Default enabled on `0.0.0.0:10002`.
+    #[serde(default = "Endpoint::https")]
+    pub https: Endpoint,
+    /// Cloud API for applications (plain HTTP, no authentication). Default enabled on
+    /// `127.0.0.1:10003`: loopback only; put a proxy in front to expose it.
+    #[serde(default = "Endpoint::api")]
+    pub api: Endpoint,
+    /// Seconds a node may go without a keepalive before its session ends. Default 30
+    /// (KubeEdge `keepaliveInterval`: two 15 s edge heartbeats).
+    #[serde(default = "default_keepalive")]
+    pub keepalive_interval: Seconds,
+    /// Most connected nodes; further connections are refused and closed. Default 500.
+    #[serde(default = "default_node_limit")]
+    pub node_limit: NonZeroU32,
+    /// Certificate files.
+    #[serde(default)]
+    pub tls: TlsFiles,
+    /// Addresses edges dial: the server certificate's IP SANs. Default `[127.0.0.1]`; set the
+    /// cloud's reachable addresses in production (KubeEdge `advertiseAddress`).
+    #[serde(default = "default_advertise")]
+    pub advertise_address: Vec<IpAddr>,
+    /// DNS names edges dial: the server certificate's DNS SANs. Default `[localhost]`.
+    #[serde(default = "default_dns_names")]
+    pub dns_names: Vec<String>,
+    /// Validity of node certificates signed by the bootstrap server, in days. Default 365.
+    #[serde(default = "default_cert_days")]
+    pub edge_cert_signing_duration: NonZeroU32,
+    /// Bootstrap token refresh period in hours; tokens are valid twice as long. Default 12
+    /// (tokens valid 24 h), KubeEdge's.
+    #[serde(default = "default_token_hours")]
+    pub token_refresh_duration: NonZeroU32,
+    /// The durable message store.
+    #[serde(default)]
+    pub queue: QueueSection,
+    /// Downstream delivery pacing.
+    #[serde(default)]
+    pub delivery: DeliverySection,
+    /// Transport timeouts towards edges.
+    #[serde(default)]
+    pub link: LinkSection,
+}
+
+impl Default for CloudHubConfig {
+    fn default() -> Self {
+        Self {
+            websocket: Endpoint::websocket(),
+            quic: Endpoint::quic(),
+            https: Endpoint::https(),
+            api: Endpoint::api(),
+            keepalive_interval: default_keepalive(),
+            node_limit: default_node_limit(),
+            tls: TlsFiles::default(),
+            advertise_address: default_advertise(),
+            dns_names: default_dns_names(),
+            edge_cert_signing_duration: default_cert_days(),
+            token_refresh_duration: default_token_hours(),
+            queue: QueueSection::default(),
+            delivery: DeliverySection::default(),
+            link: LinkSection::default(),
+        }
+    }
+}
+
+/// One listening endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Endpoint {
+    /// Whether to serve it.
+    pub enable: bool,
+    /// Address to bind.
+    pub address: IpAddr,
+    /// Port to bind (0: any free port, for tests).
+    pub port: u16,
+}
+
+impl Endpoint {
+    fn new(address: IpAddr, port: u16) -> Self {
+        Self {
+            enable: true,
+            address,
+            port,
+        }
+    }
+
+    fn websocket() -> Self {
+        Self::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 10000)
+    }
+
+    fn quic() -> Self {
+        Self::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 10001)
+    }
+
+    fn https() -> Self {
+        Self::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 10002)
+    }
+
+    fn api() -> Self {
+        Self::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10003)
+    }
+
+    /// The socket address to bind.
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
+    }
+}
+
+/// `cloudhub.tls`: where the CA and the server certificate live. Files missing at start are
+/// created (a new CA, and a server certificate for `advertise-address` and `dns-names`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsFiles {
+    /// Directory in `causeway certs init`'s layout (`ca.crt`, `ca.key`, `server.crt`,
+    /// `server.key`). Default `/etc/causeway/pki`.
+    #[serde(default = "default_cert_dir")]
+    pub cert_dir: PathBuf,
+    /// Overrides `<cert-dir>/ca.crt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Overrides `<cert-dir>/ca.key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key_file: Option<PathBuf>,
+    /// Overrides `<cert-dir>/server.crt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// Overrides `<cert-dir>/server.key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for TlsFiles {
+    fn default() -> Self {
+        Self {
+            cert_dir: default_cert_dir(),
+            ca_file: None,
+            ca_key_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+impl TlsFiles {
+    fn pick(&self, over: Option<&PathBuf>, name: &str) -> PathBuf {
+        over.cloned().unwrap_or_else(|| self.cert_dir.join(name))
+    }
+
+    /// The CA certificate file.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.pick(self.ca_file.as_ref(), "ca.crt")
+    }
+
+    /// The CA key file.
+    pub fn ca_key_path(&self) -> PathBuf {
+        self.pick(self.ca_key_file.as_ref(), "ca.key")
+    }
+
+    /// The server certificate file.
+    pub fn server_cert_path(&self) -> PathBuf {
+        self.pick(self.cert_file.as_ref(), "server.crt")
+    }
+
+    /// The server key file.
+    pub fn server_key_path(&self) -> PathBuf {
+        self.pick(self.key_file.as_ref(), "server.key")
+    }
+}
+
+/// `cloudhub.queue`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct QueueSection {
+    /// SQLite database file. Default `/var/lib/causeway/cloudcore.db`.
+    #[serde(default = "default_queue_path")]
+    pub path: PathBuf,
+    /// Most open messages per node; beyond it the API answers 503. Default 10000.
+    #[serde(default = "default_queue_limit")]
+    pub limit_per_node: NonZeroU64,
+    /// Upstream messages kept per node (deduplication window, SSE replay). Default 10000.
+    #[serde(default = "default_queue_limit")]
+    pub upstream_window: NonZeroU64,
+    /// `full` (survives power loss; default) or `normal` (survives crashes, faster).
+    #[serde(default)]
+    pub durability: Durability,
+}
+
+impl Default for QueueSection {
+    fn default() -> Self {
+        Self {
+            path: default_queue_path(),
+            limit_per_node: default_queue_limit(),
+            upstream_window: default_queue_limit(),
+            durability: Durability::default(),
+        }
+    }
+}
+
+/// `cloudhub.delivery`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DeliverySection {
+    /// Most unacknowledged messages in flight per node. Default 64 (KubeEdge: 1).
+    #[serde(default = "default_window")]
+    pub window: NonZeroU32,
+    /// Seconds before the first resend of an unacknowledged message. Default 5 (KubeEdge's).
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout: Seconds,
+    /// Cap of the doubling resend interval, in seconds. Default 60.
+    #[serde(default = "default_max_ack_timeout")]
+    pub max_ack_timeout: Seconds,
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        Self {
+            window: default_window(),
+            ack_timeout: default_ack_timeout(),
+            max_ack_timeout: default_max_ack_timeout(),
+        }
+    }
+}
+
+/// `cloudhub.link`: the transport's timeouts, in seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LinkSection {
+    /// TLS plus protocol handshake. Default 30.
+    #[serde(default = "default_handshake")]
+    pub handshake_timeout: Seconds,
+    /// Silence after which a link is presumed dead. Default 15.
+    #[serde(default = "default_deadline")]
+    pub read_deadline: Seconds,
+    /// A write making no progress this long fails. Default 15.
+    #[serde(default = "default_deadline")]
+    pub write_deadline: Seconds,
+}
+
+impl Default for LinkSection {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: default_handshake(),
+            read_deadline: default_deadline(),
+            write_deadline: default_deadline(),
+        }
+    }
+}
+
+/// A positive number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Seconds(NonZeroU64);
+
+impl Seconds {
+    /// `n` seconds; `None` for 0.
+    pub fn new(n: u64) -> Option<Self> {
+        NonZeroU64::new(n).map(Self)
+    }
+
+    /// As a [`Duration`].
+    pub fn duration(self) -> Duration {
+        Duration::from_secs(self.0.get())
+    }
+}
+
+fn secs(n: u64) -> Seconds {
+    Seconds(NonZeroU64::new(n).unwrap_or(NonZeroU64::MIN))
+}
+
+fn nz32(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
+}
+
+fn default_keepalive() -> Seconds {
+    secs(30)
+}
+fn default_node_limit() -> NonZeroU32 {
+    nz32(500)
+}
+fn default_advertise() -> Vec<IpAddr> {
+    vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]
+}
+fn default_dns_names() -> Vec<String> {
+    vec!["localhost".to_owned()]
+}
+fn default_cert_days() -> NonZeroU32 {
+    nz32(365)
+}
+fn default_token_hours() -> NonZeroU32 {
+    nz32(12)
+}
+fn default_cert_dir() -> PathBuf {
+    PathBuf::from("/etc/causeway/pki")
+}
+fn default_queue_path() -> PathBuf {
+    PathBuf::from("/var/lib/causeway/cloudcore.db")
+}
+fn default_queue_limit() -> NonZeroU64 {
+    NonZeroU64::new(10_000).unwrap_or(NonZeroU64::MIN)
+}
+fn default_window() -> NonZeroU32 {
+    nz32(64)
+}
+fn default_ack_timeout() -> Seconds {
+    secs(5)
+}
+fn default_max_ack_timeout() -> Seconds {
+    secs(60)
+}
+fn default_handshake() -> Seconds {
+    secs(30)
+}
+fn default_deadline() -> Seconds {
+    secs(15)
+}
+
+impl CloudHubConfig {
+    /// The session manager's settings.
+    pub fn hub_config(&self) -> HubConfig {
+        HubConfig {
+            node_limit: usize::try_from(self.node_limit.get()).unwrap_or(usize::MAX),
+            session: SessionConfig {
+                keepalive_interval: self.keepalive_interval.duration(),
+                window: usize::try_from(self.delivery.window.get()).unwrap_or(usize::MAX),
+                ack_timeout: self.delivery.ack_timeout.duration(),
+                max_ack_timeout: self
+                    .delivery
+                    .max_ack_timeout
+                    .duration()
+                    .max(self.delivery.ack_timeout.duration()),
+                ..SessionConfig::default()
+            },
+            ..HubConfig::default()
+        }
+    }
+
+    /// The store's settings.
+    pub fn store_config(&self) -> SqliteConfig {
+        SqliteConfig {
+            queue_limit: self.queue.limit_per_node.get(),
+            upstream_window: self.queue.upstream_window.get(),
+            durability: self.queue.durability,
+            ..SqliteConfig::new(&self.queue.path)
+        }
+    }
+
+    /// The transport's link settings.
+    pub fn link_config(&self) -> transport::config::LinkConfig {
+        let read_deadline = self.link.read_deadline.duration();
+        transport::config::LinkConfig {
+            handshake_timeout: self.link.handshake_timeout.duration(),
+            read_deadline,
+            write_deadline: self.link.write_deadline.duration(),
+            keep_alive_interval: read_deadline / 3,
+            ..transport::config::LinkConfig::default()
+        }
+    }
+
+    /// How long bootstrap tokens should live: twice the refresh period.
+    pub fn token_ttl(&self) -> Duration {
+        Duration::from_secs(u64::from(self.token_refresh_duration.get()) * 2 * 3600)
+    }
+}
+
+/// Why a configuration could not be loaded; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Malformed YAML, an unknown or missing key, or an invalid value.
+    #[error("{origin}: {key}: {source}")]
+    Invalid {
+        /// The file (or `<input>`).
+        origin: String,
+        /// The key path, e.g. `cloudhub.node-limit`.
+        key: String,
+        /// The parser's message, with line and column.
+        source: Box<serde_saphyr::Error>,
+    },
+}
+
+/// Parses YAML `text` (from `origin`, named in errors) into `T`.
+pub fn from_yaml<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
+    let mut key = None;
+    serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
+            key = Some(e.path().to_string());
+            e.into_inner()
+        })
+    })
+    .map_err(|source| ConfigError::Invalid {
+        origin: origin.to_owned(),
+        key: match key.as_deref() {
+            None | Some(".") => "(document)".to_owned(),
+            Some(path) => path.to_owned(),
+        },
+        source: Box::new(source),
+    })
+}
+
+impl CloudcoreConfig {
+    /// Reads and parses a `cloudcore.yaml`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        from_yaml(&text, &path.display().to_string())
+    }
+}
+
+/// The complete default `cloudcore.yaml`, commented: what `cloudcore --defaultconfig` prints.
+/// It parses to [`CloudcoreConfig::default`] (tested).
+pub const DEFAULT_YAML: &str = r#"# cloudcore configuration (Causeway). Every key is optional; these are the defaults.
+# Durations are integers: seconds, except where a key says days or hours (as KubeEdge's).
+cloudhub:
+  # Edges connect over WebSocket (KubeEdge's wire, TCP) and/or QUIC (UDP); both use mutual TLS.
+  websocket: { enable: true, address: 0.0.0.0, port: 10000 }
+  quic: { enable: true, address: 0.0.0.0, port: 10001 }
+  # Certificate bootstrap for edges (KubeEdge-compatible /ca.crt and /edge.crt over HTTPS).
+  https: { enable: true, address: 0.0.0.0, port: 10002 }
+  # Cloud API for applications (HTTP/JSON, no authentication): keep it on loopback.
+  api: { enable: true, address: 127.0.0.1, port: 10003 }
+  # A node silent (no keepalive) this many seconds is disconnected: two 15 s edge heartbeats.
+  keepalive-interval: 30
+  # Most connected nodes; more are refused and closed.
+  node-limit: 500
+  tls:
+    # `causeway certs init` layout: ca.crt, ca.key, server.crt, server.key. Files missing at
+    # start are created. ca-file, ca-key-file, cert-file and key-file override single paths.
+    cert-dir: /etc/causeway/pki
+  # Addresses and names edges dial: the server certificate's SANs (used when it is created).
+  advertise-address: [127.0.0.1]
+  dns-names: [localhost]
+  # Validity of node certificates signed by the bootstrap server, in days.
+  edge-cert-signing-duration: 365
+  # Bootstrap token refresh period in hours; a token is valid twice this long.
+  token-refresh-duration: 12
+  queue:
+    # SQLite file holding per-node queues and the upstream log; nothing accepted is lost on
+    # restart.
+    path: /var/lib/causeway/cloudcore.db
+    # Most open messages per node; beyond this the API answers 503 (never a silent drop).
+    limit-per-node: 10000
+    # Upstream messages remembered per node (deduplication window and SSE replay).
+    upstream-window: 10000
+    # full: survives power loss. normal: survives crashes only, faster on slow disks.
+    durability: full
+  delivery:
+    # Unacknowledged messages in flight per node (KubeEdge: 1).
+    window: 64
+    # Seconds before the first resend of an unacknowledged message; doubles up to the cap.
+    ack-timeout: 5
+    max-ack-timeout: 60
+  link:
+    # TLS and protocol handshake bound, read deadline (dead-link detection), write deadline.
+    handshake-timeout: 30
+    read-deadline: 15
+    write-deadline: 15
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_yaml_parses_to_the_defaults() {
+        let parsed: CloudcoreConfig = from_yaml(DEFAULT_YAML, "default").expect("parses");
+        assert_eq!(parsed, CloudcoreConfig::default());
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let parsed: CloudcoreConfig = from_yaml("cloudhub: {}\n", "x").expect("parses");
+        assert_eq!(parsed, CloudcoreConfig::default());
+        assert_eq!(
+            parsed.cloudhub.api.socket_addr().to_string(),
+            "127.0.0.1:10003"
+        );
+    }
+
+    #[test]
+    fn example_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/cloudcore.example.yaml");
+        let config = CloudcoreConfig::load(&path).expect("example loads");
+        assert!(config.cloudhub.websocket.enable);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = from_yaml::<CloudcoreConfig>("cloudhub:\n  node-limit: 0\n", "f.yaml")
+            .expect_err("zero");
+        let ConfigError::Invalid { key, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(key, "cloudhub.node-limit");
+        let err = from_yaml::<CloudcoreConfig>("cloudhub:\n  nodelimit: 5\n", "f.yaml")
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("nodelimit"), "{err}");
+        let err = from_yaml::<CloudcoreConfig>("cloudhub:\n  keepalive-interval: 0\n", "f.yaml")
+            .expect_err("zero seconds");
+        assert!(err.to_string().contains("keepalive-interval"), "{err}");
+    }
+
+    #[test]
+    fn derived_settings_follow_the_file() {
+        let yaml = "cloudhub:\n  delivery: { window: 8, ack-timeout: 2, max-ack-timeout: 1 }\n  \
+                    queue: { path: /tmp/q.db, limit-per-node: 3, durability: normal }\n";
+        let config: CloudcoreConfig = from_yaml(yaml, "x").expect("parses");
+        let hub = config.cloudhub.hub_config();
+        assert_eq!(hub.session.window, 8);
+        assert_eq!(hub.session.ack_timeout, Duration::from_secs(2));
+        assert_eq!(
+            hub.session.max_ack_timeout,
+            Duration::from_secs(2),
+            "cap ≥ first wait"
+        );
+        let store = config.cloudhub.store_config();
+        assert_eq!(store.queue_limit, 3);
+        assert_eq!(store.durability, Durability::Normal);
+        assert_eq!(config.cloudhub.token_ttl(), Duration::from_secs(24 * 3600));
+    }
+}

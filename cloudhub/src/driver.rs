@@ -1,0 +1,304 @@
+//! The async driver of one node connection: a thin loop around [`NodeSession`] in the shape of
+//! quinn's `ConnectionDriver` (STYLE.md lesson 11). Each turn it feeds received messages, timer
+//! expiries and store results in, writes `poll_transmit` out, re-arms its one `Sleep` to
+//! `poll_timeout`, and turns `poll_event` into store operations.
+//!
+//! Store operations are issued in order as events come out of the session (the store applies
+//! them in call order) and their results are awaited concurrently, so a slow fsync delays acks,
+//! not the reading of the connection. A separate task reads the connection, so `recv` is never
+//! cancelled halfway.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use proto::Message;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use transport::{Connection, RecvError};
+
+use crate::hub::{AckInfo, CloseCause, Inner, LiveInfo};
+use crate::session::{
+    CloseReason, Downstream, NodeSession, SessionConfig, SessionEvent, TransmitKind,
+};
+use crate::store::{Accepted, NodeRecord, StoreError, StoreFuture};
+
+/// Messages read ahead of the session before the reader stops reading (back-pressure).
+const READ_AHEAD: usize = 256;
+/// How long the driver waits for store results still pending when its session ends.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A store result the driver acts on.
+enum Done {
+    Refill {
+        asked: usize,
+        result: Result<Vec<Downstream>, StoreError>,
+    },
+    Accepted {
+        id: String,
+        result: Result<Accepted, StoreError>,
+    },
+    AckMarked {
+        info: Box<AckInfo>,
+        result: Result<Option<u64>, StoreError>,
+    },
+    Recorded {
+        what: &'static str,
+        result: Result<(), StoreError>,
+    },
+}
+
+/// Everything one connection's driver owns.
+pub(crate) struct Driver {
+    pub(crate) hub: Arc<Inner>,
+    pub(crate) conn: Arc<dyn Connection>,
+    pub(crate) node: String,
+    pub(crate) generation: u64,
+    pub(crate) info: Arc<LiveInfo>,
+    pub(crate) wake: Arc<Notify>,
+    pub(crate) close: oneshot::Receiver<CloseCause>,
+}
+
+impl Driver {
+    /// Runs the session to its end, then tears down: closes the connection, finishes pending
+    /// store work and removes the registry entry if it is still this session's.
+    pub(crate) async fn run(mut self) {
+        let hub = Arc::clone(&self.hub);
+        let (tx, rx) = mpsc::channel(READ_AHEAD);
+        let reader = tokio::spawn(read_loop(Arc::clone(&self.conn), tx));
+        let mut ops: FuturesUnordered<StoreFuture<'static, Done>> = FuturesUnordered::new();
+        let cause = self.drive(rx, &mut ops).await;
+
+        let protocol = self.info.protocol;
+        let timeout = hub.config.close_timeout;
+        if cause != CloseCause::PeerClosed {
+            let _ = tokio::time::timeout(timeout, self.conn.close(&cause.text())).await;
+        }
+        reader.abort();
+        // Results still pending (ACK marks, acceptances) are durable or not regardless; finish
+        // them so ACK waiters hear about every recorded ACK.
+        let drain = async {
+            while let Some(done) = ops.next().await {
+                if let Done::AckMarked { info, .. } = done {
+                    hub.notify_ack(&self.node, &info);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+        if hub.remove_if_current(&self.node, self.generation) {
+            hub.metrics.disconnected(cause.label());
+            tracing::info!(node = %self.node, %protocol, reason = %cause.text(),
+                generation = self.generation, "node disconnected");
+        } else {
+            tracing::debug!(node = %self.node, %protocol, reason = %cause.text(),
+                generation = self.generation, "superseded session ended");
+        }
+        hub.driver_done();
+    }
+
+    async fn drive(
+        &mut self,
+        mut incoming: mpsc::Receiver<Result<Option<Message>, RecvError>>,
+        ops: &mut FuturesUnordered<StoreFuture<'static, Done>>,
+    ) -> CloseCause {
+        let hub = Arc::clone(&self.hub);
+        let store = Arc::clone(&hub.store);
+        let peer = self.conn.peer().clone();
+        let now_ms = proto::now_millis();
+        let record = NodeRecord {
+            id: self.node.clone(),
+            project: self.info.project.clone(),
+            first_seen_ms: now_ms,
+            last_seen_ms: now_ms,
+        };
+        if let Err(e) = store.register_node(record).await {
+            return CloseCause::StoreFailed(e.to_string());
+        }
+        let config = SessionConfig {
+            upstream_ack: peer.capabilities.upstream_ack,
+            ..hub.config.session.clone()
+        };
+        let mut session = NodeSession::new(config, Instant::now().into_std());
+        let mut last_keepalive = session.last_keepalive();
+        // Highest store sequence handed to the session: refills continue after it.
+        let mut last_fed = 0u64;
+        let mut refilling = false;
+        let mut maybe_more = true;
+        let sleep = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(sleep);
+
+        let cause = loop {
+            if let Err(cause) = self.flush(&mut session, ops).await {
+                break cause;
+            }
+            if let Some(reason) = session.close_reason() {
+                break match reason {
+                    CloseReason::KeepaliveTimeout => CloseCause::KeepaliveTimeout,
+                    _ => CloseCause::Shutdown,
+                };
+            }
+            if !refilling && maybe_more && session.wants() > 0 {
+                refilling = true;
+                let asked = session.wants();
+                let fut = store.pending(&self.node, last_fed, asked);
+                ops.push(Box::pin(async move {
+                    Done::Refill {
+                        asked,
+                        result: fut.await,
+                    }
+                }));
+            }
+            let timeout = session.poll_timeout();
+            if let Some(t) = timeout {
+                sleep.as_mut().reset(Instant::from_std(t));
+            }
+            tokio::select! {
+                biased;
+                cause = &mut self.close => break cause.unwrap_or(CloseCause::Shutdown),
+                received = incoming.recv() => match received {
+                    Some(Ok(Some(msg))) => {
+                        hub.metrics.received(self.info.protocol);
+                        session.handle_message(Instant::now().into_std(), msg);
+                        if session.last_keepalive() != last_keepalive {
+                            last_keepalive = session.last_keepalive();
+                            self.info.last_keepalive_ms.store(proto::now_millis(), Ordering::Relaxed);
+                        }
+                    }
+                    Some(Ok(None)) | None => break CloseCause::PeerClosed,
+                    Some(Err(e)) => break CloseCause::Transport(e.to_string()),
+                },
+                Some(done) = ops.next(), if !ops.is_empty() => match done {
+                    Done::Refill { asked, result } => {
+                        refilling = false;
+                        match result {
+                            Ok(downs) => {
+                                maybe_more = downs.len() >= asked;
+                                if let Some(last) = downs.last() {
+                                    last_fed = last_fed.max(last.seq);
+                                }
+                                session.queue(Instant::now().into_std(), downs);
+                            }
+                            Err(e) => break CloseCause::StoreFailed(e.to_string()),
+                        }
+                    }
+                    Done::Accepted { id, result } => match result {
+                        Ok(accepted) => {
+                            hub.metrics.upstream(matches!(accepted, Accepted::Duplicate(_)));
+                            session.upstream_accepted(&id);
+                        }
+                        Err(e) => {
+                            tracing::warn!(node = %self.node, %id, error = %e,
+                                "upstream message not accepted; the edge will resend it");
+                            session.upstream_failed(&id);
+                        }
+                    },
+                    Done::AckMarked { info, result } => {
+                        if let Err(e) = result {
+                            tracing::warn!(node = %self.node, id = %info.id, error = %e,
+                                "ACK not recorded; the message will be resent");
+                        }
+                        hub.notify_ack(&self.node, &info);
+                    }
+                    Done::Recorded { what, result } => {
+                        if let Err(e) = result {
+                            tracing::warn!(node = %self.node, what, error = %e, "store update failed");
+                        }
+                    }
+                },
+                () = self.wake.notified() => maybe_more = true,
+                () = &mut sleep, if timeout.is_some() => {
+                    session.handle_timeout(Instant::now().into_std());
+                }
+            }
+        };
+        session.close();
+        hub.metrics.resends(session.stats().resent);
+        cause
+    }
+
+    /// Writes every pending transmit and turns every event into a store operation.
+    async fn flush(
+        &self,
+        session: &mut NodeSession,
+        ops: &mut FuturesUnordered<StoreFuture<'static, Done>>,
+    ) -> Result<(), CloseCause> {
+        let store = &self.hub.store;
+        while let Some(transmit) = session.poll_transmit() {
+            if let Err(e) = self.conn.send(transmit.message).await {
+                return Err(CloseCause::SendFailed(e.to_string()));
+            }
+            self.hub.metrics.sent(self.info.protocol);
+            let (what, fut) = match transmit.kind {
+                TransmitKind::Delivery {
+                    seq,
+                    needs_ack: false,
+                    ..
+                } => ("remove", store.remove(&self.node, seq)),
+                TransmitKind::Delivery { seq, attempt, .. } => (
+                    "mark_in_flight",
+                    store.mark_in_flight(&self.node, seq, attempt),
+                ),
+                TransmitKind::UpstreamAck => continue,
+            };
+            ops.push(Box::pin(async move {
+                Done::Recorded {
+                    what,
+                    result: fut.await,
+                }
+            }));
+        }
+        while let Some(event) = session.poll_event() {
+            match event {
+                SessionEvent::Upstream(msg) => {
+                    let id = msg.header.id.clone();
+                    let fut = store.accept_upstream(&self.node, msg);
+                    ops.push(Box::pin(async move {
+                        Done::Accepted {
+                            id,
+                            result: fut.await,
+                        }
+                    }));
+                }
+                SessionEvent::Acked {
+                    id,
+                    latency,
+                    response,
+                    ..
+                } => {
+                    self.hub.metrics.ack(latency);
+                    let fut = store.mark_acked(&self.node, &id);
+                    let info = Box::new(AckInfo {
+                        id,
+                        latency,
+                        response: Some(response),
+                    });
+                    ops.push(Box::pin(async move {
+                        Done::AckMarked {
+                            info,
+                            result: fut.await,
+                        }
+                    }));
+                }
+                // Seen through `close_reason` by the loop.
+                SessionEvent::Closed(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the connection into `tx` until it ends; the terminal result is forwarded too.
+async fn read_loop(
+    conn: Arc<dyn Connection>,
+    tx: mpsc::Sender<Result<Option<Message>, RecvError>>,
+) {
+    loop {
+        let received = conn.recv().await;
+        let last = !matches!(received, Ok(Some(_)));
+        if tx.send(received).await.is_err() || last {
+            return;
+        }
+    }
+}
