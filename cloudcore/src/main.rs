@@ -1,5 +1,116 @@
-//! `cloudcore`: the Causeway cloud daemon.
+//! `cloudcore`: the Causeway cloud daemon. It loads `cloudcore.yaml` (or the defaults), makes
+//! sure a CA and a server certificate exist (creating them on first start, in the
+//! `causeway certs init` layout), opens the durable message store, binds the edge listeners
+//! (WebSocket, QUIC), the certificate bootstrap server and the cloud API, and runs the CloudHub
+//! beehive module until SIGINT or SIGTERM, then shuts down gracefully and exits 0.
+//!
+//! Once bound it logs one line `cloudcore listening` with the bound addresses (useful with port
+//! 0) and how to create a bootstrap token for edges.
 
-fn main() {
-    println!("cloudcore {}", env!("CARGO_PKG_VERSION"));
+mod pki;
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use beehive::{Beehive, TerminationSignals};
+use clap::Parser;
+use cloudhub::Hub;
+use cloudhub::bootstrap::BootstrapConfig;
+use cloudhub::config::{CloudcoreConfig, DEFAULT_YAML};
+use cloudhub::server::{Bound, CloudHubModule};
+use cloudhub::store::sqlite::SqliteStore;
+use transport::ListenConfig;
+
+/// The Causeway cloud daemon: serves edge nodes (WebSocket, QUIC), certificate bootstrap and
+/// the cloud API.
+#[derive(Debug, Parser)]
+#[command(name = "cloudcore", version, about)]
+struct Args {
+    /// Configuration file (YAML, see --defaultconfig); without it every default applies.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the complete, commented default configuration and exit.
+    #[arg(long)]
+    defaultconfig: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.defaultconfig {
+        print!("{DEFAULT_YAML}");
+        return ExitCode::SUCCESS;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cloudcore: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("cloudcore: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(path) => CloudcoreConfig::load(path)?,
+        None => CloudcoreConfig::default(),
+    };
+    let hub_config = &config.cloudhub;
+    let pki = pki::ensure(hub_config)?;
+    let store = SqliteStore::open(hub_config.store_config()).with_context(|| {
+        format!(
+            "opening the message store {}",
+            hub_config.queue.path.display()
+        )
+    })?;
+    let hub = Hub::new(hub_config.hub_config(), Arc::new(store));
+    // Installed before anything runs, so a signal during start-up is not lost.
+    let signals = TerminationSignals::install()?;
+    let bound = Bound::bind(hub_config)
+        .await
+        .context("binding the listeners")?;
+    let [ws, quic, https, api] = bound
+        .addrs()
+        .map(|a| a.map(|a| a.to_string()).unwrap_or_default());
+    tracing::info!(websocket = %ws, quic = %quic, https = %https, api = %api, "cloudcore listening");
+    tracing::info!(
+        "create a bootstrap token for edges with: causeway token create --dir {} --ttl {}h",
+        hub_config.tls.cert_dir.display(),
+        hub_config.token_ttl().as_secs() / 3600
+    );
+    let mut listen = ListenConfig::new(pki.server.clone(), pki.ca.trust_anchors());
+    listen.link = hub_config.link_config();
+    let bootstrap = BootstrapConfig {
+        edge_cert_days: hub_config.edge_cert_signing_duration.get(),
+        ..BootstrapConfig::new(Arc::new(pki.ca), pki.server)
+    };
+    let module = CloudHubModule::new(hub, bound, listen, Some(bootstrap));
+    let mut beehive = Beehive::new();
+    beehive.register(module, true)?;
+    let report = beehive.start().run_until_signal(signals).await;
+    if !report.is_clean() {
+        tracing::warn!(?report, "cloudcore stopped uncleanly");
+    }
+    tracing::info!("cloudcore stopped");
+    Ok(())
 }
