@@ -45,8 +45,13 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 /// Upstream records read from the store per replay step.
 const REPLAY_BATCH: usize = 512;
 
-/// The API's routes over `hub`.
+/// The API's routes over `hub`, accepting bodies up to [`MAX_BODY_BYTES`].
 pub fn router(hub: Hub) -> Router {
+    router_with_body_limit(hub, MAX_BODY_BYTES)
+}
+
+/// [`router`] with another body limit (larger bodies get 413 with a JSON error).
+pub fn router_with_body_limit(hub: Hub, max_body: usize) -> Router {
     Router::new()
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
@@ -56,7 +61,7 @@ pub fn router(hub: Hub) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(max_body))
         .with_state(hub)
 }
 
