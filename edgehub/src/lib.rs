@@ -12,6 +12,7 @@
 //! - [`driver`]: the thin async loop around the session (private; its counters are [`HubStats`]).
 //! - [`hub`]: [`EdgeHub`], the beehive module (`websocket`, group `hub`).
 //! - [`outbox`]: the durable upstream queue (SQLite) and the downstream dedup window.
+//! - [`bootstrap`]: obtaining and renewing the node certificate (KubeEdge's certificate flow).
 //! - [`config`]: the `edgehub:` configuration section and the YAML loader.
 //! - [`route`]: where cloud messages go on the bus (KubeEdge's handler table) and the edge's
 //!   module and group names.
@@ -22,6 +23,7 @@
 //!  bus ◄── delivery task ◄── dedup ◄── session.poll_event ◄── reader ◄── Connection ◄─ writer
 //! ```
 
+pub mod bootstrap;
 pub mod config;
 mod driver;
 pub mod hub;
