@@ -15,7 +15,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let chunk = usize::from(seed % 17) + 1;
-    let cap = if seed & 0x80 == 0 { proto::frame::MAX_PAYLOAD_LEN } else { usize::from(seed) * 8 };
+    let cap = if seed & 0x80 == 0 {
+        proto::frame::MAX_PAYLOAD_LEN
+    } else {
+        usize::from(seed) * 8
+    };
 
     let (whole, whole_err, whole_left) = feed(stream, stream.len(), cap);
     let (chunked, chunked_err, chunked_left) = feed(stream, chunk, cap);
@@ -27,7 +31,9 @@ fuzz_target!(|data: &[u8]| {
 
     let mut again = BytesMut::new();
     for frame in &whole {
-        frame.encode(&mut again).expect("decoded frames are within the cap");
+        frame
+            .encode(&mut again)
+            .expect("decoded frames are within the cap");
         assert!(frame.payload.len() <= cap);
         if let Ok(msg) = frame.to_message() {
             // A payload that decodes re-encodes to a payload that decodes to the same message.

@@ -18,7 +18,10 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(back.route, msg.route);
     assert_eq!(json::to_vec(&back), text);
     let ws = json::to_ws_text(&msg);
-    assert_eq!(json::from_slice(ws.as_bytes()).map(|m| json::to_vec(&m)), Ok(text));
+    assert_eq!(
+        json::from_slice(ws.as_bytes()).map(|m| json::to_vec(&m)),
+        Ok(text)
+    );
 
     let via_pb = pb::decode(&pb::encode(&msg)).expect("our own protobuf decodes");
     assert_eq!(via_pb.header, msg.header);
