@@ -1,1 +1,3 @@
 //! Shared helpers for Causeway's end-to-end and conformance tests (the tests live in `tests/tests/`).
+
+pub mod transport_harness;

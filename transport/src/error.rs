@@ -349,7 +349,9 @@ impl RejectReason {
     pub(crate) fn from_alert(alert: u8, detail: String) -> Self {
         match alert {
             116 => Self::NoClientCertificate,
-            48 => Self::UntrustedCertificate { detail },
+            // unknown_ca; decrypt_error is what rustls sends for a bad signature, as when a CA
+            // with the same name but another key issued the certificate.
+            48 | 51 => Self::UntrustedCertificate { detail },
             45 => Self::ExpiredCertificate,
             42 | 43 | 44 | 46 => Self::BadCertificate { detail },
             _ => Self::Tls { detail },

@@ -216,6 +216,10 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
     /// frees (memory stays bounded), and fails with [`SendError::Timeout`] if no progress is made
     /// within the write deadline. Messages sent one after another by one task arrive in order
     /// (on QUIC: per route resource, see [`quic`]).
+    ///
+    /// Cancelling a pending `send` (dropping its future) never delivers a torn message: on
+    /// WebSocket the message is queued whole or not at all; on QUIC a cancellation in the middle of
+    /// writing a frame closes the connection.
     fn send(&self, msg: Message) -> BoxFuture<'_, Result<(), SendError>>;
 
     /// The next message from the peer; `Ok(None)` once the peer (or [`Connection::close`]) has
@@ -311,6 +315,16 @@ pub fn listen(
     shutdown: Shutdown,
 ) -> Result<Box<dyn Listener>, ListenError> {
     protocol.adapter().listen(socket, config, shutdown)
+}
+
+/// The size of `msg` on `protocol`'s wire, which [`config::LinkConfig::max_message_size`] caps:
+/// the JSON text (with its trailing LF) on WebSocket, the protobuf payload (without the 10-byte
+/// packer header) on QUIC.
+pub fn encoded_len(protocol: Protocol, msg: &Message) -> usize {
+    match protocol {
+        Protocol::WebSocket => proto::json::to_ws_text(msg).len(),
+        Protocol::Quic => proto::pb::encoded_len(msg),
+    }
 }
 
 /// KubeEdge's transport-level control operations: answered with `ack` by the transport on both

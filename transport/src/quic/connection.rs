@@ -114,7 +114,9 @@ impl Inner {
             max: proto::frame::MAX_PAYLOAD_LEN,
         })?;
         let slot = &self.slots[stream_index(&msg.route.resource, self.slots.len())];
-        match timeout(self.write_deadline, self.write_on(slot, frame.freeze())).await {
+        let deadline = tokio::time::Instant::now() + self.write_deadline;
+        match tokio::time::timeout_at(deadline, self.write_on(slot, frame.freeze(), deadline)).await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(reason)) => {
                 self.fail(reason);
@@ -134,6 +136,7 @@ impl Inner {
         &self,
         slot: &Mutex<Option<quinn::SendStream>>,
         frame: Bytes,
+        deadline: tokio::time::Instant,
     ) -> Result<(), CloseReason> {
         let mut slot = slot.lock().await;
         if slot.is_none() {
@@ -147,9 +150,16 @@ impl Inner {
         let Some(send) = slot.as_mut() else {
             unreachable!("opened above")
         };
-        send.write_chunk(frame)
-            .await
-            .map_err(|e| self.write_error(e))
+        // If this future is dropped mid-write, part of the frame may be on the stream and every
+        // later frame would be misread: the guard then closes the connection instead.
+        let mut guard = CancelGuard {
+            inner: self,
+            deadline,
+            armed: true,
+        };
+        let written = send.write_chunk(frame).await;
+        guard.armed = false;
+        written.map_err(|e| self.write_error(e))
     }
 
     fn write_error(&self, err: quinn::WriteError) -> CloseReason {
@@ -234,6 +244,33 @@ impl Inner {
             self.conn.close(code::NO_ERROR, truncate(reason));
         }
         result
+    }
+}
+
+/// Closes the connection if dropped, i.e. if a send is cancelled while writing a frame.
+struct CancelGuard<'a> {
+    inner: &'a Inner,
+    /// When the write deadline expires: a drop after it is the deadline, not the caller.
+    deadline: tokio::time::Instant,
+    armed: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let reason = if tokio::time::Instant::now() >= self.deadline {
+            CloseReason::WriteTimeout {
+                after: self.inner.write_deadline,
+            }
+        } else {
+            CloseReason::Io {
+                kind: std::io::ErrorKind::Interrupted,
+                detail: "a send was cancelled while writing a message".to_owned(),
+            }
+        };
+        self.inner.fail(reason);
     }
 }
 
@@ -470,7 +507,16 @@ async fn read_messages(
             Err(ReadEnd::Eof | ReadEnd::ConnectionLost) => return Ok(()),
         };
         if is_control_operation(&msg.route.operation) {
-            inner.ack_control(&msg).await?;
+            // Answered like any message, so the ack reaches the peer's `recv` as on WebSocket.
+            if let Err(e) = inner.send(control::ack_for(&msg)).await {
+                return Err(match e {
+                    SendError::Closed { reason } => reason,
+                    other => CloseReason::Io {
+                        kind: std::io::ErrorKind::BrokenPipe,
+                        detail: other.to_string(),
+                    },
+                });
+            }
             continue;
         }
         if inbound.send(Box::new(msg), len).await.is_err() {
