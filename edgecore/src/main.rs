@@ -1,5 +1,140 @@
-//! `edgecore`: the Causeway edge daemon.
+//! `edgecore`: the Causeway edge daemon. It loads `edgecore.yaml`, makes sure the node has a
+//! certificate (bootstrapping one with the configured token if needed), then runs EdgeHub (the
+//! link to the cloud) and the local store (cloud messages for local applications) on a beehive
+//! until SIGINT or SIGTERM, and exits 0 after a graceful shutdown.
+//!
+//! Logs go to stderr (`RUST_LOG` respected, default `info`): one line per connect, disconnect
+//! (with the reason) and reconnect attempt.
 
-fn main() {
-    println!("edgecore {}", env!("CARGO_PKG_VERSION"));
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use beehive::{Beehive, TerminationSignals};
+use clap::Parser;
+
+use edgehub::EdgeHub;
+use edgehub::bootstrap::{self, BootstrapError};
+
+use causeway_edgecore::config::{DEFAULT_YAML, EdgecoreConfig};
+use causeway_edgecore::localstore::LocalStore;
+
+/// The Causeway edge daemon: keeps this node's link to the cloud (WebSocket or QUIC) and serves
+/// cloud messages to local applications.
+#[derive(Debug, Parser)]
+#[command(name = "edgecore", version, about)]
+struct Args {
+    /// Configuration file (YAML; see --defaultconfig).
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        required_unless_present = "defaultconfig"
+    )]
+    config: Option<PathBuf>,
+    /// Print the complete, commented default configuration and exit.
+    #[arg(long)]
+    defaultconfig: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.defaultconfig {
+        print!("{DEFAULT_YAML}");
+        return ExitCode::SUCCESS;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgecore: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("edgecore: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let path = args.config.context("--config FILE is required")?;
+    let config = EdgecoreConfig::load(&path)?;
+    // Installed before anything runs, so a signal during start-up is not lost.
+    let mut signals = TerminationSignals::install()?;
+    let hub_enabled = config.modules.edgehub.enable;
+    if hub_enabled {
+        tokio::select! {
+            result = obtain_certificate(&config) => result?,
+            signal = signals.recv() => {
+                tracing::info!(signal, "stopped before the node had a certificate");
+                return Ok(());
+            }
+        }
+    }
+    let hub = EdgeHub::new(config.edgehub.clone());
+    let reconnect = hub.reconnect_trigger();
+    let mut beehive = Beehive::new();
+    beehive.register(hub, hub_enabled)?;
+    let store = config.modules.local_store.clone();
+    let store_enabled = store.enable;
+    beehive.register(LocalStore::new(store), store_enabled)?;
+    tracing::info!(
+        node = %config.edgehub.controller.node_id,
+        modules = ?beehive.enabled(),
+        disabled = ?beehive.disabled(),
+        "edgecore starting"
+    );
+    let hive = beehive.start();
+    if hub_enabled {
+        let stop = hive.shutdown_signal();
+        tokio::spawn(bootstrap::run_renewal(
+            config.edgehub.clone(),
+            reconnect,
+            async move {
+                stop.triggered().await;
+            },
+        ));
+    }
+    let report = hive.run_until_signal(signals).await;
+    if !report.is_clean() {
+        tracing::warn!(?report, "edgecore stopped uncleanly");
+    }
+    tracing::info!("edgecore stopped");
+    Ok(())
+}
+
+/// Keeps a valid certificate or bootstraps one; network trouble is retried with backoff
+/// (2 s doubling to 60 s), anything else (no token, wrong token, wrong CA) ends the process.
+async fn obtain_certificate(config: &EdgecoreConfig) -> anyhow::Result<()> {
+    let mut delay = Duration::from_secs(2);
+    loop {
+        match bootstrap::ensure_certificate(&config.edgehub).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, retry_in_secs = delay.as_secs(), "certificate bootstrap failed");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+            Err(e @ BootstrapError::NoToken { .. }) => {
+                return Err(e).context("set edgehub.token or provide edgehub.tls files");
+            }
+            Err(e) => return Err(e).context("certificate bootstrap"),
+        }
+    }
 }

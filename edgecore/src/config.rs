@@ -1,0 +1,230 @@
+//! `edgecore.yaml`: the EdgeHub section (owned by `edgehub`, see [`edgehub::config`]) and the
+//! per-module switches. Unknown keys and invalid values are refused with their key path.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use edgehub::EdgeHubConfig;
+use edgehub::config::ConfigError;
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EdgecoreConfig {
+    /// The link to the cloud.
+    pub edgehub: EdgeHubConfig,
+    /// Which modules run, and their settings.
+    #[serde(default)]
+    pub modules: ModulesConfig,
+}
+
+/// `modules:`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ModulesConfig {
+    /// EdgeHub itself.
+    #[serde(default)]
+    pub edgehub: Enable,
+    /// The local store: keeps cloud messages for local applications.
+    #[serde(default)]
+    pub local_store: LocalStoreConfig,
+}
+
+/// A module switch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Enable {
+    /// Whether the module runs. Default true.
+    #[serde(default = "yes")]
+    pub enable: bool,
+}
+
+impl Default for Enable {
+    fn default() -> Self {
+        Self { enable: true }
+    }
+}
+
+/// `modules.local-store`: see [`crate::localstore`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LocalStoreConfig {
+    /// Whether it runs. Default true.
+    #[serde(default = "yes")]
+    pub enable: bool,
+    /// The bus group it joins, so cloud messages routed to that group reach it. Default `meta`
+    /// (where `resource` and `func` messages go, KubeEdge's metamanager group).
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Its SQLite file. Default `/var/lib/causeway/local.db`.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    /// Most messages kept; the oldest are deleted beyond it. Default 100000.
+    #[serde(default = "default_max_messages")]
+    pub max_messages: NonZeroU64,
+    /// The HTTP endpoint for local applications. Must be a loopback address: the endpoint has no
+    /// authentication. Default `127.0.0.1:10550`.
+    #[serde(default = "default_listen", deserialize_with = "loopback")]
+    pub listen: SocketAddr,
+}
+
+impl Default for LocalStoreConfig {
+    fn default() -> Self {
+        Self {
+            enable: true,
+            group: default_group(),
+            path: default_store_path(),
+            max_messages: default_max_messages(),
+            listen: default_listen(),
+        }
+    }
+}
+
+impl EdgecoreConfig {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        edgehub::config::load_yaml(path)
+    }
+
+    /// Parses and validates YAML text (`origin` names it in errors).
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        edgehub::config::from_yaml(text, origin)
+    }
+}
+
+/// The complete default configuration, commented: what `edgecore --defaultconfig` prints. A test
+/// checks that it parses to the defaults.
+pub const DEFAULT_YAML: &str = r#"# edgecore configuration. Durations are whole seconds, as in KubeEdge.
+edgehub:
+  controller:
+    # websocket: KubeEdge's wire (works with KubeEdge and Causeway clouds).
+    # quic: Causeway's QUIC profile (Causeway clouds only; better on lossy links).
+    protocol: websocket
+    # Keepalive period; the reconnect wait after a lost connection is two heartbeats.
+    heartbeat: 15
+    project-id: e632aba927ea4ac2b575ec1603d56f10
+    # This node's name (URL, headers, certificate CN). Change it.
+    node-id: edge-1
+    # Module -> cloud rate limit (keepalives are not limited).
+    message-qps: 30
+    message-burst: 60
+  websocket:
+    server: "127.0.0.1:10000"       # the cloud's host:port (a name or IP in its certificate)
+    handshake-timeout: 30
+    read-deadline: 15               # silence after which the link counts as dead
+    write-deadline: 15
+  quic:
+    server: "127.0.0.1:10001"
+    handshake-timeout: 30
+    read-deadline: 15
+    write-deadline: 15
+  tls:
+    ca-file: /etc/kubeedge/ca/rootCA.crt
+    cert-file: /etc/kubeedge/certs/server.crt
+    key-file: /etc/kubeedge/certs/server.key
+  # Certificate bootstrap server of the cloud (used with the token when there is no certificate).
+  http-server: "https://127.0.0.1:10002"
+  # Bootstrap token from `causeway token create` (or `keadm gettoken`); empty when not needed.
+  token: ""
+  outbox:
+    path: /var/lib/causeway/outbox.db
+    max-messages: 100000            # beyond it modules wait; nothing is dropped
+    max-bytes: 67108864
+    durability: full                # full: survives power loss; normal: survives a crash
+    dedup-window: 10000             # answered cloud message ids remembered
+modules:
+  edgehub:
+    enable: true
+  local-store:
+    enable: true
+    group: meta                     # cloud resource/func messages go to group meta
+    path: /var/lib/causeway/local.db
+    max-messages: 100000
+    listen: "127.0.0.1:10550"       # loopback only: no authentication
+"#;
+
+fn yes() -> bool {
+    true
+}
+
+fn default_group() -> String {
+    edgehub::route::GROUP_META.to_owned()
+}
+
+fn default_store_path() -> PathBuf {
+    "/var/lib/causeway/local.db".into()
+}
+
+fn default_max_messages() -> NonZeroU64 {
+    NonZeroU64::MIN.saturating_add(99_999)
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 10550))
+}
+
+fn loopback<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let addr = SocketAddr::deserialize(deserializer)?;
+    if addr.ip().is_loopback() {
+        Ok(addr)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{addr} is not a loopback address; the local endpoint has no authentication"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use certs::NodeId;
+
+    use super::*;
+
+    #[test]
+    fn default_yaml_parses_to_the_defaults() {
+        let config = EdgecoreConfig::parse(DEFAULT_YAML, "--defaultconfig").unwrap();
+        let expected = EdgecoreConfig {
+            edgehub: EdgeHubConfig::new(NodeId::new("edge-1").unwrap()),
+            modules: ModulesConfig::default(),
+        };
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn example_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/edgecore.example.yaml");
+        let config = EdgecoreConfig::load(&path).unwrap();
+        assert_eq!(
+            config.edgehub.controller.protocol,
+            transport::Protocol::Quic
+        );
+        assert!(config.modules.local_store.enable);
+    }
+
+    #[test]
+    fn module_keys_are_checked_with_their_path() {
+        let base = "edgehub:\n  controller: { node-id: e }\n";
+        let e = EdgecoreConfig::parse(
+            &format!("{base}modules:\n  metamanager: {{ enable: true }}\n"),
+            "f",
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("modules.metamanager"));
+        let e = EdgecoreConfig::parse(
+            &format!("{base}modules:\n  local-store: {{ listen: '0.0.0.0:10550' }}\n"),
+            "f",
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("modules.local-store.listen"));
+        assert!(e.to_string().contains("loopback"), "{e}");
+        let e = EdgecoreConfig::parse(
+            &format!("{base}modules:\n  edgehub: {{ enable: maybe }}\n"),
+            "f",
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("modules.edgehub.enable"));
+    }
+}
