@@ -1,0 +1,472 @@
+//! End to end: the real `cloudcore` and `edgecore` processes on loopback, over each protocol.
+//!
+//! The cloud creates its PKI on first start; the edge starts with nothing but a bootstrap token
+//! (made from the cloud's CA, as `causeway token create` does), obtains its certificate from the
+//! cloud's HTTPS server, connects, and keeps its link alive with keepalives. Then: a message from
+//! the cloud API to the edge's local store (acknowledged after it is stored), a message from a
+//! local application through the edge's outbox to the cloud's upstream stream, and the cloud killed
+//! (SIGKILL) and restarted: what the edge's applications sent meanwhile arrives after the edge
+//! reconnects, and a cloud message queued meanwhile reaches the edge. Nothing is lost.
+//!
+//! The binaries are found next to this test's executable (`target/<profile>/`); `cargo test
+//! --workspace` builds them first, as it runs their own tests.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Bound on anything that should happen within a few heartbeats (edge heartbeat: 1 s).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A built binary of the workspace, next to this test executable's `deps/` directory.
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo test --workspace` (it builds every binary) or \
+         `cargo build -p causeway-edgecore -p causeway-cloudcore` first",
+        path.display()
+    );
+    path
+}
+
+/// A daemon whose stderr lines are collected; killed when dropped.
+struct Daemon {
+    name: &'static str,
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Daemon {
+    fn start(name: &'static str, config: &Path) -> Self {
+        let mut child = Command::new(binary(name))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let (tx, lines) = channel();
+        if let Some(stderr) = child.stderr.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Self {
+            name,
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing `needle` (after the lines already consumed).
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => panic!(
+                    "{} never logged {needle:?}; its log:\n{}",
+                    self.name,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then the exit code.
+    fn stop(mut self) -> Option<i32> {
+        self.signal("TERM");
+        self.child.wait().expect("wait").code()
+    }
+
+    /// SIGKILL: the process dies without any cleanup.
+    fn kill(mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `key=value` fields of a log line.
+fn fields(line: &str) -> HashMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|t| t.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .collect()
+}
+
+/// A plain HTTP/1.1 exchange; returns (status, body).
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// Reads the cloud's upstream Server-Sent Events stream from the start until every id in `ids`
+/// has appeared; returns how many times each appeared.
+fn upstream_ids(api: SocketAddr, node: &str, ids: &[String]) -> HashMap<String, usize> {
+    let mut s = TcpStream::connect(api).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    write!(
+        s,
+        "GET /v1/messages?node={node}&since=0 HTTP/1.1\r\nHost: {api}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("reading the event stream: {e}"),
+        }
+        let counts = count_ids(&text, ids);
+        if ids
+            .iter()
+            .all(|id| counts.get(id).copied().unwrap_or(0) > 0)
+        {
+            return counts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "upstream messages {ids:?} never reached the cloud:\n{text}"
+        );
+    }
+    count_ids(&text, ids)
+}
+
+fn count_ids(text: &str, ids: &[String]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let Ok(event) = serde_json::from_str::<Value>(data.trim()) else {
+            continue;
+        };
+        if let Some(id) = event["message"]["header"]["msg_id"].as_str()
+            && ids.iter().any(|i| i == id)
+        {
+            *counts.entry(id.to_owned()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+struct Cloud {
+    daemon: Daemon,
+    ws: SocketAddr,
+    quic: SocketAddr,
+    https: SocketAddr,
+    api: SocketAddr,
+}
+
+/// Starts cloudcore with `ports` (0 = any) and returns its bound addresses.
+fn start_cloud(dir: &Path, ports: [u16; 4]) -> Cloud {
+    let d = dir.display();
+    let [ws, quic, https, api] = ports;
+    let config = dir.join("cloudcore.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "cloudhub:
+  websocket: {{ enable: true, address: 127.0.0.1, port: {ws} }}
+  quic: {{ enable: true, address: 127.0.0.1, port: {quic} }}
+  https: {{ enable: true, address: 127.0.0.1, port: {https} }}
+  api: {{ enable: true, address: 127.0.0.1, port: {api} }}
+  keepalive-interval: 5
+  tls: {{ cert-dir: {d}/pki }}
+  advertise-address: [127.0.0.1]
+  queue: {{ path: {d}/cloudcore.db }}
+  delivery: {{ ack-timeout: 1, max-ack-timeout: 2 }}
+  link: {{ handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
+"
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start("cloudcore", &config);
+    let line = daemon.wait_for("cloudcore listening");
+    let f = fields(&line);
+    let addr = |k: &str| -> SocketAddr {
+        f.get(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {line}"))
+    };
+    Cloud {
+        ws: addr("websocket"),
+        quic: addr("quic"),
+        https: addr("https"),
+        api: addr("api"),
+        daemon,
+    }
+}
+
+fn token(dir: &Path) -> String {
+    let pki = certs::files::CertDir::new(dir.join("pki"));
+    let ca = pki.load_ca().expect("the cloud created its CA");
+    certs::token::create(
+        &ca,
+        Duration::from_secs(3600),
+        time::OffsetDateTime::now_utc(),
+    )
+}
+
+fn edge_config(
+    dir: &Path,
+    protocol: &str,
+    server: SocketAddr,
+    https: SocketAddr,
+    token: &str,
+) -> PathBuf {
+    let d = dir.display();
+    let config = dir.join("edgecore.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "edgehub:
+  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: edge-e2e }}
+  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 2, write-deadline: 2 }}
+  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
+  http-server: 'https://{https}'
+  token: '{token}'
+  outbox: {{ path: {d}/edge/outbox.db }}
+modules:
+  local-store: {{ path: {d}/edge/local.db, listen: '127.0.0.1:0' }}
+"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Posts an upstream message through the edge's local store; returns its id.
+fn send_from_edge(local: SocketAddr, n: usize) -> String {
+    let body = json!({"group": "user", "resource": "sensors/t1", "operation": "upload", "content": {"n": n}});
+    let (code, body) = http(local, "POST", "/v1/upstream", &body.to_string());
+    assert_eq!(code, 202, "{body}");
+    json_of(&body)["id"].as_str().expect("id").to_owned()
+}
+
+/// Posts a cloud message for the edge and waits for its ACK; returns the message id.
+fn send_to_edge(api: SocketAddr, id: &str) -> Value {
+    let msg = json!({
+        "header": {"msg_id": id, "timestamp": proto::now_millis()},
+        "route": {"source": "edgecontroller", "group": "resource", "operation": "update",
+                  "resource": "default/configmap/cm1"},
+        "content": {"data": {"k": id}}
+    });
+    let (code, body) = http(
+        api,
+        "POST",
+        "/v1/nodes/edge-e2e/messages?wait=ack&timeout=60s",
+        &msg.to_string(),
+    );
+    assert!(code == 200 || code == 202, "{code} {body}");
+    json_of(&body)
+}
+
+fn local_ids(local: SocketAddr) -> Vec<String> {
+    let (code, body) = http(local, "GET", "/v1/messages?after=0&limit=1000", "");
+    assert_eq!(code, 200, "{body}");
+    json_of(&body)["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["message"]["header"]["msg_id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn node_view(api: SocketAddr) -> Value {
+    let (code, body) = http(api, "GET", "/v1/nodes/edge-e2e", "");
+    assert_eq!(code, 200, "{body}");
+    json_of(&body)
+}
+
+fn end_to_end(protocol: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cloud = start_cloud(root, [0; 4]);
+    let ports = [
+        cloud.ws.port(),
+        cloud.quic.port(),
+        cloud.https.port(),
+        cloud.api.port(),
+    ];
+    let server = if protocol == "quic" {
+        cloud.quic
+    } else {
+        cloud.ws
+    };
+    let token = token(root);
+    let config = edge_config(root, protocol, server, cloud.https, &token);
+
+    // First start: no certificate, only a token.
+    let started = Instant::now();
+    let mut edge = Daemon::start("edgecore", &config);
+    edge.wait_for("node certificate written");
+    let local: SocketAddr = fields(&edge.wait_for("local store listening"))["addr"]
+        .parse()
+        .unwrap();
+    edge.wait_for("connected to the cloud");
+    println!(
+        "{protocol}: bootstrap and first connect took {:?}",
+        started.elapsed()
+    );
+
+    // Keepalives flow: the cloud sees the node connected and its last keepalive advance.
+    let first = node_view(cloud.api);
+    assert_eq!(first["connected"], true, "{first}");
+    assert_eq!(first["protocol"], protocol);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let now = node_view(cloud.api);
+        if now["last_keepalive_ms"].as_i64() > first["last_keepalive_ms"].as_i64() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keepalives do not advance: {now}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A message each way.
+    let acked = send_to_edge(cloud.api, "down-1");
+    assert_eq!(acked["acked"], true, "{acked}");
+    assert!(local_ids(local).contains(&"down-1".to_owned()));
+    let up1 = send_from_edge(local, 1);
+    let counts = upstream_ids(cloud.api, "edge-e2e", std::slice::from_ref(&up1));
+    assert_eq!(counts[&up1], 1);
+
+    // The cloud dies without warning; the edge notices and keeps what applications send.
+    cloud.daemon.kill();
+    let killed = Instant::now();
+    edge.wait_for("disconnected from the cloud");
+    println!(
+        "{protocol}: edge noticed the killed cloud after {:?}",
+        killed.elapsed()
+    );
+    let offline: Vec<String> = (2..5).map(|n| send_from_edge(local, n)).collect();
+
+    // The cloud comes back on the same ports (its store and PKI on disk).
+    let cloud = start_cloud(root, ports);
+    let restarted = Instant::now();
+    edge.wait_for("connected to the cloud");
+    println!(
+        "{protocol}: edge reconnected {:?} after the cloud restarted",
+        restarted.elapsed()
+    );
+    let mut all = vec![up1.clone()];
+    all.extend(offline.iter().cloned());
+    let counts = upstream_ids(cloud.api, "edge-e2e", &all);
+    for id in &all {
+        assert_eq!(
+            counts.get(id),
+            Some(&1),
+            "{id} accepted exactly once: {counts:?}"
+        );
+    }
+    let acked = send_to_edge(cloud.api, "down-2");
+    assert_eq!(acked["acked"], true, "{acked}");
+    let ids = local_ids(local);
+    assert!(
+        ids.contains(&"down-1".to_owned()) && ids.contains(&"down-2".to_owned()),
+        "{ids:?}"
+    );
+
+    assert_eq!(edge.stop(), Some(0), "edgecore exits 0 on SIGTERM");
+    assert_eq!(cloud.daemon.stop(), Some(0), "cloudcore exits 0 on SIGTERM");
+}
+
+#[test]
+fn websocket_end_to_end() {
+    end_to_end("websocket");
+}
+
+#[test]
+fn quic_end_to_end() {
+    end_to_end("quic");
+}
