@@ -98,9 +98,10 @@ say "the edge application reads it from the edge's local endpoint"
 curl -sf "http://127.0.0.1:$local_port/v1/messages" && echo
 
 say "edge -> cloud: an edge application posts a message; the cloud API streams it"
-"$causeway" tail --api "$CAUSEWAY_API" --node "$node" --count 1 --timeout 20s > "$work/tail.out" &
+# --from-start replays the cloud's retained log, so the order of these two steps does not matter.
+"$causeway" tail --api "$CAUSEWAY_API" --node "$node" --from-start --count 1 --timeout 20s \
+    > "$work/tail.out" &
 tail_pid=$!
-sleep 1 # let the stream subscribe (the tail also replays the log, so this is not needed for correctness)
 curl -sf -X POST "http://127.0.0.1:$local_port/v1/upstream" -H 'content-type: application/json' \
     -d '{"group":"resource","resource":"default/event/demo","operation":"insert","content":{"greeting":"hello from the edge"}}'
 echo

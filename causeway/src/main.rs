@@ -1,6 +1,6 @@
 //! `causeway`: the Causeway admin CLI. Command groups live in `cmd/`, one module each: `certs`
 //! (CA, server and node certificates), `token` (bootstrap tokens), `frame` (decode and encode
-//! KubeEdge wire messages). To add a group, add a module with an `Args` struct and a `run`
+//! KubeEdge wire messages), `api` (`nodes`, `send`, `tail`: clients of the cloud API). To add a group, add a module with an `Args` struct and a `run`
 //! function, and a variant to [`Command`].
 //!
 //! Exit codes: 0 success; 1 failure (I/O, refused operation, invalid token); 2 bad input or usage
@@ -50,6 +50,27 @@ Examples:
   causeway frame decode conformance/vectors/keepalive.frame
   causeway frame encode --format frame < msg.json > msg.frame")]
     Frame(cmd::frame::Args),
+    /// List the nodes the cloud knows, with their link state and queue depths.
+    #[command(after_help = "\
+Examples:
+  causeway nodes
+  causeway nodes edge-1
+  CAUSEWAY_API=http://10.0.0.5:10003 causeway nodes --json")]
+    Nodes(cmd::api::NodesArgs),
+    /// Queue a message for a node (durably), optionally waiting for the edge's ACK.
+    #[command(after_help = "\
+Examples:
+  causeway send edge-1 --group resource --resource default/configmap/demo --op update \\
+      --content '{\"k\":\"v\"}' --wait-ack
+  causeway send edge-1 --group user --resource app/cmd --op publish --content @cmd.json")]
+    Send(cmd::api::SendArgs),
+    /// Print upstream (edge to cloud) messages as they arrive, one JSON line each.
+    #[command(after_help = "\
+Examples:
+  causeway tail
+  causeway tail --node edge-1 --group resource
+  causeway tail --node edge-1 --count 1 --timeout 30s")]
+    Tail(cmd::api::TailArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +79,9 @@ fn main() -> ExitCode {
         Command::Certs(args) => cmd::certs::run(args),
         Command::Token(args) => cmd::token::run(args),
         Command::Frame(args) => cmd::frame::run(args),
+        Command::Nodes(args) => cmd::api::run_nodes(args),
+        Command::Send(args) => cmd::api::run_send(args),
+        Command::Tail(args) => cmd::api::run_tail(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

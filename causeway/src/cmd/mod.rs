@@ -2,6 +2,7 @@
 //! [`BadInput`] marks errors that are the input's fault, which `main` reports as one line with
 //! exit code 2.
 
+pub(crate) mod api;
 pub(crate) mod certs;
 pub(crate) mod frame;
 pub(crate) mod token;
