@@ -470,3 +470,87 @@ fn websocket_end_to_end() {
 fn quic_end_to_end() {
     end_to_end("quic");
 }
+
+/// The edge's certificate client against the real cloudcore's bootstrap server: a wrong CA hash
+/// is refused before anything is written, a forged token is refused by the cloud, a good token
+/// gets a certificate, and renewal with the current certificate (no token) replaces it.
+#[test]
+fn certificate_bootstrap_and_renewal_against_cloudcore() {
+    use edgehub::bootstrap::{self, BootstrapError, CertStatus};
+    use edgehub::config::{BootstrapToken, HttpsUrl};
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cloud = start_cloud(root, [0; 4]);
+    let good = token(root);
+    let mut config = edgehub::EdgeHubConfig::new(certs::NodeId::new("edge-boot").unwrap());
+    config.http_server = HttpsUrl::new(format!("https://{}", cloud.https)).unwrap();
+    config.tls.ca_file = root.join("edge/ca.crt");
+    config.tls.cert_file = root.join("edge/node.crt");
+    config.tls.key_file = root.join("edge/node.key");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // A token made for another CA: the downloaded CA does not match its hash.
+    let (_, jwt) = good.split_once('.').unwrap();
+    config.token = Some(BootstrapToken::new(format!("{}.{jwt}", "0".repeat(64))).unwrap());
+    let err = runtime
+        .block_on(bootstrap::ensure_certificate(&config))
+        .unwrap_err();
+    assert!(matches!(err, BootstrapError::CaMismatch { .. }), "{err}");
+    assert!(
+        !config.tls.ca_file.exists(),
+        "nothing written for an unauthenticated CA"
+    );
+
+    // The right CA hash but a forged JWT: the cloud refuses it.
+    let (hash, _) = good.split_once('.').unwrap();
+    config.token =
+        Some(BootstrapToken::new(format!("{hash}.eyJhbGciOiJIUzI1NiJ9.e30.c2ln")).unwrap());
+    let err = runtime
+        .block_on(bootstrap::ensure_certificate(&config))
+        .unwrap_err();
+    assert!(
+        matches!(err, BootstrapError::Refused { status: 401, .. }),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+
+    // The real token.
+    config.token = Some(BootstrapToken::new(good).unwrap());
+    let status = runtime
+        .block_on(bootstrap::ensure_certificate(&config))
+        .unwrap();
+    assert!(matches!(status, CertStatus::Valid { .. }), "{status:?}");
+    let first = std::fs::read_to_string(&config.tls.cert_file).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&config.tls.key_file)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // A valid certificate is kept as it is.
+    runtime
+        .block_on(bootstrap::ensure_certificate(&config))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&config.tls.cert_file).unwrap(),
+        first
+    );
+
+    // Renewal presents the current certificate and needs no token.
+    config.token = None;
+    runtime.block_on(bootstrap::renew(&config)).unwrap();
+    let renewed = std::fs::read_to_string(&config.tls.cert_file).unwrap();
+    assert_ne!(renewed, first);
+    assert!(matches!(
+        bootstrap::certificate_status(&config),
+        CertStatus::Valid { .. }
+    ));
+    assert_eq!(cloud.daemon.stop(), Some(0));
+}
