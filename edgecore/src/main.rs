@@ -17,6 +17,7 @@ use clap::Parser;
 
 use edgehub::EdgeHub;
 use edgehub::bootstrap::{self, BootstrapError};
+use edgehub::outbox::Outbox;
 
 use causeway_edgecore::config::{DEFAULT_YAML, EdgecoreConfig};
 use causeway_edgecore::localstore::LocalStore;
@@ -86,6 +87,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
+    }
+    if hub_enabled {
+        // Fail at start-up, with the path in the message, rather than in a module later.
+        let outbox = config.edgehub.outbox_config();
+        drop(Outbox::open(outbox).context("opening the outbox")?);
     }
     let hub = EdgeHub::new(config.edgehub.clone());
     let reconnect = hub.reconnect_trigger();

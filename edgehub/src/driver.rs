@@ -702,7 +702,9 @@ impl Hub {
             dial.abort();
         }
         let closers = std::mem::take(&mut self.closing);
-        let bound = self.write_deadline() + Duration::from_secs(1);
+        // Within the hive's shutdown grace: a close the cloud does not confirm by then is
+        // abandoned (dropping the connection aborts it).
+        let bound = self.write_deadline().min(Duration::from_secs(5));
         for closer in closers {
             let _ = tokio::time::timeout(bound, closer).await;
         }
