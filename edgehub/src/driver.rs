@@ -262,8 +262,19 @@ impl Hub {
                 biased;
                 () = shutdown.triggered() => return,
                 permit = reserve(self.delivery_tx.clone()), if !self.deliveries.is_empty() => {
-                    if let (Ok(permit), Some(d)) = (permit, self.deliveries.pop_front()) {
-                        permit.send(d);
+                    match permit {
+                        Ok(permit) => {
+                            if let Some(d) = self.deliveries.pop_front() {
+                                permit.send(d);
+                            }
+                        }
+                        Err(_) => {
+                            // The delivery task is gone (it only ends when it panicked): these
+                            // messages cannot reach the bus; say so rather than spin.
+                            bump(&self.counters.downstream_undeliverable, self.deliveries.len() as u64);
+                            error!(lost = self.deliveries.len(), "bus delivery task ended");
+                            self.deliveries.clear();
+                        }
                     }
                 }
                 Some(inbound) = inbound_rx.recv(), if self.deliveries.is_empty() => {
