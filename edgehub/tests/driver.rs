@@ -1,7 +1,8 @@
 //! EdgeHub's driver against a real transport listener on loopback, over both protocols: keepalives,
 //! a message each way with the upstream acknowledgement, the unacknowledged message resent after
 //! the cloud drops the link (W5), a blackholed link noticed by the read deadline (W7), and a
-//! restart of the edge that resends from the durable outbox. Heartbeat 1 s, deadlines 2 s; every
+//! restart of the edge that resends from the durable outbox. Heartbeat 1 s, read deadline 2 s in
+//! the blackhole test and 5 s elsewhere; every
 //! wait is for an event, bounded by [`common::PATIENCE`].
 
 mod common;
@@ -207,7 +208,7 @@ async fn blackholed_cloud_is_noticed_by_the_read_deadline(protocol: Protocol) {
     let pki = Pki::new("edge-3");
     let mut cloud = Cloud::start(&pki, protocol).await;
     let proxy = Proxy::start(protocol, cloud.addr).await;
-    let mut edge = Edge::start(pki.edge_config(protocol, proxy.addr));
+    let mut edge = Edge::start(pki.edge_config_with_deadline(protocol, proxy.addr, 2));
     let _conn = cloud.accept().await;
     assert_eq!(edge.next_connection_event().await, "cloud_connected");
     // Silence: nothing arrives any more, nothing is closed, no error is sent.

@@ -50,21 +50,32 @@ impl Pki {
             )
             .unwrap();
         let mut config = ListenConfig::new(server.identity, self.ca.trust_anchors());
-        config.link.read_deadline = Duration::from_secs(2);
+        config.link.read_deadline = Duration::from_secs(5);
         config.link.keep_alive_interval = Duration::from_millis(500);
         config
     }
 
-    /// An edge config with a 1 s heartbeat and 2 s deadlines, dialing `server` over `protocol`.
+    /// An edge config with a 1 s heartbeat and 5 s deadlines (generous, so a loaded CI machine
+    /// never drops a healthy link), dialing `server` over `protocol`.
     pub fn edge_config(&self, protocol: Protocol, server: SocketAddr) -> EdgeHubConfig {
+        self.edge_config_with_deadline(protocol, server, 5)
+    }
+
+    /// [`Pki::edge_config`] with a read deadline of `read_deadline` seconds.
+    pub fn edge_config_with_deadline(
+        &self,
+        protocol: Protocol,
+        server: SocketAddr,
+        read_deadline: u32,
+    ) -> EdgeHubConfig {
         let mut config = EdgeHubConfig::new(self.node.clone());
         config.controller.protocol = protocol;
         config.controller.heartbeat = Seconds::new(1).unwrap();
         let mut endpoint =
             EndpointConfig::with_server(ServerAddr::new(server.to_string()).unwrap());
         endpoint.handshake_timeout = Seconds::new(5).unwrap();
-        endpoint.read_deadline = Seconds::new(2).unwrap();
-        endpoint.write_deadline = Seconds::new(2).unwrap();
+        endpoint.read_deadline = Seconds::new(read_deadline).unwrap();
+        endpoint.write_deadline = Seconds::new(5).unwrap();
         config.websocket = endpoint.clone();
         config.quic = endpoint;
         config.tls.ca_file = self.dir.path().join("ca.crt");
