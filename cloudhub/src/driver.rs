@@ -27,6 +27,10 @@ use crate::store::{Accepted, NodeRecord, StoreError, StoreFuture};
 
 /// Messages read ahead of the session before the reader stops reading (back-pressure).
 const READ_AHEAD: usize = 256;
+
+/// What the reader task forwards: boxed, so the channel's preallocated slots stay small (a
+/// thousand idle nodes must not each hold a block of full-size messages).
+type Received = Result<Option<Box<Message>>, Box<RecvError>>;
 /// How long the driver waits for store results still pending when its session ends.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -100,7 +104,7 @@ impl Driver {
 
     async fn drive(
         &mut self,
-        mut incoming: mpsc::Receiver<Result<Option<Message>, RecvError>>,
+        mut incoming: mpsc::Receiver<Received>,
         ops: &mut FuturesUnordered<StoreFuture<'static, Done>>,
     ) -> CloseCause {
         let hub = Arc::clone(&self.hub);
@@ -160,7 +164,7 @@ impl Driver {
                 received = incoming.recv() => match received {
                     Some(Ok(Some(msg))) => {
                         hub.metrics.received(self.info.protocol);
-                        session.handle_message(Instant::now().into_std(), msg);
+                        session.handle_message(Instant::now().into_std(), *msg);
                         if session.last_keepalive() != last_keepalive {
                             last_keepalive = session.last_keepalive();
                             self.info.last_keepalive_ms.store(proto::now_millis(), Ordering::Relaxed);
@@ -290,12 +294,9 @@ impl Driver {
 }
 
 /// Reads the connection into `tx` until it ends; the terminal result is forwarded too.
-async fn read_loop(
-    conn: Arc<dyn Connection>,
-    tx: mpsc::Sender<Result<Option<Message>, RecvError>>,
-) {
+async fn read_loop(conn: Arc<dyn Connection>, tx: mpsc::Sender<Received>) {
     loop {
-        let received = conn.recv().await;
+        let received = conn.recv().await.map(|m| m.map(Box::new)).map_err(Box::new);
         let last = !matches!(received, Ok(Some(_)));
         if tx.send(received).await.is_err() || last {
             return;
