@@ -227,6 +227,10 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
     ///
     /// Transport control messages (KubeEdge's `ping`, `pong`, `config` operations and QUIC control
     /// stream traffic) are answered by the transport and never returned.
+    ///
+    /// Keep a task calling `recv`: received messages wait in a bounded buffer, and once it is
+    /// full the connection stops reading, so a caller that stalls longer than the peer's
+    /// deadlines gets the connection dropped by the peer (as a peer that stopped reading).
     fn recv(&self) -> BoxFuture<'_, Result<Option<Message>, RecvError>>;
 
     /// Closes gracefully: flushes what was sent, tells the peer `reason`, and waits (bounded by

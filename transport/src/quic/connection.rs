@@ -241,7 +241,13 @@ impl Inner {
             }),
         };
         if self.reason.set(local).is_ok() {
-            self.conn.close(code::NO_ERROR, truncate(reason));
+            // Code 0 promises the peer it has everything; say otherwise if we could not confirm.
+            let code = if result.is_ok() {
+                code::NO_ERROR
+            } else {
+                code::ABORTED
+            };
+            self.conn.close(code, truncate(reason));
         }
         result
     }
@@ -537,5 +543,76 @@ async fn read_control(inner: Arc<Inner>, mut reader: FrameReader) -> Result<(), 
             Err(ReadEnd::Failed(reason)) => return Err(reason),
             Err(ReadEnd::Eof | ReadEnd::ConnectionLost) => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_errors_are_classified_by_fault() {
+        let deadline = Duration::from_secs(3);
+        let app = |code: u32, reason: &'static [u8]| {
+            ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: VarInt::from_u32(code),
+                reason: Bytes::from_static(reason),
+            })
+        };
+        assert_eq!(
+            reason_from_connection_error(app(0, b"bye"), deadline),
+            CloseReason::Peer {
+                reason: "bye".into()
+            }
+        );
+        assert_eq!(
+            reason_from_connection_error(app(0x13, b"big"), deadline),
+            CloseReason::PeerAborted {
+                code: 0x13,
+                reason: "big".into()
+            }
+        );
+        assert_eq!(
+            reason_from_connection_error(ConnectionError::TimedOut, deadline),
+            CloseReason::ReadTimeout { after: deadline }
+        );
+        assert!(matches!(
+            reason_from_connection_error(ConnectionError::Reset, deadline),
+            CloseReason::Io { .. }
+        ));
+    }
+
+    #[test]
+    fn close_codes_follow_the_reason() {
+        assert_eq!(
+            code::for_reason(&CloseReason::Local {
+                reason: String::new()
+            }),
+            code::NO_ERROR
+        );
+        assert_eq!(
+            code::for_reason(&CloseReason::Malformed {
+                detail: String::new()
+            }),
+            code::MALFORMED
+        );
+        assert_eq!(
+            code::for_reason(&CloseReason::TooLarge { len: 2, max: 1 }),
+            code::TOO_LARGE
+        );
+        assert_eq!(
+            code::for_reason(&CloseReason::WriteTimeout {
+                after: Duration::ZERO
+            }),
+            code::WRITE_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn close_reason_text_is_cut_on_a_char_boundary() {
+        let long = "é".repeat(400);
+        let cut = truncate(&long);
+        assert!(cut.len() <= 512);
+        assert!(std::str::from_utf8(cut).is_ok());
     }
 }

@@ -558,3 +558,77 @@ pub(crate) fn reason_from_ws_error(err: tungstenite::Error) -> CloseReason {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tungstenite::error::{CapacityError, ProtocolError};
+
+    use super::*;
+
+    #[test]
+    fn tungstenite_errors_are_classified_by_fault() {
+        assert_eq!(
+            reason_from_ws_error(tungstenite::Error::Capacity(
+                CapacityError::MessageTooLong {
+                    size: 10,
+                    max_size: 5
+                }
+            )),
+            CloseReason::TooLarge { len: 10, max: 5 }
+        );
+        assert!(matches!(
+            reason_from_ws_error(tungstenite::Error::Utf8("bad".into())),
+            CloseReason::Malformed { .. }
+        ));
+        assert!(matches!(
+            reason_from_ws_error(tungstenite::Error::Protocol(
+                ProtocolError::ResetWithoutClosingHandshake
+            )),
+            CloseReason::Io { .. }
+        ));
+        assert!(matches!(
+            reason_from_ws_error(tungstenite::Error::Protocol(
+                ProtocolError::UnmaskedFrameFromClient
+            )),
+            CloseReason::PeerMisbehaved { .. }
+        ));
+    }
+
+    #[test]
+    fn close_frames_map_to_reasons_and_back() {
+        let normal = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        };
+        assert_eq!(
+            peer_close_reason(Some(&normal)),
+            CloseReason::Peer {
+                reason: "bye".into()
+            }
+        );
+        let size = CloseFrame {
+            code: CloseCode::Size,
+            reason: "big".into(),
+        };
+        assert_eq!(
+            peer_close_reason(Some(&size)),
+            CloseReason::PeerAborted {
+                code: 1009,
+                reason: "big".into()
+            }
+        );
+        assert_eq!(
+            close_code_for(&CloseReason::TooLarge { len: 1, max: 0 }),
+            CloseCode::Size
+        );
+    }
+
+    #[test]
+    fn close_frame_reason_fits_a_control_frame() {
+        let WsMessage::Close(Some(frame)) = close_frame(CloseCode::Normal, &"ü".repeat(100))
+        else {
+            panic!("not a close frame");
+        };
+        assert!(frame.reason.len() <= 123);
+    }
+}

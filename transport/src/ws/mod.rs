@@ -40,9 +40,10 @@ use crate::{
 };
 use handshake::{ClientUpgradeError, HeadError};
 
-/// tungstenite's eagerly allocated read buffer per connection: one TLS record. Its default
-/// (128 KiB) would dominate the memory of an idle node connection.
-const READ_BUFFER: usize = 16 * 1024;
+/// tungstenite's eagerly allocated read buffer per connection. Its default (128 KiB) would
+/// dominate the memory of an idle node connection (the cloud holds thousands); 4 KiB measured no
+/// slower in `benches/src/bin/transport.rs` (large messages just take more reads).
+const READ_BUFFER: usize = 4 * 1024;
 /// Pause after the listening socket fails to accept (e.g. out of descriptors), so the loop does not
 /// spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
