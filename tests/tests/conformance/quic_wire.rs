@@ -221,3 +221,32 @@ async fn other_alpn_is_refused() {
     let reason = server.rejection().await;
     assert_eq!(reason.label(), "tls", "{reason}");
 }
+
+/// A stream whose `msg` prefix never completes does not hold a reader forever (W15): the
+/// connection is closed as a protocol violation after the handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incomplete_stream_prefix_times_out() {
+    let pki = Pki::new();
+    let link = transport::config::LinkConfig {
+        handshake_timeout: std::time::Duration::from_secs(1),
+        ..h::test_link()
+    };
+    let mut server = TestServer::start(P, pki.listen_config(link)).await;
+    let (_endpoint, conn) = raw_client(&pki, &server, "edge-1").await;
+    let (_c1, _c2, _) = raw::quic_handshake(&conn, "edge-1")
+        .await
+        .expect("handshake");
+    let served = server.accept().await;
+    let (mut send, _recv) = conn.open_bi().await.expect("stream");
+    send.write_all(b"ms").await.expect("write");
+    match within("recv", served.recv()).await {
+        Err(RecvError::PeerMisbehaved { detail }) => {
+            assert!(detail.contains("use type"), "{detail}")
+        }
+        other => panic!("expected PeerMisbehaved, got {other:?}"),
+    }
+    assert_eq!(
+        app_close(&within("close", conn.closed()).await).0,
+        code::PROTOCOL_VIOLATION
+    );
+}

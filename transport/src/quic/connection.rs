@@ -50,6 +50,8 @@ struct Inner {
     control: Mutex<quinn::SendStream>,
     read_deadline: Duration,
     write_deadline: Duration,
+    /// How long a peer-opened stream may take to show its `msg` prefix (the handshake timeout).
+    prefix_timeout: Duration,
     max_message_size: usize,
 }
 
@@ -386,6 +388,7 @@ impl QuicConnection {
             control: Mutex::new(control_send),
             read_deadline: link.read_deadline,
             write_deadline: link.write_deadline,
+            prefix_timeout: link.handshake_timeout,
             max_message_size: link.max_message_size,
         });
         let driver = tokio::spawn(drive(inner.clone(), own_rx, control_recv, inbound_tx));
@@ -500,10 +503,19 @@ async fn read_messages(
     inbound: ByteSender<Box<Message>>,
 ) -> Result<(), CloseReason> {
     if peer_opened {
-        match reader.read_prefix().await {
-            Ok(()) => {}
-            Err(ReadEnd::Failed(reason)) => return Err(reason),
-            Err(ReadEnd::Eof | ReadEnd::ConnectionLost) => return Ok(()),
+        // Bounded, unlike viaduct's (W15): a stream that never says what it is holds a reader.
+        match timeout(inner.prefix_timeout, reader.read_prefix()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(ReadEnd::Failed(reason))) => return Err(reason),
+            Ok(Err(ReadEnd::Eof | ReadEnd::ConnectionLost)) => return Ok(()),
+            Err(_) => {
+                return Err(CloseReason::PeerMisbehaved {
+                    detail: format!(
+                        "stream opened without its use type within {:?}",
+                        inner.prefix_timeout
+                    ),
+                });
+            }
         }
     }
     loop {
