@@ -738,7 +738,7 @@ pub(crate) async fn shutdown_stops_accepting_but_keeps_connections(p: Protocol) 
 pub(crate) async fn stalled_handshake_does_not_block_others(p: Protocol) {
     let pki = Pki::new();
     let link = LinkConfig {
-        handshake_timeout: Duration::from_secs(1),
+        handshake_timeout: Duration::from_secs(2),
         ..h::test_link()
     };
     let mut server = TestServer::start(p, pki.listen_config(link)).await;

@@ -20,6 +20,7 @@ use std::time::Duration;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use proto::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
@@ -65,8 +66,10 @@ enum Outbound {
 enum Control {
     /// An `ack` answer to a `ping`/`pong`/`config` operation.
     Reply(WsMessage),
-    /// The reader failed: say why in a close frame and stop.
-    Fail(CloseCode, String),
+    /// The reader failed: say why in a close frame, then close. The reader hands over its half
+    /// so the writer can linger: read and discard until the peer closes, since closing a socket
+    /// with unread data would reset the connection and could destroy the close frame in transit.
+    Fail(CloseCode, String, SplitStream<WsStream>),
 }
 
 /// State both tasks and the handle share.
@@ -257,7 +260,12 @@ impl WsConnection {
 
 impl Drop for WsConnection {
     fn drop(&mut self) {
-        self.shared.abort_tasks();
+        // An open connection dropped without `close` is aborted. One that already ended is left
+        // to its tasks, which finish on their own within the farewell bounds (a failing one is
+        // still telling the peer why).
+        if self.shared.reason.get().is_none() {
+            self.shared.abort_tasks();
+        }
     }
 }
 
@@ -338,7 +346,7 @@ async fn writer(
     let mut ping = tokio::time::interval_at(Instant::now() + keep_alive, keep_alive);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut control_open = true;
-    let outcome: Result<(), CloseReason> = async {
+    let outcome: Result<Option<SplitStream<WsStream>>, CloseReason> = async {
         loop {
             tokio::select! {
                 biased;
@@ -347,17 +355,17 @@ async fn writer(
                         feed(&mut sink, frame, deadline).await?;
                         flush(&mut sink, deadline).await?;
                     }
-                    Some(Control::Fail(code, reason)) => {
+                    Some(Control::Fail(code, reason, stream)) => {
                         let farewell = async {
                             let _ = sink.send(close_frame(code, &reason)).await;
                         };
                         let _ = timeout(FAREWELL_TIMEOUT, farewell).await;
-                        return Ok(());
+                        return Ok(Some(stream));
                     }
                     None => control_open = false,
                 },
                 item = outbound.recv() => {
-                    let Some(mut item) = item else { return Ok(()) };
+                    let Some(mut item) = item else { return Ok(None) };
                     let mut batched = 0;
                     loop {
                         match item {
@@ -367,7 +375,7 @@ async fn writer(
                                     .await?;
                                 flush(&mut sink, deadline).await?;
                                 let _ = done.send(());
-                                return Ok(());
+                                return Ok(None);
                             }
                         }
                         batched += 1;
@@ -391,10 +399,33 @@ async fn writer(
         }
     }
     .await;
-    if let Err(reason) = outcome {
-        shared.end(reason);
-        shared.abort_tasks();
+    match outcome {
+        Err(reason) => {
+            shared.end(reason);
+            shared.abort_tasks();
+        }
+        Ok(Some(stream)) => linger(sink, stream).await,
+        Ok(None) => {}
     }
+}
+
+/// After a failure: end TLS (close_notify, FIN), then read and discard until the peer closes,
+/// for at most [`FAREWELL_TIMEOUT`].
+async fn linger(sink: SplitSink<WsStream, WsMessage>, stream: SplitStream<WsStream>) {
+    let Ok(mut ws) = sink.reunite(stream) else {
+        return;
+    };
+    let tls = ws.get_mut();
+    let drain = async {
+        let _ = tls.shutdown().await;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = tls.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = timeout(FAREWELL_TIMEOUT, drain).await;
 }
 
 /// The reader task: frames in, decoded messages out, control operations answered, the read
@@ -470,7 +501,7 @@ async fn reader(
     if let Some((reason, code)) = failure {
         let text = reason.to_string();
         shared.end(reason);
-        if control.try_send(Control::Fail(code, text)).is_err() {
+        if control.try_send(Control::Fail(code, text, stream)).is_err() {
             shared.abort_tasks();
         }
     }
