@@ -272,3 +272,88 @@ async fn client_request_on_the_wire_matches_kubeedges_capture() {
     };
     assert_eq!(normalise(&ours), normalise(&capture));
 }
+
+/// Reads one masked client frame, skipping pings, and returns its unmasked payload.
+async fn read_client_frame<S: AsyncReadExt + Unpin>(stream: &mut S) -> Vec<u8> {
+    loop {
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.expect("frame head");
+        assert_eq!(head[1] & 0x80, 0x80, "client frames are masked");
+        let len = match head[1] & 0x7f {
+            126 => u64::from(stream.read_u16().await.expect("len")),
+            127 => stream.read_u64().await.expect("len"),
+            n => u64::from(n),
+        };
+        let mut mask = [0u8; 4];
+        stream.read_exact(&mut mask).await.expect("mask");
+        let mut payload = vec![0u8; len as usize];
+        stream.read_exact(&mut payload).await.expect("payload");
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+        if head[0] & 0x0f != 0x9 {
+            return payload;
+        }
+    }
+}
+
+/// Our client against a server that behaves as KubeEdge's cloudhub on the wire (gorilla's 101,
+/// no capability header, unmasked text frames of JSON plus LF): it connects without capabilities,
+/// receives KubeEdge's bytes and sends JSON text frames with a trailing LF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_speaks_to_a_kubeedge_style_server() {
+    let pki = Pki::new();
+    let server_tls = transport::tls::server_config(P, &pki.server, &pki.anchors()).expect("tls");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let keepalive = vector("08_keepalive.ws");
+    let server = tokio::spawn({
+        let keepalive = keepalive.clone();
+        async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut stream = tokio_rustls::TlsAcceptor::from(server_tls)
+                .accept(tcp)
+                .await
+                .expect("tls accept");
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).await.expect("read");
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).expect("ASCII head");
+            let key = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .expect("key");
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let response = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            stream.write_all(response.as_bytes()).await.expect("101");
+            let mut frame = vec![0x81, 126];
+            frame.extend_from_slice(&(keepalive.len() as u16).to_be_bytes());
+            frame.extend_from_slice(&keepalive);
+            stream.write_all(&frame).await.expect("frame");
+            read_client_frame(&mut stream).await
+        }
+    });
+    let config = pki.dial_config(addr, "edge-1", h::test_link());
+    let client = within("connect", transport::connect(P, &config))
+        .await
+        .expect("connect");
+    assert_eq!(client.peer().capabilities, Capabilities::NONE);
+    let got = within("recv", client.recv())
+        .await
+        .expect("recv")
+        .expect("msg");
+    assert_eq!(got, proto::json::from_slice(&keepalive).expect("vector"));
+    let up = message("default/pod/nginx", 1, Content::text("OK"));
+    client.send(up.clone()).await.expect("send");
+    let sent = within("server", server).await.expect("server task");
+    assert_eq!(sent, proto::json::to_ws_text(&up).into_bytes());
+}
