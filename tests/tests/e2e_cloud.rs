@@ -1,0 +1,718 @@
+//! End to end, from the cloud's side: the real `cloudcore` and `edgecore` processes on loopback,
+//! over each protocol. A message sent with the cloud API reaches the edge's application and is
+//! acknowledged; a message from the edge's application appears on the cloud's live SSE stream;
+//! `kill -9` of edgecore, then of cloudcore, in the middle of a stream of messages both ways, and
+//! every accepted message reaches its application exactly once; two connections claiming one
+//! node id (the newest wins, the node stays connected); a certificate of another node is refused
+//! and closed.
+//!
+//! "Accepted" means: the cloud API answered 202/200 to the POST (the message is in the cloud's
+//! durable queue), or the edge's local store answered 202 (the message is in the edge's durable
+//! outbox). The binaries are found next to this test's executable; `cargo test --workspace`
+//! builds them (as it runs their own tests).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Bound on anything that should happen within a few heartbeats.
+const PATIENCE: Duration = Duration::from_secs(90);
+/// The node every test edge runs as.
+const NODE: &str = "edge-cloud-e2e";
+
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo test --workspace` (it builds every binary) or \
+         `cargo build -p causeway-edgecore -p causeway-cloudcore` first",
+        path.display()
+    );
+    path
+}
+
+/// A daemon whose stderr lines are collected; killed when dropped.
+struct Daemon {
+    name: &'static str,
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Daemon {
+    fn start(name: &'static str, config: &Path) -> Self {
+        let mut child = Command::new(binary(name))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let (tx, lines) = channel();
+        if let Some(stderr) = child.stderr.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Self {
+            name,
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing `needle` (after the lines already consumed).
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => panic!(
+                    "{} never logged {needle:?}; its log:\n{}",
+                    self.name,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then the exit code.
+    fn stop(mut self) -> Option<i32> {
+        self.signal("TERM");
+        self.child.wait().expect("wait").code()
+    }
+
+    /// SIGKILL: the process dies without any cleanup.
+    fn kill(mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `key=value` fields of a log line.
+fn fields(line: &str) -> HashMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|t| t.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .collect()
+}
+
+/// A plain HTTP/1.1 exchange; returns (status, body).
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// A Server-Sent Events connection to the cloud's upstream stream.
+struct Sse {
+    stream: TcpStream,
+    text: String,
+}
+
+impl Sse {
+    /// Opens `GET /v1/messages?<query>` and waits for the response head (the subscription is
+    /// live once the head arrived).
+    fn open(api: SocketAddr, query: &str) -> Self {
+        let mut stream = TcpStream::connect(api).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        write!(
+            stream,
+            "GET /v1/messages?{query} HTTP/1.1\r\nHost: {api}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .expect("write");
+        let mut sse = Self {
+            stream,
+            text: String::new(),
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while !sse.text.contains("\r\n\r\n") {
+            sse.read_some();
+            assert!(Instant::now() < deadline, "no SSE response head");
+        }
+        assert!(sse.text.starts_with("HTTP/1.1 200"), "{}", sse.text);
+        sse
+    }
+
+    fn read_some(&mut self) {
+        let mut buf = [0u8; 16384];
+        match self.stream.read(&mut buf) {
+            Ok(0) => panic!("SSE stream closed:\n{}", self.text),
+            Ok(n) => self.text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("reading the event stream: {e}"),
+        }
+    }
+
+    /// Reads until every id in `ids` appeared; returns how often each id appeared.
+    fn until_all(&mut self, ids: &[String]) -> HashMap<String, usize> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let counts = count_ids(&self.text, ids);
+            if ids.iter().all(|id| counts.contains_key(id)) {
+                return counts;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "upstream messages never reached the cloud; missing {:?}",
+                ids.iter()
+                    .filter(|id| !counts.contains_key(*id))
+                    .collect::<Vec<_>>()
+            );
+            self.read_some();
+        }
+    }
+}
+
+fn count_ids(text: &str, ids: &[String]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let Ok(event) = serde_json::from_str::<Value>(data.trim()) else {
+            continue;
+        };
+        if let Some(id) = event["message"]["header"]["msg_id"].as_str() {
+            if ids.iter().any(|i| i == id) {
+                *counts.entry(id.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    counts
+}
+
+struct Cloud {
+    daemon: Daemon,
+    ws: SocketAddr,
+    quic: SocketAddr,
+    https: SocketAddr,
+    api: SocketAddr,
+}
+
+impl Cloud {
+    /// Starts cloudcore with `ports` (0 = any) on the state in `dir`.
+    fn start(dir: &Path, ports: [u16; 4]) -> Self {
+        let d = dir.display();
+        let [ws, quic, https, api] = ports;
+        let config = dir.join("cloudcore.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "cloudhub:
+  websocket: {{ enable: true, address: 127.0.0.1, port: {ws} }}
+  quic: {{ enable: true, address: 127.0.0.1, port: {quic} }}
+  https: {{ enable: true, address: 127.0.0.1, port: {https} }}
+  api: {{ enable: true, address: 127.0.0.1, port: {api} }}
+  keepalive-interval: 30
+  tls: {{ cert-dir: {d}/pki }}
+  advertise-address: [127.0.0.1]
+  queue: {{ path: {d}/cloudcore.db }}
+  delivery: {{ ack-timeout: 1, max-ack-timeout: 2 }}
+  link: {{ handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
+"
+            ),
+        )
+        .expect("write config");
+        let mut daemon = Daemon::start("cloudcore", &config);
+        let line = daemon.wait_for("cloudcore listening");
+        let f = fields(&line);
+        let addr = |k: &str| -> SocketAddr {
+            f.get(k)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{k} in {line}"))
+        };
+        Self {
+            ws: addr("websocket"),
+            quic: addr("quic"),
+            https: addr("https"),
+            api: addr("api"),
+            daemon,
+        }
+    }
+
+    fn ports(&self) -> [u16; 4] {
+        [
+            self.ws.port(),
+            self.quic.port(),
+            self.https.port(),
+            self.api.port(),
+        ]
+    }
+
+    fn server(&self, protocol: &str) -> SocketAddr {
+        if protocol == "quic" {
+            self.quic
+        } else {
+            self.ws
+        }
+    }
+
+    /// Queues a message for the edge (no wait); the cloud has it durably once this returns.
+    fn post(&self, id: &str, resource: &str) {
+        let (code, body) = http(
+            self.api,
+            "POST",
+            &format!("/v1/nodes/{NODE}/messages"),
+            &message(id, resource).to_string(),
+        );
+        assert_eq!(code, 202, "{body}");
+    }
+
+    /// Queues a message and waits for the edge's ACK.
+    fn post_and_wait(&self, id: &str, resource: &str) -> Value {
+        let (code, body) = http(
+            self.api,
+            "POST",
+            &format!("/v1/nodes/{NODE}/messages?wait=ack&timeout=90s"),
+            &message(id, resource).to_string(),
+        );
+        assert_eq!(code, 200, "{body}");
+        json_of(&body)
+    }
+
+    fn node(&self) -> Value {
+        let (code, body) = http(self.api, "GET", &format!("/v1/nodes/{NODE}"), "");
+        assert_eq!(code, 200, "{body}");
+        json_of(&body)
+    }
+
+    fn metrics(&self) -> String {
+        http(self.api, "GET", "/metrics", "").1
+    }
+}
+
+fn message(id: &str, resource: &str) -> Value {
+    json!({
+        "header": {"msg_id": id},
+        "route": {"source": "e2e", "group": "resource", "operation": "update", "resource": resource},
+        "content": {"id": id}
+    })
+}
+
+fn token(dir: &Path) -> String {
+    let ca = certs::files::CertDir::new(dir.join("pki"))
+        .load_ca()
+        .expect("the cloud created its CA");
+    certs::token::create(
+        &ca,
+        Duration::from_secs(3600),
+        time::OffsetDateTime::now_utc(),
+    )
+}
+
+struct Edge {
+    daemon: Daemon,
+    local: SocketAddr,
+}
+
+impl Edge {
+    /// Starts edgecore and waits until it is connected and its local store serves.
+    fn start(config: &Path) -> Self {
+        let mut daemon = Daemon::start("edgecore", config);
+        // The two lines come in either order.
+        let mut local = None;
+        let mut connected = false;
+        while local.is_none() || !connected {
+            let line = daemon.wait_for("");
+            if line.contains("local store listening") {
+                local = fields(&line)["addr"].parse().ok();
+            }
+            connected |= line.contains("connected to the cloud");
+        }
+        let local = local.expect("local store address");
+        Self { daemon, local }
+    }
+
+    /// Sends an upstream message through the local store; once this returns it is in the
+    /// edge's durable outbox. Returns its id.
+    fn send(&self, n: usize) -> String {
+        let body = json!({"group": "user", "resource": "sensors/t1", "operation": "upload",
+                          "content": {"n": n}});
+        let (code, body) = http(self.local, "POST", "/v1/upstream", &body.to_string());
+        assert_eq!(code, 202, "{body}");
+        json_of(&body)["id"].as_str().expect("id").to_owned()
+    }
+
+    /// How often each message id is stored at the edge's application.
+    fn received(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        let mut after = 0;
+        loop {
+            let (code, body) = http(
+                self.local,
+                "GET",
+                &format!("/v1/messages?after={after}&limit=1000"),
+                "",
+            );
+            assert_eq!(code, 200, "{body}");
+            let page = json_of(&body);
+            let messages = page["messages"].as_array().cloned().unwrap_or_default();
+            if messages.is_empty() {
+                return counts;
+            }
+            for m in &messages {
+                if let Some(id) = m["message"]["header"]["msg_id"].as_str() {
+                    *counts.entry(id.to_owned()).or_default() += 1;
+                }
+            }
+            after = page["next"].as_u64().expect("next cursor");
+        }
+    }
+}
+
+fn edge_config(dir: &Path, protocol: &str, cloud: &Cloud, heartbeat: u64) -> PathBuf {
+    let d = dir.display();
+    let server = cloud.server(protocol);
+    let https = cloud.https;
+    let token = token(dir);
+    let config = dir.join("edgecore.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "edgehub:
+  controller: {{ protocol: {protocol}, heartbeat: {heartbeat}, node-id: {NODE} }}
+  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
+  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
+  http-server: 'https://{https}'
+  token: '{token}'
+  outbox: {{ path: {d}/edge/outbox.db }}
+modules:
+  local-store: {{ path: {d}/edge/local.db, listen: '127.0.0.1:0' }}
+"
+        ),
+    )
+    .expect("write edge config");
+    config
+}
+
+/// Asserts every id in `ids` was seen exactly once.
+fn exactly_once(what: &str, counts: &HashMap<String, usize>, ids: &[String]) {
+    for id in ids {
+        assert_eq!(
+            counts.get(id),
+            Some(&1),
+            "{what}: {id} seen {:?} times",
+            counts.get(id)
+        );
+    }
+}
+
+/// One protocol's full run; returns the exactly-once tallies for the report.
+fn cloud_end_to_end(protocol: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let mut cloud = Cloud::start(root, [0; 4]);
+    let config = edge_config(root, protocol, &cloud, 1);
+    let mut edge = Edge::start(&config);
+    let node = cloud.node();
+    assert_eq!(node["connected"], true, "{node}");
+    assert_eq!(node["protocol"], protocol);
+
+    // Cloud API -> edge application, acknowledged once stored there.
+    let acked = cloud.post_and_wait("api-1", "default/configmap/cm1");
+    assert_eq!(acked["acked"], true, "{acked}");
+    assert_eq!(edge.received().get("api-1"), Some(&1));
+
+    // Edge application -> cloud, on the live stream (subscribed before sending).
+    let mut live = Sse::open(cloud.api, &format!("node={NODE}"));
+    let up = edge.send(0);
+    let counts = live.until_all(std::slice::from_ref(&up));
+    assert_eq!(counts[&up], 1);
+
+    // kill -9 of edgecore in the middle of traffic both ways. Downstream messages share one
+    // resource, so they are delivered in order and the final one's ACK implies all the others'.
+    let stream = "default/configmap/stream";
+    let mut down_ids: Vec<String> = Vec::new();
+    let mut up_ids: Vec<String> = vec![up];
+    for i in 0..40 {
+        let id = format!("edge-kill-down-{i}");
+        cloud.post(&id, stream);
+        down_ids.push(id);
+        if i % 2 == 0 {
+            up_ids.push(edge.send(i));
+        }
+    }
+    edge.daemon.kill();
+    for i in 40..80 {
+        let id = format!("edge-kill-down-{i}");
+        cloud.post(&id, stream);
+        down_ids.push(id);
+    }
+    edge = Edge::start(&config);
+    for i in 100..120 {
+        up_ids.push(edge.send(i));
+    }
+    let last = "edge-kill-down-last".to_owned();
+    assert_eq!(cloud.post_and_wait(&last, stream)["acked"], true);
+    down_ids.push(last);
+    let received = edge.received();
+    exactly_once(
+        "downstream across an edgecore kill -9",
+        &received,
+        &down_ids,
+    );
+    let mut all = Sse::open(cloud.api, &format!("node={NODE}&since=0"));
+    let counts = all.until_all(&up_ids);
+    exactly_once("upstream across an edgecore kill -9", &counts, &up_ids);
+    println!(
+        "{protocol}: edgecore kill -9: {} downstream and {} upstream messages, each delivered \
+         exactly once",
+        down_ids.len(),
+        up_ids.len()
+    );
+
+    // kill -9 of cloudcore in the middle of traffic both ways.
+    let ports = cloud.ports();
+    let mut down2: Vec<String> = Vec::new();
+    let mut up2: Vec<String> = Vec::new();
+    for i in 0..40 {
+        let id = format!("cloud-kill-down-{i}");
+        cloud.post(&id, stream);
+        down2.push(id);
+        if i % 2 == 0 {
+            up2.push(edge.send(1000 + i));
+        }
+    }
+    cloud.daemon.kill();
+    for i in 40..60 {
+        up2.push(edge.send(1000 + i));
+    }
+    cloud = Cloud::start(root, ports);
+    edge.daemon.wait_for("connected to the cloud");
+    for i in 40..80 {
+        let id = format!("cloud-kill-down-{i}");
+        cloud.post(&id, stream);
+        down2.push(id);
+    }
+    let last = "cloud-kill-down-last".to_owned();
+    assert_eq!(cloud.post_and_wait(&last, stream)["acked"], true);
+    down2.push(last);
+    let received = edge.received();
+    exactly_once("downstream across a cloudcore kill -9", &received, &down2);
+    exactly_once("downstream before the cloudcore kill", &received, &down_ids);
+    let mut all = Sse::open(cloud.api, &format!("node={NODE}&since=0"));
+    let mut every = up_ids.clone();
+    every.extend(up2.iter().cloned());
+    let counts = all.until_all(&every);
+    exactly_once("upstream across a cloudcore kill -9", &counts, &every);
+    println!(
+        "{protocol}: cloudcore kill -9: {} downstream and {} upstream messages, each delivered \
+         exactly once",
+        down2.len(),
+        up2.len()
+    );
+
+    assert_eq!(edge.daemon.stop(), Some(0), "edgecore exits 0 on SIGTERM");
+    assert_eq!(cloud.daemon.stop(), Some(0), "cloudcore exits 0 on SIGTERM");
+}
+
+#[test]
+fn websocket_cloud_end_to_end() {
+    cloud_end_to_end("websocket");
+}
+
+#[test]
+fn quic_cloud_end_to_end() {
+    cloud_end_to_end("quic");
+}
+
+/// The edge's own certificate material, for dialling as (or pretending to be) the node.
+fn edge_dial(dir: &Path, protocol: &str, cloud: &Cloud, claim: &str) -> transport::DialConfig {
+    let identity = certs::Identity::load(dir.join("edge/node.crt"), dir.join("edge/node.key"))
+        .expect("edge certificate");
+    let anchors = certs::TrustAnchors::load(dir.join("edge/ca.crt")).expect("edge CA");
+    transport::DialConfig::new(
+        cloud.server(protocol).to_string(),
+        certs::NodeId::new(claim).expect("node id"),
+        identity,
+        anchors,
+    )
+}
+
+/// Two connections claiming one node id: the newest wins (the older is closed), and the node
+/// stays connected; then a connection with this node's certificate claiming another node is
+/// refused and closed, and that node never appears.
+fn identity_rules(protocol: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let cloud = Cloud::start(root, [0; 4]);
+    // A 10 s heartbeat: the replaced edgecore waits two heartbeats before redialling.
+    let config = edge_config(root, protocol, &cloud, 10);
+    let mut edge = Edge::start(&config);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let tp: transport::Protocol = protocol.parse().expect("protocol");
+
+    let newest = runtime
+        .block_on(transport::connect(
+            tp,
+            &edge_dial(root, protocol, &cloud, NODE),
+        ))
+        .expect("second connection of the node");
+    edge.daemon.wait_for("disconnected from the cloud");
+    let node = cloud.node();
+    assert_eq!(node["connected"], true, "the node stays connected: {node}");
+    // The newest connection is the one served.
+    let (code, body) = std::thread::scope(|s| {
+        let post = s.spawn(|| {
+            http(
+                cloud.api,
+                "POST",
+                &format!("/v1/nodes/{NODE}/messages?wait=ack&timeout=30s"),
+                &message("to-newest", "default/configmap/n").to_string(),
+            )
+        });
+        runtime.block_on(async {
+            let msg = tokio::time::timeout(PATIENCE, newest.recv())
+                .await
+                .expect("in time")
+                .expect("ok")
+                .expect("open");
+            assert_eq!(msg.header.id, "to-newest");
+            newest
+                .send(proto::Message::response_to(
+                    &msg,
+                    proto::Content::text("OK"),
+                ))
+                .await
+                .expect("ack");
+        });
+        post.join().expect("post")
+    });
+    assert_eq!(code, 200, "{body}");
+    let metrics = cloud.metrics();
+    assert!(metrics.contains("cloudhub_reconnects_total 1"), "{metrics}");
+    assert!(
+        !metrics.contains("reason=\"replaced\""),
+        "a replaced session publishes no disconnect:\n{metrics}"
+    );
+    // Whether the close is confirmed does not matter here; the connection is gone either way.
+    let _ = runtime.block_on(newest.close("test done"));
+    drop(newest);
+    edge.daemon.wait_for("connected to the cloud");
+
+    // This node's certificate, claiming to be another node.
+    let outcome = runtime.block_on(async {
+        match transport::connect(tp, &edge_dial(root, protocol, &cloud, "edge-other")).await {
+            Err(e) => format!("refused: {e}"),
+            Ok(conn) => match tokio::time::timeout(PATIENCE, conn.recv()).await {
+                Ok(Ok(Some(m))) => panic!("an impostor was served {m:?}"),
+                Ok(Ok(None)) => "closed".to_owned(),
+                Ok(Err(e)) => format!("closed: {e}"),
+                Err(_) => panic!("an impostor's connection stayed open"),
+            },
+        }
+    });
+    println!("{protocol}: impostor {outcome}");
+    let (code, _) = http(cloud.api, "GET", "/v1/nodes/edge-other", "");
+    assert_eq!(code, 404);
+    let deadline = Instant::now() + PATIENCE;
+    while !cloud
+        .metrics()
+        .contains("cloudhub_rejected_connections_total{reason=\"node_id_mismatch\"} 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "rejection not counted:\n{}",
+            cloud.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(cloud.node()["connected"], true);
+    assert_eq!(edge.daemon.stop(), Some(0));
+    assert_eq!(cloud.daemon.stop(), Some(0));
+}
+
+#[test]
+fn websocket_identity_rules() {
+    identity_rules("websocket");
+}
+
+#[test]
+fn quic_identity_rules() {
+    identity_rules("quic");
+}
