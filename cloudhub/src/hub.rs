@@ -402,55 +402,40 @@ impl Hub {
         let known = self.inner.store.nodes().await?;
         let depths: HashMap<String, QueueDepth> =
             self.inner.store.queue_depths().await?.into_iter().collect();
-        let live = self.live_snapshot();
-        let mut views: HashMap<String, NodeView> = HashMap::new();
-        for rec in known {
-            let depth = depths.get(&rec.id).copied().unwrap_or_default();
-            views.insert(
-                rec.id.clone(),
-                NodeView {
-                    id: rec.id,
-                    project: rec.project,
-                    connected: false,
-                    protocol: None,
-                    connected_since_ms: None,
-                    remote_addr: None,
-                    last_keepalive_ms: None,
-                    first_seen_ms: rec.first_seen_ms,
-                    last_seen_ms: rec.last_seen_ms,
-                    queue: depth.into(),
-                },
-            );
-        }
+        let mut live: HashMap<String, Arc<LiveInfo>> = self.live_snapshot().into_iter().collect();
+        let mut views: Vec<NodeView> = known
+            .into_iter()
+            .map(|rec| {
+                let info = live.remove(&rec.id);
+                let depth = depths.get(&rec.id).copied().unwrap_or_default();
+                node_view(&rec.id.clone(), Some(rec), info.as_deref(), depth)
+            })
+            .collect();
+        // Live sessions whose registration is not committed yet.
         for (id, info) in live {
-            let view = views.entry(id.clone()).or_insert_with(|| NodeView {
-                id: id.clone(),
-                project: info.project.clone(),
-                connected: false,
-                protocol: None,
-                connected_since_ms: None,
-                remote_addr: None,
-                last_keepalive_ms: None,
-                first_seen_ms: 0,
-                last_seen_ms: info.connected_since_ms,
-                queue: depths.get(&id).copied().unwrap_or_default().into(),
-            });
-            view.connected = true;
-            view.project.clone_from(&info.project);
-            view.protocol = Some(info.protocol);
-            view.connected_since_ms = Some(info.connected_since_ms);
-            view.remote_addr = Some(info.remote.to_string());
-            let ka = info.last_keepalive_ms.load(Ordering::Relaxed);
-            view.last_keepalive_ms = (ka > 0).then_some(ka);
+            let depth = depths.get(&id).copied().unwrap_or_default();
+            views.push(node_view(&id, None, Some(&info), depth));
         }
-        let mut views: Vec<NodeView> = views.into_values().collect();
         views.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(views)
     }
 
     /// One node, or `None` if it is unknown.
     pub async fn node(&self, id: &str) -> Result<Option<NodeView>, StoreError> {
-        Ok(self.nodes().await?.into_iter().find(|v| v.id == id))
+        let rec = self.inner.store.node(id).await?;
+        let info = lock(&self.inner.nodes).get(id).map(|l| Arc::clone(&l.info));
+        if rec.is_none() && info.is_none() {
+            return Ok(None);
+        }
+        let depth = self
+            .inner
+            .store
+            .queue_depths()
+            .await?
+            .into_iter()
+            .find_map(|(n, d)| (n == id).then_some(d))
+            .unwrap_or_default();
+        Ok(Some(node_view(id, rec, info.as_deref(), depth)))
     }
 
     /// Nodes with a live session, per protocol.
@@ -575,6 +560,45 @@ impl Inner {
         self.drivers.fetch_sub(1, Ordering::AcqRel);
         self.drivers_done.notify_waiters();
     }
+}
+
+/// A node's view from what the store knows and its live session, if any.
+fn node_view(
+    id: &str,
+    rec: Option<crate::store::NodeRecord>,
+    live: Option<&LiveInfo>,
+    depth: QueueDepth,
+) -> NodeView {
+    let (project, first_seen_ms, last_seen_ms) = match rec {
+        Some(r) => (r.project, r.first_seen_ms, r.last_seen_ms),
+        None => (
+            live.map(|l| l.project.clone()).unwrap_or_default(),
+            0,
+            live.map_or(0, |l| l.connected_since_ms),
+        ),
+    };
+    let mut view = NodeView {
+        id: id.to_owned(),
+        project,
+        connected: false,
+        protocol: None,
+        connected_since_ms: None,
+        remote_addr: None,
+        last_keepalive_ms: None,
+        first_seen_ms,
+        last_seen_ms,
+        queue: depth.into(),
+    };
+    if let Some(info) = live {
+        view.connected = true;
+        view.project.clone_from(&info.project);
+        view.protocol = Some(info.protocol);
+        view.connected_since_ms = Some(info.connected_since_ms);
+        view.remote_addr = Some(info.remote.to_string());
+        let ka = info.last_keepalive_ms.load(Ordering::Relaxed);
+        view.last_keepalive_ms = (ka > 0).then_some(ka);
+    }
+    view
 }
 
 /// Locks a mutex, recovering the data if a holder panicked (the maps stay consistent: every

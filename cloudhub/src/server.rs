@@ -174,6 +174,10 @@ impl Module for CloudHubModule {
             while let Some(msg) = ctx.recv().await {
                 self.dispatch_downstream(msg).await;
             }
+            // What other modules handed over before the shutdown is still queued durably.
+            while let Some(msg) = ctx.try_recv() {
+                self.dispatch_downstream(msg).await;
+            }
             self.hub.shutdown(SHUTDOWN_GRACE).await;
             for task in tasks {
                 let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
