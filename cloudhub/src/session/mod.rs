@@ -198,6 +198,8 @@ pub struct NodeSession {
     last_keepalive: Instant,
     /// Queued downstream messages not yet sent in this session, in store order.
     pending: VecDeque<Downstream>,
+    /// How many of `pending` need no ACK (they may pass a full window).
+    pending_no_ack: usize,
     /// Sent ACK-required messages by id.
     in_flight: HashMap<String, InFlight>,
     /// Resources with a message in flight: later messages for them wait (per-resource order).
@@ -225,6 +227,7 @@ impl NodeSession {
             closed: None,
             last_keepalive: now,
             pending: VecDeque::new(),
+            pending_no_ack: 0,
             in_flight: HashMap::new(),
             busy_resources: HashSet::new(),
             held: HashSet::new(),
@@ -320,6 +323,9 @@ impl NodeSession {
         }
         for down in messages {
             if self.held.insert(down.message.header.id.clone()) {
+                if !down.needs_ack {
+                    self.pending_no_ack += 1;
+                }
                 self.pending.push_back(down);
             }
         }
@@ -409,6 +415,9 @@ impl NodeSession {
         } else if let Some(pos) = self.pending.iter().position(|d| d.message.header.id == id) {
             // Sent by an earlier session and answered only now: no need to send it again.
             let down = self.pending.remove(pos);
+            if down.as_ref().is_some_and(|d| !d.needs_ack) {
+                self.pending_no_ack -= 1;
+            }
             self.held.remove(&id);
             self.stats.acked += 1;
             (down.map(|d| d.seq), None)
@@ -426,36 +435,62 @@ impl NodeSession {
 
     /// Moves pending messages to the wire while the window and per-resource order allow.
     fn pump(&mut self, now: Instant) {
-        // Resources passed over in this scan: later messages for them must wait too.
-        let mut blocked: HashSet<String> = HashSet::new();
-        let mut idx = 0;
-        while idx < self.pending.len() {
-            let down = &self.pending[idx];
-            let resource = &down.message.route.resource;
-            let window_full = self.in_flight.len() >= self.config.window;
-            if blocked.contains(resource)
-                || self.busy_resources.contains(resource)
-                || (down.needs_ack && window_full)
-            {
-                blocked.insert(resource.clone());
-                idx += 1;
-                continue;
+        let window = self.config.window;
+        // Under load the window is usually full with only ACK-required messages waiting: then
+        // nothing can move and the scan is skipped.
+        if self.pending.is_empty() || (self.in_flight.len() >= window && self.pending_no_ack == 0) {
+            self.rearm_resend();
+            return;
+        }
+        // Choose, in queue order, what may go now (borrowing only), then move it.
+        let mut chosen: Vec<usize> = Vec::new();
+        {
+            let mut in_flight = self.in_flight.len();
+            let mut no_ack_left = self.pending_no_ack;
+            // Resources passed over, or just put in flight: later messages for them wait.
+            let mut blocked: HashSet<&str> = HashSet::new();
+            for (idx, down) in self.pending.iter().enumerate() {
+                let full = in_flight >= window;
+                if full && no_ack_left == 0 {
+                    break;
+                }
+                if !down.needs_ack {
+                    no_ack_left -= 1;
+                }
+                let resource = down.message.route.resource.as_str();
+                if blocked.contains(resource)
+                    || self.busy_resources.contains(resource)
+                    || (down.needs_ack && full)
+                {
+                    blocked.insert(resource);
+                    continue;
+                }
+                chosen.push(idx);
+                if down.needs_ack {
+                    in_flight += 1;
+                    blocked.insert(resource);
+                }
             }
-            let Some(down) = self.pending.remove(idx) else {
-                break;
-            };
+        }
+        let mut sent: Vec<Downstream> = Vec::with_capacity(chosen.len());
+        for &idx in chosen.iter().rev() {
+            if let Some(down) = self.pending.remove(idx) {
+                sent.push(down);
+            }
+        }
+        for down in sent.into_iter().rev() {
             self.stats.sent += 1;
-            let kind = TransmitKind::Delivery {
-                seq: down.seq,
-                needs_ack: down.needs_ack,
-                attempt: 1,
-            };
             self.transmits.push_back(Transmit {
                 message: down.message.clone(),
-                kind,
+                kind: TransmitKind::Delivery {
+                    seq: down.seq,
+                    needs_ack: down.needs_ack,
+                    attempt: 1,
+                },
             });
             if down.needs_ack {
-                self.busy_resources.insert(resource_of(&down).to_owned());
+                self.busy_resources
+                    .insert(down.message.route.resource.clone());
                 let id = down.message.header.id.clone();
                 self.in_flight.insert(
                     id,
@@ -467,6 +502,7 @@ impl NodeSession {
                     },
                 );
             } else {
+                self.pending_no_ack -= 1;
                 self.held.remove(&down.message.header.id);
             }
         }
@@ -497,10 +533,6 @@ impl NodeSession {
         self.timers.stop_all();
         self.transmits.clear();
     }
-}
-
-fn resource_of(down: &Downstream) -> &str {
-    &down.message.route.resource
 }
 
 /// Wait after send number `attempts` (1-based): `ack_timeout` doubled per resend, capped.

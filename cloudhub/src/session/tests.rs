@@ -712,3 +712,53 @@ fn lossy_link_delivers_each_message_once_in_resource_order() {
     );
     assert!(pair.acks.iter().any(|(_, l)| l.is_some()));
 }
+
+#[test]
+fn no_ack_messages_pass_a_full_window_but_never_their_own_resource() {
+    let t0 = Instant::now();
+    let mut s = NodeSession::new(
+        SessionConfig {
+            window: 2,
+            ..config()
+        },
+        t0,
+    );
+    s.queue(
+        t0,
+        [
+            down(1, "a", true),
+            down(2, "b", true),
+            down(3, "c", true),
+            down(4, "c", false),
+            down(5, "d", false),
+        ],
+    );
+    let ids: Vec<String> = drain_transmits(&mut s)
+        .into_iter()
+        .map(|t| t.message.header.id)
+        .collect();
+    assert_eq!(
+        ids,
+        ["down-1", "down-2", "down-5"],
+        "c's no-ACK message waits behind c's queued one"
+    );
+    s.handle_message(
+        t0,
+        Message::response_to(&down(1, "a", true).message, Content::text("OK")),
+    );
+    let ids: Vec<String> = drain_transmits(&mut s)
+        .into_iter()
+        .map(|t| t.message.header.id)
+        .collect();
+    assert_eq!(ids, ["down-3"], "c's ACK-required message first");
+    s.handle_message(
+        t0,
+        Message::response_to(&down(3, "c", true).message, Content::text("OK")),
+    );
+    let ids: Vec<String> = drain_transmits(&mut s)
+        .into_iter()
+        .map(|t| t.message.header.id)
+        .collect();
+    assert_eq!(ids, ["down-4"]);
+    assert_eq!(s.wants(), 3);
+}

@@ -180,25 +180,15 @@ impl Drop for SqliteStore {
 }
 
 impl Batch<'_, '_> {
-    /// Runs `f` inside a savepoint: its writes are undone if it fails, without failing the
-    /// rest of the batch.
+    /// Runs one job. There is no savepoint per job (its page copies cost more than the rest of
+    /// a job): every job makes at most one essential write, as its last step, and SQLite undoes
+    /// a failed statement by itself, so a failed job leaves nothing behind and the rest of the
+    /// batch commits. In-memory counters change only after the write succeeded.
     fn isolated<T, E: From<StoreError>>(
         &mut self,
         f: impl FnOnce(&mut Self) -> Result<T, E>,
     ) -> Result<T, E> {
-        self.tx
-            .execute_batch("SAVEPOINT job")
-            .map_err(|e| E::from(StoreError::from(e)))?;
-        let result = f(self);
-        let end = if result.is_ok() {
-            "RELEASE job"
-        } else {
-            "ROLLBACK TO job; RELEASE job"
-        };
-        self.tx
-            .execute_batch(end)
-            .map_err(|e| E::from(StoreError::from(e)))?;
-        result
+        f(self)
     }
 }
 
@@ -483,22 +473,27 @@ impl MessageStore for SqliteStore {
     ) -> StoreFuture<'static, Result<Enqueued, EnqueueError>> {
         let node = node.to_owned();
         self.submit(move |b| {
-            let existing: Option<i64> =
-                b.tx.prepare_cached("SELECT seq FROM downstream WHERE node = ?1 AND msg_id = ?2")
-                    .map_err(StoreError::from)?
+            let existing = |b: &mut Batch<'_, '_>| -> Result<Option<i64>, StoreError> {
+                Ok(b.tx
+                    .prepare_cached("SELECT seq FROM downstream WHERE node = ?1 AND msg_id = ?2")?
                     .query_row(params![node, msg.header.id], |r| r.get(0))
-                    .optional()
-                    .map_err(StoreError::from)?;
-            if let Some(seq) = existing {
-                return Ok(Enqueued {
-                    seq: to_u64(seq),
-                    duplicate: true,
-                });
-            }
+                    .optional()?)
+            };
+            let duplicate = |seq: i64| Enqueued {
+                seq: to_u64(seq),
+                duplicate: true,
+            };
             let limit = b.config.queue_limit;
             let depth = b.state.depth.get(&node).copied().unwrap_or_default();
             if depth.total() >= limit {
-                return Err(EnqueueError::QueueFull { node, limit });
+                // Full: a retried POST of a queued message is still answered as such.
+                return match existing(b)? {
+                    Some(seq) => Ok(duplicate(seq)),
+                    None => Err(EnqueueError::QueueFull {
+                        node: node.clone(),
+                        limit,
+                    }),
+                };
             }
             let mut values = vec![
                 rusqlite::types::Value::Text(node.clone()),
@@ -506,18 +501,27 @@ impl MessageStore for SqliteStore {
                 rusqlite::types::Value::Integer(b.now_ms),
             ];
             values.extend(message_values(&msg));
+            // One statement in the usual case; a known id inserts nothing and returns no row.
             let sql = format!(
                 "INSERT INTO downstream (node, needs_ack, enqueued_ms, {MESSAGE_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                 ON CONFLICT (node, msg_id) DO NOTHING RETURNING seq"
             );
-            b.tx.prepare_cached(&sql)
-                .map_err(StoreError::from)?
-                .execute(rusqlite::params_from_iter(values))
-                .map_err(StoreError::from)?;
-            let seq = to_u64(b.tx.last_insert_rowid());
-            b.state.depth.entry(node).or_default().pending += 1;
+            let inserted: Option<i64> =
+                b.tx.prepare_cached(&sql)
+                    .map_err(StoreError::from)?
+                    .query_row(rusqlite::params_from_iter(values), |r| r.get(0))
+                    .optional()
+                    .map_err(StoreError::from)?;
+            let Some(seq) = inserted else {
+                return match existing(b)? {
+                    Some(seq) => Ok(duplicate(seq)),
+                    None => Err(StoreError::Corrupt("insert conflicted with no row".into()).into()),
+                };
+            };
+            b.state.depth.entry(node.clone()).or_default().pending += 1;
             Ok(Enqueued {
-                seq,
+                seq: to_u64(seq),
                 duplicate: false,
             })
         })
@@ -561,27 +565,24 @@ impl MessageStore for SqliteStore {
     ) -> StoreFuture<'static, Result<(), StoreError>> {
         let node = node.to_owned();
         self.submit(move |b| {
-            let was_pending: Option<i64> =
-                b.tx.prepare_cached("SELECT state FROM downstream WHERE seq = ?1 AND node = ?2")?
-                    .query_row(params![to_i64(seq), node], |r| r.get(0))
-                    .optional()?;
-            let Some(st) = was_pending.filter(|s| *s < STATE_ACKED) else {
-                return Ok(());
-            };
-            b.tx.prepare_cached(
-                "UPDATE downstream SET state = ?1, attempts = ?2 WHERE seq = ?3 AND node = ?4",
-            )?
-            .execute(params![
-                STATE_IN_FLIGHT,
-                i64::from(attempt),
-                to_i64(seq),
-                node
-            ])?;
-            if st == STATE_PENDING {
+            // Usually a pending message's first send: one statement. Otherwise a resend of one
+            // already in flight; acked messages are left alone.
+            let first =
+                b.tx.prepare_cached(
+                    "UPDATE downstream SET state = 1, attempts = ?1
+                     WHERE seq = ?2 AND node = ?3 AND state = 0",
+                )?
+                .execute(params![i64::from(attempt), to_i64(seq), node])?;
+            if first == 1 {
                 let depth = b.state.depth.entry(node).or_default();
                 depth.pending = depth.pending.saturating_sub(1);
                 depth.in_flight += 1;
+                return Ok(());
             }
+            b.tx.prepare_cached(
+                "UPDATE downstream SET attempts = ?1 WHERE seq = ?2 AND node = ?3 AND state = 1",
+            )?
+            .execute(params![i64::from(attempt), to_i64(seq), node])?;
             Ok(())
         })
     }
@@ -594,20 +595,22 @@ impl MessageStore for SqliteStore {
         let node = node.to_owned();
         let id = id.to_owned();
         self.submit(move |b| {
-            let open: Option<(i64, i64)> = b
-                .tx
-                .prepare_cached(
-                    "SELECT seq, state FROM downstream WHERE node = ?1 AND msg_id = ?2 AND state < 2",
-                )?
-                .query_row(params![node, id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            let Some((seq, st)) = open else {
-                return Ok(None);
-            };
-            b.tx.prepare_cached("UPDATE downstream SET state = ?1, acked_ms = ?2 WHERE seq = ?3")?
-                .execute(params![STATE_ACKED, b.now_ms, seq])?;
-            b.state.forget_open(&node, st);
-            Ok(Some(to_u64(seq)))
+            // In flight is the usual case (one statement); pending happens for a message sent by
+            // an earlier session whose ACK arrives in this one.
+            for from in [STATE_IN_FLIGHT, STATE_PENDING] {
+                let acked: Option<i64> =
+                    b.tx.prepare_cached(
+                        "UPDATE downstream SET state = 2, acked_ms = ?1
+                         WHERE node = ?2 AND msg_id = ?3 AND state = ?4 RETURNING seq",
+                    )?
+                    .query_row(params![b.now_ms, node, id, from], |r| r.get(0))
+                    .optional()?;
+                if let Some(seq) = acked {
+                    b.state.forget_open(&node, from);
+                    return Ok(Some(to_u64(seq)));
+                }
+            }
+            Ok(None)
         })
     }
 
@@ -698,15 +701,21 @@ impl MessageStore for SqliteStore {
             let count = b.state.upstream.entry(node.clone()).or_default();
             *count += 1;
             let window = b.config.upstream_window.max(1);
-            // Prune in steps of an eighth of the window, not on every insert.
+            // Prune in steps of an eighth of the window, not on every insert. Housekeeping: if it
+            // fails the record is still accepted, and the next insert tries again.
             if *count > window + window / 8 {
-                let removed =
+                let pruned =
                     b.tx.prepare_cached(
                         "DELETE FROM upstream WHERE node = ?1 AND seq <= (SELECT seq FROM upstream
                          WHERE node = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
-                    )?
-                    .execute(params![node, to_i64(window)])?;
-                *count = count.saturating_sub(u64::try_from(removed).unwrap_or(0));
+                    )
+                    .and_then(|mut stmt| stmt.execute(params![node, to_i64(window)]));
+                match pruned {
+                    Ok(removed) => {
+                        *count = count.saturating_sub(u64::try_from(removed).unwrap_or(0));
+                    }
+                    Err(e) => tracing::warn!(%node, error = %e, "pruning the upstream log failed"),
+                }
             }
             b.published.push(Arc::new(UpstreamRecord {
                 seq,
