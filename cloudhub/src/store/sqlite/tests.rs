@@ -114,6 +114,18 @@ async fn queue_bound_refuses_without_dropping() {
         matches!(err, EnqueueError::QueueFull { limit: 3, .. }),
         "{err}"
     );
+    // A retried POST of a queued message is still recognised when the queue is full.
+    let again = store
+        .enqueue("n", msg("m1", "r"), true)
+        .await
+        .expect("duplicate");
+    assert_eq!(
+        again,
+        Enqueued {
+            seq: 2,
+            duplicate: true
+        }
+    );
     // Other nodes have their own bound.
     store
         .enqueue("other", msg("x", "r"), true)
