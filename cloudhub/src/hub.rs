@@ -1,5 +1,5 @@
 //! The session manager: admits authenticated connections from the transport listeners (one live
-//! session per node id, a node limit), runs one [`crate::driver`] per connection, and offers the
+//! session per node id, a node limit), runs one driver (`driver.rs`) per connection, and offers the
 //! operations the cloud API needs (node views, queueing a message, waiting for its ACK, metrics).
 //!
 //! Reconnect safety (fixes KubeEdge's W9): every admitted connection gets a fresh *generation*.

@@ -1,6 +1,6 @@
 //! The cloud's per-node session as a sans-IO state machine: liveness (keepalive check), upstream
 //! dispatch with deduplication and acknowledgement, and windowed, resent downstream delivery. It
-//! imports no runtime and touches no socket or file; the async driver in [`crate::driver`] feeds
+//! imports no runtime and touches no socket or file; the async driver (`driver.rs`) feeds
 //! it and carries out what it asks.
 //!
 //! How it improves on KubeEdge's `NodeSession` (PROTOCOL.md B§8.5, W12): up to
