@@ -1,3 +1,4 @@
 //! Shared helpers for Causeway's end-to-end and conformance tests (the tests live in `tests/tests/`).
 
+pub mod daemon;
 pub mod transport_harness;

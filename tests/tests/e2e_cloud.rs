@@ -12,172 +12,20 @@
 //! builds them (as it runs their own tests).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
+use causeway_tests::daemon::{
+    CloudCore as Cloud, Daemon, bootstrap_token, count_ids, fields, http, json_of,
+};
 use serde_json::{Value, json};
 
 /// Bound on anything that should happen within a few heartbeats.
 const PATIENCE: Duration = Duration::from_secs(90);
 /// The node every test edge runs as.
 const NODE: &str = "edge-cloud-e2e";
-
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let path = profile_dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; run `cargo test --workspace` (it builds every binary) or \
-         `cargo build -p causeway-edgecore -p causeway-cloudcore` first",
-        path.display()
-    );
-    path
-}
-
-/// A daemon whose stderr lines are collected; killed when dropped.
-struct Daemon {
-    name: &'static str,
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Daemon {
-    fn start(name: &'static str, config: &Path) -> Self {
-        let mut child = Command::new(binary(name))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        let (tx, lines) = channel();
-        if let Some(stderr) = child.stderr.take() {
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        Self {
-            name,
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a log line containing `needle` (after the lines already consumed).
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => panic!(
-                    "{} never logged {needle:?}; its log:\n{}",
-                    self.name,
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    /// SIGTERM, then the exit code.
-    fn stop(mut self) -> Option<i32> {
-        self.signal("TERM");
-        self.child.wait().expect("wait").code()
-    }
-
-    /// SIGKILL: the process dies without any cleanup.
-    fn kill(mut self) {
-        self.signal("KILL");
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `key=value` fields of a log line.
-fn fields(line: &str) -> HashMap<String, String> {
-    line.split_whitespace()
-        .filter_map(|t| t.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
-        .collect()
-}
-
-/// A plain HTTP/1.1 exchange; returns (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(PATIENCE)).expect("timeout");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(rest)
-    } else {
-        rest.to_owned()
-    };
-    (status, body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-fn json_of(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
 
 /// A Server-Sent Events connection to the cloud's upstream stream.
 struct Sse {
@@ -245,91 +93,24 @@ impl Sse {
     }
 }
 
-fn count_ids(text: &str, ids: &[String]) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for line in text.lines() {
-        let Some(data) = line.strip_prefix("data:") else {
-            continue;
-        };
-        let Ok(event) = serde_json::from_str::<Value>(data.trim()) else {
-            continue;
-        };
-        if let Some(id) = event["message"]["header"]["msg_id"].as_str() {
-            if ids.iter().any(|i| i == id) {
-                *counts.entry(id.to_owned()).or_default() += 1;
-            }
-        }
-    }
-    counts
+/// Starts cloudcore for these tests (keepalive interval 30 s).
+fn start_cloud(dir: &Path, ports: [u16; 4]) -> Cloud {
+    Cloud::start(dir, ports, 30, PATIENCE)
 }
 
-struct Cloud {
-    daemon: Daemon,
-    ws: SocketAddr,
-    quic: SocketAddr,
-    https: SocketAddr,
-    api: SocketAddr,
-}
-
-impl Cloud {
-    /// Starts cloudcore with `ports` (0 = any) on the state in `dir`.
-    fn start(dir: &Path, ports: [u16; 4]) -> Self {
-        let d = dir.display();
-        let [ws, quic, https, api] = ports;
-        let config = dir.join("cloudcore.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "cloudhub:
-  websocket: {{ enable: true, address: 127.0.0.1, port: {ws} }}
-  quic: {{ enable: true, address: 127.0.0.1, port: {quic} }}
-  https: {{ enable: true, address: 127.0.0.1, port: {https} }}
-  api: {{ enable: true, address: 127.0.0.1, port: {api} }}
-  keepalive-interval: 30
-  tls: {{ cert-dir: {d}/pki }}
-  advertise-address: [127.0.0.1]
-  queue: {{ path: {d}/cloudcore.db }}
-  delivery: {{ ack-timeout: 1, max-ack-timeout: 2 }}
-  link: {{ handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
-"
-            ),
-        )
-        .expect("write config");
-        let mut daemon = Daemon::start("cloudcore", &config);
-        let line = daemon.wait_for("cloudcore listening");
-        let f = fields(&line);
-        let addr = |k: &str| -> SocketAddr {
-            f.get(k)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{k} in {line}"))
-        };
-        Self {
-            ws: addr("websocket"),
-            quic: addr("quic"),
-            https: addr("https"),
-            api: addr("api"),
-            daemon,
-        }
-    }
-
-    fn ports(&self) -> [u16; 4] {
-        [
-            self.ws.port(),
-            self.quic.port(),
-            self.https.port(),
-            self.api.port(),
-        ]
-    }
-
-    fn server(&self, protocol: &str) -> SocketAddr {
-        if protocol == "quic" {
-            self.quic
-        } else {
-            self.ws
-        }
-    }
-
+/// The cloud API calls these tests make, addressed to [`NODE`].
+trait CloudApi {
     /// Queues a message for the edge (no wait); the cloud has it durably once this returns.
+    fn post(&self, id: &str, resource: &str);
+    /// Queues a message and waits for the edge's ACK.
+    fn post_and_wait(&self, id: &str, resource: &str) -> Value;
+    /// The cloud's view of the node.
+    fn node(&self) -> Value;
+    /// The Prometheus text of `/metrics`.
+    fn metrics(&self) -> String;
+}
+
+impl CloudApi for Cloud {
     fn post(&self, id: &str, resource: &str) {
         let (code, body) = http(
             self.api,
@@ -340,7 +121,6 @@ impl Cloud {
         assert_eq!(code, 202, "{body}");
     }
 
-    /// Queues a message and waits for the edge's ACK.
     fn post_and_wait(&self, id: &str, resource: &str) -> Value {
         let (code, body) = http(
             self.api,
@@ -371,17 +151,6 @@ fn message(id: &str, resource: &str) -> Value {
     })
 }
 
-fn token(dir: &Path) -> String {
-    let ca = certs::files::CertDir::new(dir.join("pki"))
-        .load_ca()
-        .expect("the cloud created its CA");
-    certs::token::create(
-        &ca,
-        Duration::from_secs(3600),
-        time::OffsetDateTime::now_utc(),
-    )
-}
-
 struct Edge {
     daemon: Daemon,
     local: SocketAddr,
@@ -390,7 +159,7 @@ struct Edge {
 impl Edge {
     /// Starts edgecore and waits until it is connected and its local store serves.
     fn start(config: &Path) -> Self {
-        let mut daemon = Daemon::start("edgecore", config);
+        let mut daemon = Daemon::start("edgecore", config, PATIENCE);
         // The two lines come in either order.
         let mut local = None;
         let mut connected = false;
@@ -446,7 +215,7 @@ fn edge_config(dir: &Path, protocol: &str, cloud: &Cloud, heartbeat: u64) -> Pat
     let d = dir.display();
     let server = cloud.server(protocol);
     let https = cloud.https;
-    let token = token(dir);
+    let token = bootstrap_token(dir);
     let config = dir.join("edgecore.yaml");
     std::fs::write(
         &config,
@@ -483,7 +252,7 @@ fn exactly_once(what: &str, counts: &HashMap<String, usize>, ids: &[String]) {
 fn cloud_end_to_end(protocol: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let mut cloud = Cloud::start(root, [0; 4]);
+    let mut cloud = start_cloud(root, [0; 4]);
     let config = edge_config(root, protocol, &cloud, 1);
     let mut edge = Edge::start(&config);
     let node = cloud.node();
@@ -559,7 +328,7 @@ fn cloud_end_to_end(protocol: &str) {
     for i in 40..60 {
         up2.push(edge.send(1000 + i));
     }
-    cloud = Cloud::start(root, ports);
+    cloud = start_cloud(root, ports);
     edge.daemon.wait_for("connected to the cloud");
     for i in 40..80 {
         let id = format!("cloud-kill-down-{i}");
@@ -617,7 +386,7 @@ fn edge_dial(dir: &Path, protocol: &str, cloud: &Cloud, claim: &str) -> transpor
 fn identity_rules(protocol: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let cloud = Cloud::start(root, [0; 4]);
+    let cloud = start_cloud(root, [0; 4]);
     // A 10 s heartbeat: the replaced edgecore waits two heartbeats before redialling.
     let config = edge_config(root, protocol, &cloud, 10);
     let mut edge = Edge::start(&config);

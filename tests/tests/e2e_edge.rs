@@ -12,171 +12,18 @@
 //! --workspace` builds them first, as it runs their own tests.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
+use causeway_tests::daemon::{
+    CloudCore as Cloud, Daemon, bootstrap_token, count_ids, fields, http, json_of,
+};
 use serde_json::{Value, json};
 
 /// Bound on anything that should happen within a few heartbeats (edge heartbeat: 1 s).
 const PATIENCE: Duration = Duration::from_secs(60);
-
-/// A built binary of the workspace, next to this test executable's `deps/` directory.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let path = profile_dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; run `cargo test --workspace` (it builds every binary) or \
-         `cargo build -p causeway-edgecore -p causeway-cloudcore` first",
-        path.display()
-    );
-    path
-}
-
-/// A daemon whose stderr lines are collected; killed when dropped.
-struct Daemon {
-    name: &'static str,
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Daemon {
-    fn start(name: &'static str, config: &Path) -> Self {
-        let mut child = Command::new(binary(name))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        let (tx, lines) = channel();
-        if let Some(stderr) = child.stderr.take() {
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        Self {
-            name,
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a log line containing `needle` (after the lines already consumed).
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => panic!(
-                    "{} never logged {needle:?}; its log:\n{}",
-                    self.name,
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    /// SIGTERM, then the exit code.
-    fn stop(mut self) -> Option<i32> {
-        self.signal("TERM");
-        self.child.wait().expect("wait").code()
-    }
-
-    /// SIGKILL: the process dies without any cleanup.
-    fn kill(mut self) {
-        self.signal("KILL");
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `key=value` fields of a log line.
-fn fields(line: &str) -> HashMap<String, String> {
-    line.split_whitespace()
-        .filter_map(|t| t.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
-        .collect()
-}
-
-/// A plain HTTP/1.1 exchange; returns (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(rest)
-    } else {
-        rest.to_owned()
-    };
-    (status, body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-fn json_of(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
 
 /// Reads the cloud's upstream Server-Sent Events stream from the start until every id in `ids`
 /// has appeared; returns how many times each appeared.
@@ -218,80 +65,9 @@ fn upstream_ids(api: SocketAddr, node: &str, ids: &[String]) -> HashMap<String, 
     count_ids(&text, ids)
 }
 
-fn count_ids(text: &str, ids: &[String]) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for line in text.lines() {
-        let Some(data) = line.strip_prefix("data:") else {
-            continue;
-        };
-        let Ok(event) = serde_json::from_str::<Value>(data.trim()) else {
-            continue;
-        };
-        if let Some(id) = event["message"]["header"]["msg_id"].as_str()
-            && ids.iter().any(|i| i == id)
-        {
-            *counts.entry(id.to_owned()).or_default() += 1;
-        }
-    }
-    counts
-}
-
-struct Cloud {
-    daemon: Daemon,
-    ws: SocketAddr,
-    quic: SocketAddr,
-    https: SocketAddr,
-    api: SocketAddr,
-}
-
-/// Starts cloudcore with `ports` (0 = any) and returns its bound addresses.
+/// Starts cloudcore for these tests (keepalive interval 5 s).
 fn start_cloud(dir: &Path, ports: [u16; 4]) -> Cloud {
-    let d = dir.display();
-    let [ws, quic, https, api] = ports;
-    let config = dir.join("cloudcore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "cloudhub:
-  websocket: {{ enable: true, address: 127.0.0.1, port: {ws} }}
-  quic: {{ enable: true, address: 127.0.0.1, port: {quic} }}
-  https: {{ enable: true, address: 127.0.0.1, port: {https} }}
-  api: {{ enable: true, address: 127.0.0.1, port: {api} }}
-  keepalive-interval: 5
-  tls: {{ cert-dir: {d}/pki }}
-  advertise-address: [127.0.0.1]
-  queue: {{ path: {d}/cloudcore.db }}
-  delivery: {{ ack-timeout: 1, max-ack-timeout: 2 }}
-  link: {{ handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
-"
-        ),
-    )
-    .unwrap();
-    let mut daemon = Daemon::start("cloudcore", &config);
-    let line = daemon.wait_for("cloudcore listening");
-    let f = fields(&line);
-    let addr = |k: &str| -> SocketAddr {
-        f.get(k)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{k} in {line}"))
-    };
-    Cloud {
-        ws: addr("websocket"),
-        quic: addr("quic"),
-        https: addr("https"),
-        api: addr("api"),
-        daemon,
-    }
-}
-
-fn token(dir: &Path) -> String {
-    let pki = certs::files::CertDir::new(dir.join("pki"));
-    let ca = pki.load_ca().expect("the cloud created its CA");
-    certs::token::create(
-        &ca,
-        Duration::from_secs(3600),
-        time::OffsetDateTime::now_utc(),
-    )
+    Cloud::start(dir, ports, 5, PATIENCE)
 }
 
 fn edge_config(
@@ -369,23 +145,14 @@ fn end_to_end(protocol: &str) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let cloud = start_cloud(root, [0; 4]);
-    let ports = [
-        cloud.ws.port(),
-        cloud.quic.port(),
-        cloud.https.port(),
-        cloud.api.port(),
-    ];
-    let server = if protocol == "quic" {
-        cloud.quic
-    } else {
-        cloud.ws
-    };
-    let token = token(root);
+    let ports = cloud.ports();
+    let server = cloud.server(protocol);
+    let token = bootstrap_token(root);
     let config = edge_config(root, protocol, server, cloud.https, &token);
 
     // First start: no certificate, only a token.
     let started = Instant::now();
-    let mut edge = Daemon::start("edgecore", &config);
+    let mut edge = Daemon::start("edgecore", &config, PATIENCE);
     edge.wait_for("node certificate written");
     let local: SocketAddr = fields(&edge.wait_for("local store listening"))["addr"]
         .parse()
@@ -482,7 +249,7 @@ fn certificate_bootstrap_and_renewal_against_cloudcore() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let cloud = start_cloud(root, [0; 4]);
-    let good = token(root);
+    let good = bootstrap_token(root);
     let mut config = edgehub::EdgeHubConfig::new(certs::NodeId::new("edge-boot").unwrap());
     config.http_server = HttpsUrl::new(format!("https://{}", cloud.https)).unwrap();
     config.tls.ca_file = root.join("edge/ca.crt");
