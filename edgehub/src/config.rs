@@ -1,4 +1,5 @@
-//! EdgeHub's configuration: the `edgehub:` section of `edgecore.yaml` (shape in CONTRACTS.md),
+//! EdgeHub's configuration: the `edgehub:` section of `edgecore.yaml` (printed by
+//! `edgecore --defaultconfig`),
 //! typed serde structs with `deny_unknown_fields` and validated newtypes, so parsing is
 //! validation. Defaults are KubeEdge's (PROTOCOL.md B§7.1) and assume KubeEdge's target: an edge
 //! node on a WAN link of tens to hundreds of milliseconds RTT, 15 s heartbeats, a dead cloud

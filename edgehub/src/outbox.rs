@@ -1,5 +1,5 @@
 //! The durable outbox: every module → cloud message is written to SQLite before EdgeHub sends it,
-//! and deleted only when the cloud has acknowledged it (CONTRACTS.md "upstream acknowledgement"),
+//! and deleted only when the cloud has acknowledged it (PROTOCOL.md Part A item 7),
 //! so a message in flight when the link drops is sent again, under the same id, after the
 //! reconnect (fixes W5), and a restart of the process loses nothing either. With a peer that lacks
 //! `upstream-ack` (stock KubeEdge), EdgeHub deletes a message once written instead, as KubeEdge does.

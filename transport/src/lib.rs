@@ -126,7 +126,7 @@ impl FromStr for Protocol {
 #[non_exhaustive]
 pub struct Capabilities {
     /// `upstream-ack`: the cloud acknowledges each upstream message it has durably accepted
-    /// (`/work/notes/CONTRACTS.md`), so the edge's outbox can delete it.
+    /// (PROTOCOL.md Part A item 7), so the edge's outbox can delete it.
     pub upstream_ack: bool,
 }
 

@@ -41,8 +41,8 @@ pub struct SessionConfig {
     /// Upper bound of the doubling resend interval. Default 60 s: a healed link is noticed within
     /// a minute without a resend storm on a dead one.
     pub max_ack_timeout: Duration,
-    /// Whether the edge negotiated `upstream-ack` (CONTRACTS.md): if so, every durably accepted
-    /// upstream message is acknowledged with a `causeway`/`ack` message.
+    /// Whether the edge negotiated `upstream-ack` (PROTOCOL.md Part A item 7): if so, every
+    /// durably accepted upstream message is acknowledged with a `causeway`/`ack` message.
     pub upstream_ack: bool,
     /// How many accepted upstream ids the session remembers to re-ack duplicates without asking
     /// the store. Default 4096. The store keeps the persisted, longer window.

@@ -1,4 +1,4 @@
-//! Config parsing: defaults, the CONTRACTS.md shape, and errors that name the key path.
+//! Config parsing: defaults, the documented `edgecore.yaml` shape, and errors that name the key path.
 
 use super::*;
 

@@ -160,7 +160,7 @@ pub async fn recv_data(conn: &dyn Connection) -> proto::Message {
     }
 }
 
-/// The cloud's acknowledgement of an upstream message (CONTRACTS.md).
+/// The cloud's acknowledgement of an upstream message (PROTOCOL.md Part A item 7).
 pub fn ack_of(msg: &proto::Message) -> proto::Message {
     proto::Message::new(msg.header.id.clone()).route(
         "cloudhub",
