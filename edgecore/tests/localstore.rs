@@ -93,8 +93,11 @@ async fn stores_then_acknowledges_dedups_and_serves_local_apps() {
     let event = edgehub::route::connection_event("meta", true);
     bus.send_to_group("meta", event).await.unwrap();
     let addr = bound.lock().unwrap().expect("bound");
+    // The event crosses the bus asynchronously: poll, bounded by a generous deadline so a slow
+    // machine cannot fail the test.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut status = String::new();
-    for _ in 0..100 {
+    while std::time::Instant::now() < deadline {
         status = http(addr, "GET", "/v1/status", "").await.1;
         if status.contains("\"connected\"") {
             break;
