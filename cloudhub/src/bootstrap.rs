@@ -26,7 +26,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::IncomingStream;
 use certs::{CertificateAuthority, CertificateDer, Identity, NodeId, Validity};
-use rustls::server::WebPkiClientVerifier;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -65,12 +64,9 @@ impl BootstrapConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BootstrapError {
-    /// The server certificate, key or CA was refused by rustls. Fix the files.
+    /// The server certificate, key or CA could not make a TLS configuration. Fix the files.
     #[error("bootstrap TLS configuration: {0}")]
-    Tls(#[from] rustls::Error),
-    /// The client-certificate verifier could not be built from the CA.
-    #[error("bootstrap client verifier: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    Tls(#[from] transport::tls::TlsConfigError),
     /// The listening socket failed.
     #[error("bootstrap server socket: {0}")]
     Io(#[from] io::Error),
@@ -99,24 +95,14 @@ impl axum::extract::connect_info::Connected<IncomingStream<'_, TlsListener>> for
     }
 }
 
-/// The rustls server configuration of the bootstrap endpoint: client certificate optional but
-/// verified against the CA when presented.
+/// The rustls server configuration of the bootstrap endpoint (built by `transport::tls`, the one
+/// place TLS configurations are made): client certificate optional but verified against the CA
+/// when presented.
 pub fn tls_config(config: &BootstrapConfig) -> Result<Arc<rustls::ServerConfig>, BootstrapError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(config.ca.cert_der().clone())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            config.identity.chain.clone(),
-            config.identity.key.clone_key(),
-        )?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(tls))
+    Ok(transport::tls::bootstrap_server_config(
+        &config.identity,
+        &config.ca.trust_anchors(),
+    )?)
 }
 
 /// The routes, for serving over [`TlsListener`] (they need [`PeerInfo`]).

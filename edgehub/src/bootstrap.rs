@@ -16,12 +16,7 @@
 //! default). They are not `transport::tls`'s: this is plain HTTPS to a server that does not
 //! require a client certificate.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use certs::{CertError, NodeId};
 
@@ -347,97 +342,20 @@ fn client(tls: rustls::ClientConfig) -> Result<reqwest::Client, BootstrapError> 
         .map_err(|e| BootstrapError::Client(e.to_string()))
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// TLS trusting only `anchors`, optionally presenting `identity` (renewal).
 fn verified_tls(
     anchors: &certs::TrustAnchors,
     identity: Option<certs::Identity>,
 ) -> Result<rustls::ClientConfig, BootstrapError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for root in &anchors.roots {
-        roots
-            .add(root.clone())
-            .map_err(|e| BootstrapError::Client(e.to_string()))?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| BootstrapError::Client(e.to_string()))?
-        .with_root_certificates(roots);
-    let mut tls = match identity {
-        Some(identity) => builder
-            .with_client_auth_cert(identity.chain, identity.key)
-            .map_err(|e| BootstrapError::Client(e.to_string()))?,
-        None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tls)
+    transport::tls::bootstrap_client_config(anchors, identity.as_ref())
+        .map_err(|e| BootstrapError::Client(e.to_string()))
 }
 
 /// TLS that accepts any server certificate: used once, for `/ca.crt`, whose answer is then
 /// authenticated by the token's CA hash.
 fn dangerous_unverified_tls() -> Result<rustls::ClientConfig, BootstrapError> {
-    let provider = provider();
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| BootstrapError::Client(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(DangerousAnyServerCert(provider)))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tls)
-}
-
-/// Accepts any server certificate (but still checks the handshake signatures, so the peer holds
-/// the key of the certificate it sent).
-#[derive(Debug)]
-struct DangerousAnyServerCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for DangerousAnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    transport::tls::dangerous_unverified_bootstrap_client_config()
+        .map_err(|e| BootstrapError::Client(e.to_string()))
 }
 
 /// The validity window of a DER certificate.

@@ -10,15 +10,25 @@
 //!   upgrade, C.1), and the client offers none (as gorilla).
 //! - QUIC: TLS 1.3 only, ALPN `causeway/1` on both sides.
 //!
-//! The crypto provider is always ring, passed explicitly; no process default is relied on. There is
-//! no path that skips verification.
+//! - Certificate bootstrap (HTTPS, KubeEdge's `/ca.crt` and `/edge.crt`): the server *requests* a
+//!   client certificate and verifies it when presented (a renewing node), since a node that
+//!   bootstraps has none yet; both sides offer ALPN `http/1.1`.
+//!
+//! The crypto provider is always ring, passed explicitly; no process default is relied on. The one
+//! path that skips server verification is [`dangerous_unverified_bootstrap_client_config`], for
+//! fetching `/ca.crt`, whose answer the caller then authenticates with the token's CA hash.
 
 use std::sync::Arc;
 
 use certs::{Identity, TrustAnchors};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, ring};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedCipherSuite};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+    SupportedCipherSuite,
+};
 
 use crate::Protocol;
 
@@ -94,6 +104,127 @@ fn root_store(anchors: &TrustAnchors) -> Result<Arc<RootCertStore>, TlsConfigErr
             .map_err(TlsConfigError::BadTrustAnchor)?;
     }
     Ok(Arc::new(roots))
+}
+
+/// ALPN of the certificate bootstrap endpoint (plain HTTP/1.1 over TLS, as KubeEdge's).
+const BOOTSTRAP_ALPN: &[u8] = b"http/1.1";
+
+/// The certificate bootstrap server's configuration: presents `identity`; requests a client
+/// certificate and verifies it against `anchors` when one is presented (renewal), but admits
+/// clients without one (first bootstrap, authorised by the token instead).
+pub fn bootstrap_server_config(
+    identity: &Identity,
+    anchors: &TrustAnchors,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    if identity.chain.is_empty() {
+        return Err(TlsConfigError::NoCertificate);
+    }
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(root_store(anchors)?, provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(TlsConfigError::Verifier)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(WS_VERSIONS)
+        .map_err(TlsConfigError::Rustls)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(TlsConfigError::Rustls)?;
+    config.alpn_protocols = vec![BOOTSTRAP_ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A bootstrap client's configuration: verifies the server against `anchors`; presents the leaf
+/// of `identity` when given (renewal with the current certificate), none otherwise.
+pub fn bootstrap_client_config(
+    anchors: &TrustAnchors,
+    identity: Option<&Identity>,
+) -> Result<ClientConfig, TlsConfigError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(WS_VERSIONS)
+        .map_err(TlsConfigError::Rustls)?
+        .with_root_certificates(root_store(anchors)?);
+    let mut config = match identity {
+        Some(identity) => {
+            let leaf = identity
+                .chain
+                .first()
+                .ok_or(TlsConfigError::NoCertificate)?
+                .clone();
+            builder
+                .with_client_auth_cert(vec![leaf], identity.key.clone_key())
+                .map_err(TlsConfigError::Rustls)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![BOOTSTRAP_ALPN.to_vec()];
+    Ok(config)
+}
+
+/// A client configuration that accepts **any** server certificate (handshake signatures are still
+/// checked). Only for fetching the CA from `/ca.crt` at bootstrap, as KubeEdge does: the caller
+/// must then check the received CA against the bootstrap token's hash before trusting anything.
+pub fn dangerous_unverified_bootstrap_client_config() -> Result<ClientConfig, TlsConfigError> {
+    let provider = provider();
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(WS_VERSIONS)
+        .map_err(TlsConfigError::Rustls)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(DangerousAnyServerCert(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![BOOTSTRAP_ALPN.to_vec()];
+    Ok(config)
+}
+
+/// Accepts any server certificate but still checks the handshake signatures, so the peer holds
+/// the key of the certificate it sent.
+#[derive(Debug)]
+struct DangerousAnyServerCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for DangerousAnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// The server configuration of `protocol`: mutual TLS against `anchors`, presenting `identity`.
