@@ -55,6 +55,7 @@ pub(crate) struct Counters {
     upstream_stored: AtomicU64,
     upstream_acked: AtomicU64,
     upstream_refused: AtomicU64,
+    answers_queued: AtomicU64,
     downstream_delivered: AtomicU64,
     downstream_duplicates: AtomicU64,
     downstream_undeliverable: AtomicU64,
@@ -78,6 +79,9 @@ pub struct HubStats {
     pub upstream_acked: u64,
     /// Module messages refused because they can never fit the outbox.
     pub upstream_refused: u64,
+    /// Answers to cloud messages (ACKs) from modules, recorded as answered and queued for the
+    /// cloud; they are never stored in the outbox (PROTOCOL.md Part A item 7).
+    pub answers_queued: u64,
     /// Cloud messages handed to the bus.
     pub downstream_delivered: u64,
     /// Cloud resends recognised and not delivered again.
@@ -98,6 +102,7 @@ impl Counters {
             upstream_stored: get(&self.upstream_stored),
             upstream_acked: get(&self.upstream_acked),
             upstream_refused: get(&self.upstream_refused),
+            answers_queued: get(&self.answers_queued),
             downstream_delivered: get(&self.downstream_delivered),
             downstream_duplicates: get(&self.downstream_duplicates),
             downstream_undeliverable: get(&self.downstream_undeliverable),
@@ -609,10 +614,10 @@ impl Hub {
                     id = message.header.id,
                     "cloud resent an answered message: answering again"
                 );
-                // The ACK contract only reads the operation and the parent id (B§8.5).
+                // The ACK contract only reads the operation and the parent id (B§8.5). Already
+                // recorded as answered: nothing to store, straight onto the answer lane.
                 let ack = Message::response_to(&message, Content::text("OK"));
-                // Stored with the module messages at the start of the next turn.
-                self.upstream_batch.push_back(ack);
+                self.session.queue_answer(ack);
             }
             Ok(Downstream::PendingDuplicate) => {
                 bump(&self.counters.downstream_duplicates, 1);
@@ -650,8 +655,16 @@ impl Hub {
         while !self.upstream_batch.is_empty() {
             match self.outbox.push_batch(&mut self.upstream_batch) {
                 Ok(outcome) => {
-                    bump(&self.counters.upstream_stored, outcome.accepted as u64);
-                    if outcome.accepted > 0 {
+                    let answers = outcome.answers.len();
+                    bump(
+                        &self.counters.upstream_stored,
+                        (outcome.accepted - answers) as u64,
+                    );
+                    bump(&self.counters.answers_queued, answers as u64);
+                    for answer in outcome.answers {
+                        self.session.queue_answer(answer);
+                    }
+                    if outcome.accepted > answers {
                         self.outbox_dirty = true;
                     }
                     if outcome.full {

@@ -1,14 +1,18 @@
 //! The durable outbox: every module → cloud message is written to SQLite before EdgeHub sends it,
 //! and deleted only when the cloud has acknowledged it (PROTOCOL.md Part A item 7),
 //! so a message in flight when the link drops is sent again, under the same id, after the
-//! reconnect (fixes W5), and a restart of the process loses nothing either. With a peer that lacks
-//! `upstream-ack` (stock KubeEdge), EdgeHub deletes a message once written instead, as KubeEdge does.
+//! reconnect (fixes W5), and a restart of the process loses nothing either. Every row has a way
+//! out: the cloud acknowledges only data ([`proto::message::UpstreamClass::Data`]), so the session
+//! deletes any other stored message once written, and with a peer that lacks `upstream-ack`
+//! (stock KubeEdge) it deletes every message once written, as KubeEdge does.
 //!
-//! The same database keeps the **downstream dedup window**: the ids of cloud messages the edge
-//! has answered (an upstream `response` whose parent id is the cloud message's id went through the
-//! outbox), so a cloud resend of an answered message is not handled twice but answered again, and,
-//! in memory, the ids delivered recently and not yet answered, so a resend that overtakes the
-//! module's answer is not delivered twice either.
+//! **Answers** to cloud messages (op `response` with a parent id: the ACKs) get no row at all:
+//! the cloud never acknowledges them, and their loss is repaired by the cloud's resend of the
+//! message they answer. What is durable about an answer is the **downstream dedup window**: the
+//! ids of cloud messages the edge has answered, recorded in the same transaction as the other
+//! messages of the batch, so a cloud resend of an answered message is not handled twice but
+//! answered again; and, in memory, the ids delivered recently and not yet answered, so a resend
+//! that overtakes the module's answer is not delivered twice either.
 //!
 //! **Durability.** WAL journal, and `synchronous=FULL` by default: each commit is fsynced, so a
 //! message the outbox accepted survives a power cut, which edge devices see far more often than
@@ -29,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use proto::message::OP_RESPONSE;
+use proto::message::UpstreamClass;
 use proto::{Content, Message};
 
 /// Schema version stored in `PRAGMA user_version`.
@@ -101,15 +105,21 @@ pub enum Pushed {
     Queued(Seq),
     /// A message with this id is already stored: pushing is idempotent.
     AlreadyQueued,
+    /// An answer to a cloud message: its parent id is recorded as answered, the message itself
+    /// is not stored; the caller sends it ([`crate::session::EdgeSession::queue_answer`]).
+    Answered,
 }
 
 /// The result of [`Outbox::push_batch`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct BatchPushed {
-    /// Messages stored (or already present) and removed from the front of the batch.
+    /// Messages stored (or already present, or recorded as answers) and removed from the front
+    /// of the batch.
     pub accepted: usize,
     /// The outbox is full: the rest of the batch stays with the caller.
     pub full: bool,
+    /// The accepted answers, in batch order, for the caller to send ([`Pushed::Answered`]).
+    pub answers: Vec<Message>,
 }
 
 /// What to do with a message from the cloud ([`Outbox::check_downstream`]).
@@ -287,7 +297,7 @@ impl Outbox {
         let pushed = insert(&tx, &self.config, &mut usage, message)?;
         tx.commit().map_err(StoreError)?;
         self.usage = usage;
-        if message.route.operation == OP_RESPONSE {
+        if pushed == Pushed::Answered {
             self.pending_answered(&message.header.parent_id);
         }
         Ok(pushed)
@@ -300,14 +310,13 @@ impl Outbox {
         let tx = self.conn.transaction().map_err(StoreError)?;
         let mut usage = self.usage;
         let mut outcome = BatchPushed::default();
-        let mut answered = Vec::new();
         let mut too_large = None;
         for message in batch.iter() {
             match insert(&tx, &self.config, &mut usage, message) {
-                Ok(_) => {
+                Ok(pushed) => {
                     outcome.accepted += 1;
-                    if message.route.operation == OP_RESPONSE {
-                        answered.push(message.header.parent_id.clone());
+                    if pushed == Pushed::Answered {
+                        outcome.answers.push(message.clone());
                     }
                 }
                 Err(PushError::Full { .. }) => {
@@ -324,8 +333,8 @@ impl Outbox {
         tx.commit().map_err(StoreError)?;
         self.usage = usage;
         batch.drain(..outcome.accepted);
-        for parent in answered {
-            self.pending_answered(&parent);
+        for answer in &outcome.answers {
+            self.pending_answered(&answer.header.parent_id);
         }
         match too_large {
             Some(e) if outcome.accepted == 0 => Err(e),
@@ -473,13 +482,18 @@ impl Outbox {
     }
 }
 
-/// Inserts one message inside `tx`, enforcing the limits against `usage` (updated on success).
+/// Inserts one message inside `tx`, enforcing the limits against `usage` (updated on success);
+/// an answer only records its parent id as answered.
 fn insert(
     tx: &rusqlite::Transaction<'_>,
     config: &OutboxConfig,
     usage: &mut OutboxUsage,
     message: &Message,
 ) -> Result<Pushed, PushError> {
+    if message.upstream_class() == UpstreamClass::Answer {
+        remember_answered(tx, config, &message.header.parent_id).map_err(StoreError)?;
+        return Ok(Pushed::Answered);
+    }
     let mut message = message.clone();
     if message.header.id.is_empty() {
         message.header.id = proto::new_id();
@@ -519,19 +533,23 @@ fn insert(
     })
     .map_err(StoreError)?;
     let seq = Seq(tx.last_insert_rowid());
-    if message.route.operation == OP_RESPONSE && !message.header.parent_id.is_empty() {
-        // The edge answered this cloud message: remember it, within the window.
-        tx.prepare_cached("INSERT OR IGNORE INTO answered (id) VALUES (?1)")
-            .and_then(|mut s| s.execute([message.header.parent_id.as_str()]))
-            .map_err(StoreError)?;
-        let window = i64::try_from(config.dedup_window).unwrap_or(i64::MAX);
-        tx.prepare_cached("DELETE FROM answered WHERE seq <= (SELECT MAX(seq) FROM answered) - ?1")
-            .and_then(|mut s| s.execute([window]))
-            .map_err(StoreError)?;
-    }
     usage.messages += 1;
     usage.bytes += size;
     Ok(Pushed::Queued(seq))
+}
+
+/// Records that the edge answered cloud message `parent_id`, within the dedup window.
+fn remember_answered(
+    tx: &rusqlite::Transaction<'_>,
+    config: &OutboxConfig,
+    parent_id: &str,
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached("INSERT OR IGNORE INTO answered (id) VALUES (?1)")?
+        .execute([parent_id])?;
+    let window = i64::try_from(config.dedup_window).unwrap_or(i64::MAX);
+    tx.prepare_cached("DELETE FROM answered WHERE seq <= (SELECT MAX(seq) FROM answered) - ?1")?
+        .execute([window])?;
+    Ok(())
 }
 
 /// Content kinds in the `content_kind` column.

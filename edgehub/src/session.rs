@@ -10,12 +10,18 @@
 //! repeated connect failures back off exponentially with full jitter (W11); the in-flight upstream
 //! message is not lost, because the session only tells the outbox to forget a message once the
 //! cloud acknowledged it (W5, see [`crate::outbox`]).
+//!
+//! Which upstream messages wait for an acknowledgement follows [`UpstreamClass`] (PROTOCOL.md
+//! Part A item 7): only data does. Answers to cloud messages (the ACKs of downstream messages) go
+//! on their own lane ([`EdgeSession::queue_answer`]), ahead of module data and outside the
+//! upstream rate limiter as long as each answers a message this connection delivered, so a
+//! backlog of module data never delays an ACK and ACKs never use up the modules' rate.
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use proto::message::OP_KEEPALIVE;
+use proto::message::{OP_KEEPALIVE, UpstreamClass};
 use proto::{Content, Message};
 
 use crate::route::{
@@ -85,6 +91,10 @@ pub struct SessionConfig {
     /// Most upstream messages queued or awaiting the cloud's acknowledgement at once. Default 256:
     /// enough to keep a link busy, small enough that a reconnect resends little twice.
     pub upstream_window: usize,
+    /// Most answers to cloud messages queued for writing; more are dropped (and counted), which
+    /// loses nothing: the cloud resends what it has no answer for, and the edge answers the
+    /// resend. Default 4096, more than a cloud keeps unacknowledged toward one node.
+    pub answer_queue: usize,
 }
 
 impl SessionConfig {
@@ -99,6 +109,7 @@ impl SessionConfig {
             message_qps: 30.0,
             message_burst: 60,
             upstream_window: 256,
+            answer_queue: 4096,
         }
     }
 }
@@ -273,11 +284,15 @@ pub enum TransmitKind {
     Keepalive,
     /// A module → cloud message from the outbox.
     Upstream {
-        /// The cloud does not acknowledge upstream messages on this connection (a stock KubeEdge
-        /// peer): delete it from the outbox once written, as KubeEdge does. Otherwise it stays
-        /// until [`Action::Forget`].
+        /// The cloud will not acknowledge this message: it is not data ([`UpstreamClass`]), or
+        /// the cloud acknowledges nothing on this connection (a stock KubeEdge peer). Delete it
+        /// from the outbox once written, as KubeEdge does. Otherwise it stays until
+        /// [`Action::Forget`].
         forget_after_write: bool,
     },
+    /// An answer to a cloud message ([`EdgeSession::queue_answer`]): never stored in the outbox,
+    /// nothing to do once written.
+    Answer,
 }
 
 /// Why [`EdgeSession::queue_upstream`] refused a message. The message is handed back; it stays in
@@ -315,6 +330,14 @@ pub struct SessionStats {
     pub upstream_sent: u64,
     /// Upstream acknowledgements received.
     pub upstream_acks: u64,
+    /// Answers to cloud messages handed to the driver.
+    pub answers_sent: u64,
+    /// Of those, answers that answered no message this connection delivered, so they waited for
+    /// the upstream rate limiter like module data.
+    pub answers_rate_limited: u64,
+    /// Answers dropped: no connection was up, or the answer queue was full. The cloud resends
+    /// the messages they answered, and the edge answers again.
+    pub answers_dropped: u64,
     /// Cloud messages delivered on the bus.
     pub delivered: u64,
     /// Cloud messages that matched no handler.
@@ -334,7 +357,8 @@ pub struct SessionStats {
 /// - B. Handlers of what happened, named `handle_*`: [`EdgeSession::handle_event`] (connection
 ///   outcomes, failures, shutdown), [`EdgeSession::handle_message`] (a message from the cloud) and
 ///   [`EdgeSession::handle_timeout`] (the deadline from `poll_timeout` has passed).
-/// - C. Commands from the edge's modules: [`EdgeSession::queue_upstream`].
+/// - C. Commands from the edge's modules: [`EdgeSession::queue_upstream`],
+///   [`EdgeSession::queue_answer`].
 /// - D. Polls for what to do, named `poll_*`.
 ///
 /// After each call of kind B or C, as soon as feasible, call the polls in this order and act on
@@ -363,6 +387,12 @@ pub struct EdgeSession {
     /// When the current connection last showed a sign of life.
     last_heard: Instant,
     keepalives: VecDeque<Transmit>,
+    /// Answers to cloud messages, each with whether it is covered by `answer_credit` (then it
+    /// bypasses the rate limiter).
+    answers: VecDeque<(Message, bool)>,
+    /// Cloud messages this connection delivered and not yet answered: the answers an honest
+    /// edge owes, which therefore need no rate limit (capped at [`SessionConfig::answer_queue`]).
+    answer_credit: usize,
     upstream: VecDeque<Message>,
     /// Ids written and awaiting the cloud's acknowledgement (only with `upstream_ack`).
     in_flight: HashSet<String>,
@@ -417,6 +447,8 @@ impl EdgeSession {
             failures: 0,
             last_heard: now,
             keepalives: VecDeque::new(),
+            answers: VecDeque::new(),
+            answer_credit: 0,
             upstream: VecDeque::new(),
             in_flight: HashSet::new(),
             actions: VecDeque::new(),
@@ -496,6 +528,7 @@ impl EdgeSession {
             }
             Routing::Deliver(destination) => {
                 self.stats.delivered += 1;
+                self.answer_credit = (self.answer_credit + 1).min(self.config.answer_queue);
                 self.events.push_back(SessionEvent::Deliver {
                     destination,
                     message,
@@ -547,8 +580,27 @@ impl EdgeSession {
         Ok(())
     }
 
-    /// The next message to write, if any (kind D). Keepalives go first and bypass the rate
-    /// limiter; upstream messages wait for a token (then [`Timer::RateLimit`] is armed).
+    /// Queues an answer to a cloud message (op `response` with its parent id: an ACK or a
+    /// reply) for the current connection (kind C). The outbox has recorded the answered id; the
+    /// answer itself is never stored, because the cloud does not acknowledge it and repairs its
+    /// loss by resending the message it answers (PROTOCOL.md Part A item 7). So with no
+    /// connection up, or the answer queue full, it is dropped and counted.
+    pub fn queue_answer(&mut self, message: Message) {
+        if self.connected_generation().is_none() || self.answers.len() >= self.config.answer_queue {
+            self.stats.answers_dropped += 1;
+            return;
+        }
+        let credited = self.answer_credit > 0;
+        if credited {
+            self.answer_credit -= 1;
+        }
+        self.answers.push_back((message, credited));
+    }
+
+    /// The next message to write, if any (kind D). Keepalives go first, then answers to cloud
+    /// messages, both outside the rate limiter (an answer only if it is covered by a delivered
+    /// message); module data, and answers beyond what was delivered, wait for a token (then
+    /// [`Timer::RateLimit`] is armed).
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         if let Some(transmit) = self.keepalives.pop_front() {
             return Some(transmit);
@@ -561,13 +613,30 @@ impl EdgeSession {
         else {
             return None;
         };
+        if let Some(&(_, credited)) = self.answers.front() {
+            if !credited && let Err(at) = self.bucket.try_take(now) {
+                self.timers.set(Timer::RateLimit, at);
+                return None;
+            }
+            let (message, _) = self.answers.pop_front()?;
+            self.stats.answers_sent += 1;
+            if !credited {
+                self.stats.answers_rate_limited += 1;
+            }
+            return Some(Transmit {
+                generation,
+                message,
+                kind: TransmitKind::Answer,
+            });
+        }
         if self.upstream.is_empty() {
             return None;
         }
         match self.bucket.try_take(now) {
             Ok(()) => {
                 let message = self.upstream.pop_front()?;
-                if upstream_ack {
+                let acknowledged = upstream_ack && message.upstream_class() == UpstreamClass::Data;
+                if acknowledged {
                     self.in_flight.insert(message.header.id.clone());
                 }
                 self.stats.upstream_sent += 1;
@@ -575,7 +644,7 @@ impl EdgeSession {
                     generation,
                     message,
                     kind: TransmitKind::Upstream {
-                        forget_after_write: !upstream_ack,
+                        forget_after_write: !acknowledged,
                     },
                 })
             }
@@ -776,6 +845,10 @@ impl EdgeSession {
         // Unsent and unacknowledged messages stay in the outbox and are offered again on the
         // next connection, under the same ids.
         self.keepalives.clear();
+        // Answers owed to this connection's messages are owed again when the cloud resends them.
+        self.stats.answers_dropped += self.answers.len() as u64;
+        self.answers.clear();
+        self.answer_credit = 0;
         self.upstream.clear();
         self.in_flight.clear();
         self.actions.push_back(Action::Close {

@@ -19,6 +19,28 @@ pub const GROUP_CAUSEWAY: &str = "causeway";
 /// Operation of the cloud's acknowledgement of an upstream message (parent id = the acked id); sent
 /// only to edges that negotiated the `upstream-ack` capability.
 pub const OP_ACK: &str = "ack";
+/// KubeEdge's transport-level control operations: answered with `ack` by the transport on both
+/// ends and never delivered to modules or applications (PROTOCOL.md B§4.4).
+pub const CONTROL_OPERATIONS: [&str; 3] = ["ping", "pong", "config"];
+
+/// How a Causeway cloud treats a message an edge sends it (PROTOCOL.md Part A item 7). It decides
+/// how long the edge's outbox keeps the message: only [`UpstreamClass::Data`] is ever
+/// acknowledged, so only it may wait in the outbox for an acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamClass {
+    /// Operation `keepalive`: liveness only; never stored, never acknowledged.
+    Keepalive,
+    /// Operation `response` with a parent id: the answer (the ACK) to a downstream message. The
+    /// cloud consumes it as that message's ACK and does not acknowledge it in turn; a lost answer
+    /// is repaired by the cloud's resend of the downstream message, which the edge answers again.
+    Answer,
+    /// One of [`CONTROL_OPERATIONS`]: answered `ack` by the cloud's transport, never delivered,
+    /// never acknowledged.
+    Control,
+    /// Everything else: delivered to cloud applications once per id and acknowledged with
+    /// `causeway`/`ack` once durably accepted.
+    Data,
+}
 
 /// One message on the bus or on the wire.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -209,6 +231,20 @@ impl Message {
     pub fn is_response(&self) -> bool {
         !self.header.parent_id.is_empty()
     }
+
+    /// How a Causeway cloud treats this message when an edge sends it ([`UpstreamClass`]).
+    pub fn upstream_class(&self) -> UpstreamClass {
+        let operation = self.route.operation.as_str();
+        if operation == OP_KEEPALIVE {
+            UpstreamClass::Keepalive
+        } else if operation == OP_RESPONSE && self.is_response() {
+            UpstreamClass::Answer
+        } else if CONTROL_OPERATIONS.contains(&operation) {
+            UpstreamClass::Control
+        } else {
+            UpstreamClass::Data
+        }
+    }
 }
 
 /// A fresh message id: a lowercase hyphenated UUID v4, as Go's `uuid.New().String()`.
@@ -239,6 +275,23 @@ mod tests {
         assert_eq!(resp.route.group, "resource");
         assert_eq!(resp.route.resource, "default/pod/nginx");
         assert!(resp.is_response());
+    }
+
+    #[test]
+    fn upstream_class_follows_part_a_item_7() {
+        let msg = |op: &str, parent: &str| Message::new(parent).route("m", "resource", "r", op);
+        assert_eq!(
+            msg("keepalive", "").upstream_class(),
+            UpstreamClass::Keepalive
+        );
+        assert_eq!(msg("response", "p").upstream_class(), UpstreamClass::Answer);
+        // A response to nothing and an error reply are ordinary data.
+        assert_eq!(msg("response", "").upstream_class(), UpstreamClass::Data);
+        assert_eq!(msg("error", "p").upstream_class(), UpstreamClass::Data);
+        for op in CONTROL_OPERATIONS {
+            assert_eq!(msg(op, "").upstream_class(), UpstreamClass::Control);
+        }
+        assert_eq!(msg("update", "").upstream_class(), UpstreamClass::Data);
     }
 
     #[test]

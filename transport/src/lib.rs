@@ -331,10 +331,10 @@ pub fn encoded_len(protocol: Protocol, msg: &Message) -> usize {
     }
 }
 
-/// KubeEdge's transport-level control operations: answered with `ack` by the transport on both
-/// ends and never delivered (PROTOCOL.md B§4.4).
+/// KubeEdge's transport-level control operations ([`proto::message::CONTROL_OPERATIONS`]):
+/// answered with `ack` by the transport on both ends and never delivered (PROTOCOL.md B§4.4).
 pub(crate) fn is_control_operation(operation: &str) -> bool {
-    matches!(operation, "ping" | "pong" | "config")
+    proto::message::CONTROL_OPERATIONS.contains(&operation)
 }
 
 #[cfg(test)]

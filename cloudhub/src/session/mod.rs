@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use proto::Message;
-use proto::message::{GROUP_CAUSEWAY, OP_ACK, OP_KEEPALIVE, OP_RESPONSE};
+use proto::message::{GROUP_CAUSEWAY, OP_ACK, UpstreamClass};
 
 use self::timer::{Timer, TimerTable};
 
@@ -248,16 +248,22 @@ impl NodeSession {
         if self.closed.is_some() {
             return;
         }
-        if msg.route.operation == OP_KEEPALIVE {
-            self.stats.keepalives += 1;
-            self.last_keepalive = now;
-            self.timers
-                .set(Timer::KeepaliveCheck, now + self.config.keepalive_interval);
-            return;
-        }
-        if msg.route.operation == OP_RESPONSE && !msg.header.parent_id.is_empty() {
-            self.handle_ack(now, msg);
-            return;
+        match msg.upstream_class() {
+            UpstreamClass::Keepalive => {
+                self.stats.keepalives += 1;
+                self.last_keepalive = now;
+                self.timers
+                    .set(Timer::KeepaliveCheck, now + self.config.keepalive_interval);
+                return;
+            }
+            UpstreamClass::Answer => {
+                self.handle_ack(now, msg);
+                return;
+            }
+            // Answered by the transport, which delivers none; should one slip through, it is
+            // neither delivered nor acknowledged, as Part A item 7 says.
+            UpstreamClass::Control => return,
+            UpstreamClass::Data => {}
         }
         if msg.header.id.is_empty() {
             // Without an id the message can be neither deduplicated nor acknowledged; give it

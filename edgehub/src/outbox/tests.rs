@@ -166,7 +166,8 @@ fn batch_push_stops_at_the_limit_and_leaves_the_rest() {
         outcome,
         BatchPushed {
             accepted: 4,
-            full: true
+            full: true,
+            answers: Vec::new(),
         }
     );
     assert_eq!(
@@ -182,7 +183,8 @@ fn batch_push_stops_at_the_limit_and_leaves_the_rest() {
         outcome,
         BatchPushed {
             accepted: 2,
-            full: false
+            full: false,
+            answers: Vec::new(),
         }
     );
     assert!(batch.is_empty());
@@ -210,10 +212,14 @@ fn answered_cloud_messages_are_recognised_after_a_restart() {
             outbox.check_downstream(t0, &cloud).unwrap(),
             Downstream::PendingDuplicate
         );
-        // The module stores it and answers through the outbox.
-        outbox
-            .push(&Message::response_to(&cloud, Content::text("OK")))
-            .unwrap();
+        // The module stores it and answers through the outbox, which keeps no row of the answer.
+        assert_eq!(
+            outbox
+                .push(&Message::response_to(&cloud, Content::text("OK")))
+                .unwrap(),
+            Pushed::Answered
+        );
+        assert_eq!(outbox.usage(), OutboxUsage::default());
         assert_eq!(
             outbox.check_downstream(t0, &cloud).unwrap(),
             Downstream::AnsweredDuplicate
@@ -371,4 +377,49 @@ fn refuses_a_newer_schema_and_a_non_database() {
     let err = Outbox::open(OutboxConfig::new(&junk)).unwrap_err();
     assert!(matches!(err, OpenError::Sqlite { .. }), "{err}");
     assert!(err.to_string().contains("junk.db"));
+}
+
+#[test]
+fn answers_leave_no_row_and_a_mixed_batch_keeps_only_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open(&dir);
+    let mut batch = VecDeque::new();
+    for i in 0..300 {
+        let cloud =
+            Message::with_header(format!("c{i}"), "", 0).route("e", "resource", "r", "update");
+        batch.push_back(Message::response_to(&cloud, Content::text("OK")));
+        if i % 3 == 0 {
+            batch.push_back(msg(&format!("d{i}")));
+        }
+    }
+    let outcome = outbox.push_batch(&mut batch).unwrap();
+    assert_eq!(outcome.accepted, 400);
+    assert!(!outcome.full);
+    assert!(batch.is_empty());
+    // Every answer comes back to be sent, in order; none is stored.
+    let parents: Vec<String> = outcome
+        .answers
+        .iter()
+        .map(|a| a.header.parent_id.clone())
+        .collect();
+    assert_eq!(
+        parents,
+        (0..300).map(|i| format!("c{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(outbox.usage().messages, 100);
+    let (rows, _) = outbox.pending_after(Seq::default(), 1000).unwrap();
+    assert!(rows.iter().all(|r| r.message.header.id.starts_with('d')));
+    // Acknowledging the data empties the outbox; the answers are remembered for dedup.
+    outbox
+        .remove_many(rows.iter().map(|r| r.message.header.id.as_str()))
+        .unwrap();
+    assert_eq!(outbox.usage(), OutboxUsage::default());
+    assert!(
+        outbox
+            .pending_after(Seq::default(), 10)
+            .unwrap()
+            .0
+            .is_empty()
+    );
+    assert!(outbox.is_answered("c299").unwrap());
 }

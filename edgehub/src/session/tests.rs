@@ -190,7 +190,8 @@ impl Harness {
                 if self.link == Link::Blackhole || self.cloud_conn != Some(generation) {
                     return;
                 }
-                let is_upstream = message.route.operation != OP_KEEPALIVE;
+                // As a Causeway cloud does (PROTOCOL.md Part A item 7): only data is acknowledged.
+                let is_upstream = message.upstream_class() == UpstreamClass::Data;
                 self.received
                     .push((self.elapsed(), generation, message.clone()));
                 if self.cloud_pongs {
@@ -838,4 +839,158 @@ fn an_outage_and_recovery_lose_nothing_in_the_session_contract() {
         .collect();
     assert!(last.len() >= 10);
     assert!(last.windows(2).all(|w| w[1] - w[0] == HB));
+}
+
+/// A cloud message that needs an ACK, delivered to the session as the cloud would send it.
+fn cloud_message(id: &str) -> Message {
+    Message::with_header(id, "", 0).route("edgecontroller", "resource", "default/pod/p", "update")
+}
+
+fn received_ids(h: &Harness) -> Vec<String> {
+    h.received
+        .iter()
+        .filter(|(_, _, m)| m.route.operation != OP_KEEPALIVE)
+        .map(|(_, _, m)| m.header.id.clone())
+        .collect()
+}
+
+#[test]
+fn answers_never_wait_for_an_acknowledgement_nor_fill_the_window() {
+    // The bug this guards: answers (ACK responses) were kept until a cloud acknowledgement that
+    // never comes, so after `upstream_window` of them nothing more went up.
+    let mut config = SessionConfig::new(HB);
+    config.upstream_window = 3;
+    let mut h = Harness::new(config);
+    h.run_until(ms(200));
+    let g = Generation(1);
+    for i in 0..300 {
+        let cloud = cloud_message(&format!("c{i}"));
+        h.session.handle_message(h.now, g, cloud.clone());
+        h.session
+            .queue_answer(Message::response_to(&cloud, Content::text("OK")));
+        // An answer stored by an older outbox comes back as a row: written once, then forgotten.
+        if i % 100 == 0 {
+            let mut legacy = Message::response_to(&cloud, Content::text("OK"));
+            legacy.header.id = format!("legacy-{i}");
+            h.session.queue_upstream(legacy).unwrap();
+        }
+        h.drain();
+    }
+    h.run_until(ms(1_000));
+    assert_eq!(h.session.in_flight(), 0);
+    assert_eq!(h.session.upstream_capacity(), 3);
+    assert_eq!(
+        h.written_without_ack,
+        ["legacy-0", "legacy-100", "legacy-200"]
+    );
+    let stats = h.session.stats();
+    assert_eq!(stats.answers_sent, 300);
+    assert_eq!(stats.answers_rate_limited, 0);
+    assert_eq!(stats.answers_dropped, 0);
+    // Data still flows through the window afterwards.
+    for id in ["a", "b", "c"] {
+        h.session.queue_upstream(upstream(id)).unwrap();
+    }
+    h.drain();
+    h.run_until(ms(1_500));
+    assert_eq!(h.session.in_flight(), 0);
+    assert!(received_ids(&h).ends_with(&["a".into(), "b".into(), "c".into()]));
+}
+
+#[test]
+fn answers_bypass_the_rate_limiter_and_the_module_backlog() {
+    let mut config = SessionConfig::new(HB);
+    config.message_qps = 1.0;
+    config.message_burst = 1;
+    config.upstream_window = 1000;
+    let mut h = Harness::new(config);
+    h.run_until(ms(200));
+    for i in 0..100 {
+        h.session
+            .queue_upstream(upstream(&format!("m{i}")))
+            .unwrap();
+    }
+    h.drain();
+    let g = Generation(1);
+    for i in 0..50 {
+        let cloud = cloud_message(&format!("c{i}"));
+        h.session.handle_message(h.now, g, cloud.clone());
+        h.session
+            .queue_answer(Message::response_to(&cloud, Content::text("OK")));
+    }
+    h.drain();
+    h.run_until(ms(2_000));
+    let ids = received_ids(&h);
+    let answered: Vec<&Message> = h
+        .received
+        .iter()
+        .map(|(_, _, m)| m)
+        .filter(|m| m.upstream_class() == UpstreamClass::Answer)
+        .collect();
+    assert_eq!(answered.len(), 50, "every answer went out at once: {ids:?}");
+    // Module data kept its pace of one per second behind them.
+    let data = ids.iter().filter(|id| id.starts_with('m')).count();
+    assert!(data <= 3, "{data} data messages in 1.8 s at 1 msg/s");
+    assert_eq!(h.session.stats().answers_rate_limited, 0);
+}
+
+#[test]
+fn answers_beyond_what_was_delivered_pay_the_rate_limit() {
+    // An edge cannot flood the cloud with answers to messages it never received.
+    let mut config = SessionConfig::new(HB);
+    config.message_qps = 10.0;
+    config.message_burst = 2;
+    let mut h = Harness::new(config);
+    h.run_until(ms(200));
+    for i in 0..12 {
+        let cloud = cloud_message(&format!("never-sent-{i}"));
+        h.session
+            .queue_answer(Message::response_to(&cloud, Content::text("OK")));
+    }
+    h.drain();
+    h.run_until(ms(700));
+    let answers = h
+        .received
+        .iter()
+        .filter(|(_, _, m)| m.upstream_class() == UpstreamClass::Answer)
+        .count();
+    // Two from the burst, then ten per second for 0.5 s (the last may be on the boundary).
+    assert!((6..=8).contains(&answers), "{answers}");
+    h.run_until(ms(2_000));
+    assert_eq!(h.session.stats().answers_sent, 12);
+    assert_eq!(h.session.stats().answers_rate_limited, 12);
+}
+
+#[test]
+fn answers_are_dropped_without_a_connection_and_the_queue_is_bounded() {
+    let mut config = SessionConfig::new(HB);
+    config.answer_queue = 4;
+    config.message_qps = 0.001;
+    config.message_burst = 1;
+    let mut h = Harness::new(config);
+    // Not connected yet: dropped (the cloud resends the message and the edge answers again).
+    h.session.queue_answer(Message::response_to(
+        &cloud_message("early"),
+        Content::text("OK"),
+    ));
+    assert_eq!(h.session.stats().answers_dropped, 1);
+    h.run_until(ms(200));
+    // Uncredited answers wait for the (very slow) limiter; the queue holds four.
+    for i in 0..6 {
+        h.session.queue_answer(Message::response_to(
+            &cloud_message(&format!("x{i}")),
+            Content::text("OK"),
+        ));
+    }
+    h.drain();
+    // Four were queued (two more dropped, beside the early one); the burst token let one go.
+    assert_eq!(h.session.stats().answers_sent, 1);
+    assert_eq!(h.session.stats().answers_dropped, 3);
+    // A disconnect empties the queue: those answers are owed again to the cloud's resends.
+    h.inject(Event::Failed {
+        generation: Generation(1),
+        reason: "reset".into(),
+    });
+    assert_eq!(h.session.stats().answers_dropped, 6);
+    assert!(h.session.poll_transmit(h.now).is_none());
 }
