@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::hub::HubConfig;
-use crate::session::SessionConfig;
+use crate::session::{Pace, SessionConfig};
 use crate::store::sqlite::{Durability, SqliteConfig};
 
 /// The whole `cloudcore.yaml`.
@@ -248,6 +248,15 @@ pub struct DeliverySection {
     /// Cap of the doubling resend interval, in seconds. Default 60.
     #[serde(default = "default_max_ack_timeout")]
     pub max_ack_timeout: Seconds,
+    /// Messages per second that need no ACK, per node, toward an edge that did not negotiate
+    /// `upstream-ack` (a stock KubeEdge edge, which silently drops what overflows its receive
+    /// queue); 0 does not pace them. Causeway edges are never paced. Default 100.
+    #[serde(default = "default_no_ack_rate")]
+    pub no_ack_rate: u32,
+    /// Burst of those messages after a quiet spell. Default 32 (with the window of 64, under
+    /// the stock edge's 100-entry queue).
+    #[serde(default = "default_no_ack_burst")]
+    pub no_ack_burst: NonZeroU32,
 }
 
 impl Default for DeliverySection {
@@ -256,6 +265,8 @@ impl Default for DeliverySection {
             window: default_window(),
             ack_timeout: default_ack_timeout(),
             max_ack_timeout: default_max_ack_timeout(),
+            no_ack_rate: default_no_ack_rate(),
+            no_ack_burst: default_no_ack_burst(),
         }
     }
 }
@@ -346,6 +357,12 @@ fn default_ack_timeout() -> Seconds {
 fn default_max_ack_timeout() -> Seconds {
     secs(60)
 }
+fn default_no_ack_rate() -> u32 {
+    100
+}
+fn default_no_ack_burst() -> NonZeroU32 {
+    nz32(32)
+}
 fn default_handshake() -> Seconds {
     secs(30)
 }
@@ -367,6 +384,10 @@ impl CloudHubConfig {
                     .max_ack_timeout
                     .duration()
                     .max(self.delivery.ack_timeout.duration()),
+                no_ack_pace: (self.delivery.no_ack_rate > 0).then(|| Pace {
+                    per_second: f64::from(self.delivery.no_ack_rate),
+                    burst: self.delivery.no_ack_burst.get(),
+                }),
                 ..SessionConfig::default()
             },
             ..HubConfig::default()

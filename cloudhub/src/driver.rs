@@ -239,7 +239,10 @@ impl Driver {
                     seq,
                     needs_ack: false,
                     ..
-                } => ("remove", store.remove(&self.node, seq)),
+                } => {
+                    self.hub.metrics.unconfirmed();
+                    ("remove", store.remove(&self.node, seq))
+                }
                 TransmitKind::Delivery { seq, attempt, .. } => (
                     "mark_in_flight",
                     store.mark_in_flight(&self.node, seq, attempt),

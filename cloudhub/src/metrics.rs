@@ -33,6 +33,8 @@ pub struct Metrics {
     /// A live session replaced by a newer connection of the same node.
     reconnects: AtomicU64,
     resends: AtomicU64,
+    /// No-ACK messages written and removed from the queue: delivery never confirmed.
+    unconfirmed: AtomicU64,
     upstream_accepted: AtomicU64,
     upstream_duplicates: AtomicU64,
     acks: AtomicU64,
@@ -83,6 +85,12 @@ impl Metrics {
     /// Adds resends made by a session.
     pub fn resends(&self, n: u64) {
         self.resends.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A message that needs no ACK was written and forgotten: sent, never confirmed (set
+    /// against the ACK count, what the cloud knows was delivered).
+    pub fn unconfirmed(&self) {
+        self.unconfirmed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An upstream message was durably accepted (`duplicate`: it had been before).
@@ -187,6 +195,11 @@ impl Metrics {
                 "cloudhub_resends_total",
                 "Downstream messages resent for want of an ACK.",
                 &self.resends,
+            ),
+            (
+                "cloudhub_unconfirmed_sent_total",
+                "Downstream messages that need no ACK, written and forgotten: sent, never confirmed.",
+                &self.unconfirmed,
             ),
             (
                 "cloudhub_upstream_accepted_total",

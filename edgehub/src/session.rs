@@ -29,11 +29,10 @@ use crate::route::{
 };
 
 mod backoff;
-mod rate;
 mod timer;
 
 pub use backoff::{BackoffConfig, SplitMix64};
-pub use rate::TokenBucket;
+pub use proto::rate::TokenBucket;
 pub use timer::{Timer, TimerTable};
 
 /// Resource of the keepalive (B§6.1).

@@ -11,6 +11,7 @@
 //! - [`pb`]: the QUIC form, viaduct's protobuf (and Causeway's extension fields).
 //! - [`frame`]: the 10-byte packer header, a sans-IO decoder with a 32 MiB cap.
 //! - [`error`]: [`DecodeError`] and [`FrameError`], what a peer's bad bytes produce.
+//! - [`rate`]: a token bucket with time passed in, for both session state machines' pacing.
 //!
 //! ```text
 //!  WebSocket text frame            QUIC message stream
@@ -24,6 +25,7 @@ pub mod frame;
 pub mod json;
 pub mod message;
 pub mod pb;
+pub mod rate;
 
 pub use error::{DecodeError, FrameError};
 pub use message::{Content, Header, Message, Route, new_id, now_millis};

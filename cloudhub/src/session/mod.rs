@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use proto::Message;
 use proto::message::{GROUP_CAUSEWAY, OP_ACK, UpstreamClass};
+use proto::rate::TokenBucket;
 
 use self::timer::{Timer, TimerTable};
 
@@ -47,6 +48,13 @@ pub struct SessionConfig {
     /// How many accepted upstream ids the session remembers to re-ack duplicates without asking
     /// the store. Default 4096. The store keeps the persisted, longer window.
     pub dedup_window: usize,
+    /// Pace of no-ACK messages toward an edge without `upstream-ack` (a stock KubeEdge edge),
+    /// which cannot refuse them and drops the oldest once its 100-entry receive FIFO overflows
+    /// (PROTOCOL.md B W6): nothing tells the cloud how far behind it is, so the cloud must not
+    /// outrun it. `None` sends them as fast as the link takes them. A Causeway edge is never
+    /// paced: it exerts back-pressure instead of dropping. Default 100 messages per second,
+    /// bursts of 32 (with the 64-message ACK window, under the FIFO's 100).
+    pub no_ack_pace: Option<Pace>,
     /// Source of message ids for messages the session creates; injected so tests are
     /// deterministic. Default: random UUID v4.
     pub new_id: fn() -> String,
@@ -63,8 +71,27 @@ impl Default for SessionConfig {
             max_ack_timeout: Duration::from_secs(60),
             upstream_ack: false,
             dedup_window: 4096,
+            no_ack_pace: Some(Pace::default()),
             new_id: proto::new_id,
             wall_millis: proto::now_millis,
+        }
+    }
+}
+
+/// A rate and burst for [`SessionConfig::no_ack_pace`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    /// Messages per second (positive).
+    pub per_second: f64,
+    /// Messages that may go at once after a quiet spell (at least 1).
+    pub burst: u32,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self {
+            per_second: 100.0,
+            burst: 32,
         }
     }
 }
@@ -154,6 +181,8 @@ pub struct SessionStats {
     pub duplicates: u64,
     /// Keepalives received.
     pub keepalives: u64,
+    /// Times no-ACK messages had to wait for the pace ([`SessionConfig::no_ack_pace`]).
+    pub paced: u64,
 }
 
 /// A message sent and waiting for its ACK.
@@ -212,6 +241,8 @@ pub struct NodeSession {
     accepting: HashSet<String>,
     /// Recently accepted upstream ids, oldest first, for in-session dedup.
     accepted: RecentIds,
+    /// Paces no-ACK messages toward an edge without `upstream-ack`; `None` when not paced.
+    no_ack_bucket: Option<TokenBucket>,
     stats: SessionStats,
 }
 
@@ -221,7 +252,14 @@ impl NodeSession {
         let mut timers = TimerTable::default();
         timers.set(Timer::KeepaliveCheck, now + config.keepalive_interval);
         let accepted = RecentIds::new(config.dedup_window);
+        let no_ack_bucket = match config.no_ack_pace {
+            Some(pace) if !config.upstream_ack => {
+                Some(TokenBucket::new(pace.per_second, pace.burst, now))
+            }
+            _ => None,
+        };
         Self {
+            no_ack_bucket,
             config,
             timers,
             closed: None,
@@ -317,6 +355,10 @@ impl NodeSession {
                 });
             }
             self.rearm_resend();
+        }
+        if self.timers.is_expired(Timer::NoAckPace, now) {
+            self.timers.stop(Timer::NoAckPace);
+            self.pump(now);
         }
     }
 
@@ -450,6 +492,8 @@ impl NodeSession {
         }
         // Choose, in queue order, what may go now (borrowing only), then move it.
         let mut chosen: Vec<usize> = Vec::new();
+        // When the pace next has a token, if it ran out.
+        let mut paced_until = None;
         {
             let mut in_flight = self.in_flight.len();
             let mut no_ack_left = self.pending_no_ack;
@@ -457,7 +501,8 @@ impl NodeSession {
             let mut blocked: HashSet<&str> = HashSet::new();
             for (idx, down) in self.pending.iter().enumerate() {
                 let full = in_flight >= window;
-                if full && no_ack_left == 0 {
+                // Nothing more can move: the window is full and no no-ACK message may pass it.
+                if full && (no_ack_left == 0 || paced_until.is_some()) {
                     break;
                 }
                 if !down.needs_ack {
@@ -470,6 +515,20 @@ impl NodeSession {
                 {
                     blocked.insert(resource);
                     continue;
+                }
+                if !down.needs_ack
+                    && let Some(bucket) = self.no_ack_bucket.as_mut()
+                {
+                    if paced_until.is_some() {
+                        blocked.insert(resource);
+                        continue;
+                    }
+                    if let Err(at) = bucket.try_take(now) {
+                        paced_until = Some(at);
+                        self.stats.paced += 1;
+                        blocked.insert(resource);
+                        continue;
+                    }
                 }
                 chosen.push(idx);
                 if down.needs_ack {
@@ -511,6 +570,9 @@ impl NodeSession {
                 self.pending_no_ack -= 1;
                 self.held.remove(&down.message.header.id);
             }
+        }
+        if let Some(at) = paced_until {
+            self.timers.set(Timer::NoAckPace, at);
         }
         self.rearm_resend();
     }

@@ -789,3 +789,66 @@ fn the_state_machine_does_no_io() {
         }
     }
 }
+
+#[test]
+fn no_ack_messages_to_a_kubeedge_edge_are_paced_and_acked_ones_pass() {
+    // A stock edge drops what overflows its 100-entry FIFO and cannot say so: pace what it
+    // cannot refuse. ACK-required messages are not paced (the window bounds them).
+    let t0 = Instant::now();
+    let pace = Pace {
+        per_second: 100.0,
+        burst: 32,
+    };
+    let mut s = NodeSession::new(
+        SessionConfig {
+            upstream_ack: false,
+            no_ack_pace: Some(pace),
+            ..config()
+        },
+        t0,
+    );
+    let mut downs: Vec<Downstream> = (1..=100)
+        .map(|i| down(i, &format!("default/podlist/{i}"), false))
+        .collect();
+    downs.push(down(101, "default/pod/acked", true));
+    s.queue(t0, downs);
+    let first = drain_transmits(&mut s);
+    assert_eq!(first.len(), 33, "the burst and the ACK-required message");
+    assert!(first.iter().any(|t| t.message.header.id == "down-101"));
+    // Then 100 per second: the rest within 0.68 s, never more than the pace allows.
+    let mut now = t0;
+    let mut sent = first.len();
+    while sent < 101 {
+        let next = s.poll_timeout().expect("a pace timer while messages wait");
+        assert!(next > now);
+        now = next;
+        s.handle_timeout(now);
+        sent += drain_transmits(&mut s).len();
+        let allowed = 33.0 + (now - t0).as_secs_f64() * 100.0;
+        assert!(sent as f64 <= allowed + 1e-9, "{sent} by {:?}", now - t0);
+    }
+    assert!(now - t0 <= Duration::from_millis(690), "{:?}", now - t0);
+    assert!(s.stats().paced > 0);
+}
+
+#[test]
+fn causeway_edges_and_unpaced_configs_get_no_ack_messages_at_once() {
+    let t0 = Instant::now();
+    for config in [
+        // A Causeway edge exerts back-pressure instead of dropping.
+        config(),
+        SessionConfig {
+            upstream_ack: false,
+            no_ack_pace: None,
+            ..config()
+        },
+    ] {
+        let mut s = NodeSession::new(config, t0);
+        s.queue(
+            t0,
+            (1..=100).map(|i| down(i, &format!("default/podlist/{i}"), false)),
+        );
+        assert_eq!(drain_transmits(&mut s).len(), 100);
+        assert_eq!(s.stats().paced, 0);
+    }
+}

@@ -10,11 +10,13 @@ pub(crate) enum Timer {
     KeepaliveCheck = 0,
     /// When the earliest unacknowledged downstream message is due to be resent.
     AckResend = 1,
+    /// When the no-ACK pace ([`super::SessionConfig::no_ack_pace`]) has a token again.
+    NoAckPace = 2,
 }
 
 impl Timer {
     /// Every timer, in slot order.
-    pub(crate) const VALUES: [Self; 2] = [Self::KeepaliveCheck, Self::AckResend];
+    pub(crate) const VALUES: [Self; 3] = [Self::KeepaliveCheck, Self::AckResend, Self::NoAckPace];
 }
 
 /// One optional deadline per [`Timer`].

@@ -1,6 +1,8 @@
-//! A token bucket for module → cloud messages (KubeEdge's `messageQPS` / `messageBurst`, 30 / 60).
-//! Time is passed in, so the limiter is exact and testable in virtual time; keepalives bypass it,
-//! as in KubeEdge, so a busy edge never starves its own liveness signal.
+//! A token bucket with time passed in, so a limiter is exact and testable in virtual time. Both
+//! session state machines pace with it: the edge's module → cloud messages (KubeEdge's
+//! `messageQPS` / `messageBurst`, 30 / 60) and the cloud's no-ACK messages toward an edge that
+//! cannot tell it how far behind it is (PROTOCOL.md Part A item 7). It lives here, in the one
+//! crate without I/O that both sides share.
 
 use std::time::{Duration, Instant};
 
@@ -18,8 +20,8 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    /// A full bucket. `qps` must be positive and `burst` at least one; [`crate::config`] validates
-    /// both, and out-of-range values are clamped here (a `qps` of 0 would never refill).
+    /// A full bucket. `qps` must be positive and `burst` at least one; callers' configurations
+    /// validate both, and out-of-range values are clamped here (a `qps` of 0 would never refill).
     pub fn new(qps: f64, burst: u32, now: Instant) -> Self {
         let burst = f64::from(burst.max(1));
         Self {
