@@ -79,7 +79,17 @@ impl Daemon {
         }
     }
 
-    /// Waits for a log line containing `needle` (after the lines already consumed).
+    /// The first log line containing `needle`, among the lines already read or those to come:
+    /// for a fact a daemon logs once (where it listens), whichever order its tasks log in.
+    pub fn logged(&mut self, needle: &str) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        self.wait_for(needle)
+    }
+
+    /// Waits for a log line containing `needle` (after the lines already consumed). For a fact
+    /// logged once, [`Daemon::logged`]; for a state, [`wait_until`] on an endpoint.
     pub fn wait_for(&mut self, needle: &str) -> String {
         let deadline = Instant::now() + self.patience;
         loop {
@@ -127,6 +137,27 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `patience`; panics with `what`
+/// and the last observation otherwise. Tests wait on state this way, never on the order of log
+/// lines from two tasks.
+pub fn wait_until<T>(
+    what: &str,
+    patience: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + patience;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "{what}: not so after {patience:?}; last seen: {last}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -288,6 +319,181 @@ impl CloudCore {
             self.quic
         } else {
             self.ws
+        }
+    }
+}
+
+/// A running `edgecore` with its local store's address (the edge applications' endpoint).
+pub struct EdgeCore {
+    /// The process.
+    pub daemon: Daemon,
+    /// The local store's HTTP endpoint.
+    pub local: SocketAddr,
+    patience: Duration,
+}
+
+impl EdgeCore {
+    /// Starts edgecore with `config` and waits until its local store serves (the address comes
+    /// from its log, whatever else was logged first). It may not be connected yet: see
+    /// [`EdgeCore::wait_connected`].
+    pub fn start(config: &Path, patience: Duration) -> Self {
+        let mut daemon = Daemon::start("edgecore", config, patience);
+        let line = daemon.logged("local store listening");
+        let local = fields(&line)["addr"]
+            .parse()
+            .unwrap_or_else(|_| panic!("local store address in {line}"));
+        Self {
+            daemon,
+            local,
+            patience,
+        }
+    }
+
+    /// The local store's `/v1/status`.
+    pub fn status(&self) -> Value {
+        let (code, body) = http(self.local, "GET", "/v1/status", "");
+        assert_eq!(code, 200, "{body}");
+        json_of(&body)
+    }
+
+    /// Waits until the edge reports its link to the cloud `connected` (or not).
+    pub fn wait_cloud(&self, connected: bool) {
+        let what = if connected {
+            "edge connected to the cloud"
+        } else {
+            "edge disconnected from the cloud"
+        };
+        wait_until(what, self.patience, || {
+            let status = self.status();
+            if (status["cloud"] == "connected") == connected {
+                Ok(())
+            } else {
+                Err(status.to_string())
+            }
+        });
+    }
+
+    /// [`EdgeCore::wait_cloud`] for `connected`.
+    pub fn wait_connected(&self) {
+        self.wait_cloud(true);
+    }
+
+    /// Sends an upstream message through the local store (group `user`); once this returns
+    /// the edge has it durably. Returns its id.
+    pub fn send(&self, n: usize) -> String {
+        let body = serde_json::json!({"group": "user", "resource": "sensors/t1",
+                                      "operation": "upload", "content": {"n": n}});
+        let (code, body) = http(self.local, "POST", "/v1/upstream", &body.to_string());
+        assert_eq!(code, 202, "{body}");
+        json_of(&body)["id"].as_str().expect("id").to_owned()
+    }
+
+    /// How often each cloud message id is stored at the edge's local store.
+    pub fn received(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        let mut after = 0;
+        loop {
+            let (code, body) = http(
+                self.local,
+                "GET",
+                &format!("/v1/messages?after={after}&limit=1000"),
+                "",
+            );
+            assert_eq!(code, 200, "{body}");
+            let page = json_of(&body);
+            let messages = page["messages"].as_array().cloned().unwrap_or_default();
+            if messages.is_empty() {
+                return counts;
+            }
+            for m in &messages {
+                if let Some(id) = m["message"]["header"]["msg_id"].as_str() {
+                    *counts.entry(id.to_owned()).or_default() += 1;
+                }
+            }
+            after = page["next"].as_u64().expect("next cursor");
+        }
+    }
+}
+
+/// Rows in the edge's outbox file (`outbox.db`), read from the file itself while edgecore may
+/// run: what is still waiting to leave the edge.
+pub fn outbox_rows(path: &Path) -> u64 {
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    conn.busy_timeout(Duration::from_secs(5))
+        .expect("busy timeout");
+    conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))
+        .map(|n| n.max(0) as u64)
+        .unwrap_or_else(|e| panic!("counting {}: {e}", path.display()))
+}
+
+/// A Server-Sent Events connection to the cloud's upstream stream.
+pub struct Sse {
+    stream: TcpStream,
+    text: String,
+    patience: Duration,
+}
+
+impl Sse {
+    /// Opens `GET /v1/messages?<query>` and waits for the response head (the subscription is
+    /// live once the head arrived).
+    pub fn open(api: SocketAddr, patience: Duration, query: &str) -> Self {
+        let mut stream = TcpStream::connect(api).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        write!(
+            stream,
+            "GET /v1/messages?{query} HTTP/1.1\r\nHost: {api}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .expect("write");
+        let mut sse = Self {
+            stream,
+            text: String::new(),
+            patience,
+        };
+        let deadline = Instant::now() + patience;
+        while !sse.text.contains("\r\n\r\n") {
+            sse.read_some();
+            assert!(Instant::now() < deadline, "no SSE response head");
+        }
+        assert!(sse.text.starts_with("HTTP/1.1 200"), "{}", sse.text);
+        sse
+    }
+
+    fn read_some(&mut self) {
+        let mut buf = [0u8; 16384];
+        match self.stream.read(&mut buf) {
+            Ok(0) => panic!("SSE stream closed:\n{}", self.text),
+            Ok(n) => self.text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("reading the event stream: {e}"),
+        }
+    }
+
+    /// Reads until every id in `ids` appeared; returns how often each id appeared.
+    pub fn until_all(&mut self, ids: &[String]) -> HashMap<String, usize> {
+        let deadline = Instant::now() + self.patience;
+        loop {
+            let counts = count_ids(&self.text, ids);
+            if ids.iter().all(|id| counts.contains_key(id)) {
+                return counts;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "upstream messages never reached the cloud; missing {:?}",
+                ids.iter()
+                    .filter(|id| !counts.contains_key(*id))
+                    .collect::<Vec<_>>()
+            );
+            self.read_some();
         }
     }
 }

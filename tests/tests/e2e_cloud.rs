@@ -12,13 +12,12 @@
 //! builds them (as it runs their own tests).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, Daemon, bootstrap_token, count_ids, fields, http, json_of,
+    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, outbox_rows,
+    wait_until,
 };
 use serde_json::{Value, json};
 
@@ -26,72 +25,6 @@ use serde_json::{Value, json};
 const PATIENCE: Duration = Duration::from_secs(90);
 /// The node every test edge runs as.
 const NODE: &str = "edge-cloud-e2e";
-
-/// A Server-Sent Events connection to the cloud's upstream stream.
-struct Sse {
-    stream: TcpStream,
-    text: String,
-}
-
-impl Sse {
-    /// Opens `GET /v1/messages?<query>` and waits for the response head (the subscription is
-    /// live once the head arrived).
-    fn open(api: SocketAddr, query: &str) -> Self {
-        let mut stream = TcpStream::connect(api).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .expect("timeout");
-        write!(
-            stream,
-            "GET /v1/messages?{query} HTTP/1.1\r\nHost: {api}\r\nAccept: text/event-stream\r\n\r\n"
-        )
-        .expect("write");
-        let mut sse = Self {
-            stream,
-            text: String::new(),
-        };
-        let deadline = Instant::now() + PATIENCE;
-        while !sse.text.contains("\r\n\r\n") {
-            sse.read_some();
-            assert!(Instant::now() < deadline, "no SSE response head");
-        }
-        assert!(sse.text.starts_with("HTTP/1.1 200"), "{}", sse.text);
-        sse
-    }
-
-    fn read_some(&mut self) {
-        let mut buf = [0u8; 16384];
-        match self.stream.read(&mut buf) {
-            Ok(0) => panic!("SSE stream closed:\n{}", self.text),
-            Ok(n) => self.text.push_str(&String::from_utf8_lossy(&buf[..n])),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("reading the event stream: {e}"),
-        }
-    }
-
-    /// Reads until every id in `ids` appeared; returns how often each id appeared.
-    fn until_all(&mut self, ids: &[String]) -> HashMap<String, usize> {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let counts = count_ids(&self.text, ids);
-            if ids.iter().all(|id| counts.contains_key(id)) {
-                return counts;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "upstream messages never reached the cloud; missing {:?}",
-                ids.iter()
-                    .filter(|id| !counts.contains_key(*id))
-                    .collect::<Vec<_>>()
-            );
-            self.read_some();
-        }
-    }
-}
 
 /// Starts cloudcore for these tests (keepalive interval 30 s).
 fn start_cloud(dir: &Path, ports: [u16; 4]) -> Cloud {
@@ -151,64 +84,23 @@ fn message(id: &str, resource: &str) -> Value {
     })
 }
 
-struct Edge {
-    daemon: Daemon,
-    local: SocketAddr,
+/// Starts edgecore and waits until it is connected and its local store serves.
+fn start_edge(config: &Path) -> Edge {
+    let edge = Edge::start(config, PATIENCE);
+    edge.wait_connected();
+    edge
 }
 
-impl Edge {
-    /// Starts edgecore and waits until it is connected and its local store serves.
-    fn start(config: &Path) -> Self {
-        let mut daemon = Daemon::start("edgecore", config, PATIENCE);
-        // The two lines come in either order.
-        let mut local = None;
-        let mut connected = false;
-        while local.is_none() || !connected {
-            let line = daemon.wait_for("");
-            if line.contains("local store listening") {
-                local = fields(&line)["addr"].parse().ok();
-            }
-            connected |= line.contains("connected to the cloud");
+/// Waits until a (re)started cloudcore sees the node connected: the edge found it again.
+fn wait_node_connected(cloud: &Cloud) {
+    wait_until("node connected to the new cloudcore", PATIENCE, || {
+        let node = cloud.node();
+        if node["connected"] == true {
+            Ok(())
+        } else {
+            Err(node.to_string())
         }
-        let local = local.expect("local store address");
-        Self { daemon, local }
-    }
-
-    /// Sends an upstream message through the local store; once this returns it is in the
-    /// edge's durable outbox. Returns its id.
-    fn send(&self, n: usize) -> String {
-        let body = json!({"group": "user", "resource": "sensors/t1", "operation": "upload",
-                          "content": {"n": n}});
-        let (code, body) = http(self.local, "POST", "/v1/upstream", &body.to_string());
-        assert_eq!(code, 202, "{body}");
-        json_of(&body)["id"].as_str().expect("id").to_owned()
-    }
-
-    /// How often each message id is stored at the edge's application.
-    fn received(&self) -> HashMap<String, usize> {
-        let mut counts = HashMap::new();
-        let mut after = 0;
-        loop {
-            let (code, body) = http(
-                self.local,
-                "GET",
-                &format!("/v1/messages?after={after}&limit=1000"),
-                "",
-            );
-            assert_eq!(code, 200, "{body}");
-            let page = json_of(&body);
-            let messages = page["messages"].as_array().cloned().unwrap_or_default();
-            if messages.is_empty() {
-                return counts;
-            }
-            for m in &messages {
-                if let Some(id) = m["message"]["header"]["msg_id"].as_str() {
-                    *counts.entry(id.to_owned()).or_default() += 1;
-                }
-            }
-            after = page["next"].as_u64().expect("next cursor");
-        }
-    }
+    });
 }
 
 fn edge_config(dir: &Path, protocol: &str, cloud: &Cloud, heartbeat: u64) -> PathBuf {
@@ -254,7 +146,7 @@ fn cloud_end_to_end(protocol: &str) {
     let root = dir.path();
     let mut cloud = start_cloud(root, [0; 4]);
     let config = edge_config(root, protocol, &cloud, 1);
-    let mut edge = Edge::start(&config);
+    let mut edge = start_edge(&config);
     let node = cloud.node();
     assert_eq!(node["connected"], true, "{node}");
     assert_eq!(node["protocol"], protocol);
@@ -265,7 +157,7 @@ fn cloud_end_to_end(protocol: &str) {
     assert_eq!(edge.received().get("api-1"), Some(&1));
 
     // Edge application -> cloud, on the live stream (subscribed before sending).
-    let mut live = Sse::open(cloud.api, &format!("node={NODE}"));
+    let mut live = Sse::open(cloud.api, PATIENCE, &format!("node={NODE}"));
     let up = edge.send(0);
     let counts = live.until_all(std::slice::from_ref(&up));
     assert_eq!(counts[&up], 1);
@@ -289,7 +181,7 @@ fn cloud_end_to_end(protocol: &str) {
         cloud.post(&id, stream);
         down_ids.push(id);
     }
-    edge = Edge::start(&config);
+    edge = start_edge(&config);
     for i in 100..120 {
         up_ids.push(edge.send(i));
     }
@@ -302,7 +194,7 @@ fn cloud_end_to_end(protocol: &str) {
         &received,
         &down_ids,
     );
-    let mut all = Sse::open(cloud.api, &format!("node={NODE}&since=0"));
+    let mut all = Sse::open(cloud.api, PATIENCE, &format!("node={NODE}&since=0"));
     let counts = all.until_all(&up_ids);
     exactly_once("upstream across an edgecore kill -9", &counts, &up_ids);
     println!(
@@ -329,7 +221,7 @@ fn cloud_end_to_end(protocol: &str) {
         up2.push(edge.send(1000 + i));
     }
     cloud = start_cloud(root, ports);
-    edge.daemon.wait_for("connected to the cloud");
+    wait_node_connected(&cloud);
     for i in 40..80 {
         let id = format!("cloud-kill-down-{i}");
         cloud.post(&id, stream);
@@ -341,7 +233,7 @@ fn cloud_end_to_end(protocol: &str) {
     let received = edge.received();
     exactly_once("downstream across a cloudcore kill -9", &received, &down2);
     exactly_once("downstream before the cloudcore kill", &received, &down_ids);
-    let mut all = Sse::open(cloud.api, &format!("node={NODE}&since=0"));
+    let mut all = Sse::open(cloud.api, PATIENCE, &format!("node={NODE}&since=0"));
     let mut every = up_ids.clone();
     every.extend(up2.iter().cloned());
     let counts = all.until_all(&every);
@@ -352,6 +244,17 @@ fn cloud_end_to_end(protocol: &str) {
         down2.len(),
         up2.len()
     );
+
+    // Every queue drained: the edge's outbox is empty, the cloud's queue has nothing open.
+    wait_until("queues drained", PATIENCE, || {
+        let rows = outbox_rows(&root.join("edge/outbox.db"));
+        let queue = cloud.node()["queue"].clone();
+        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
+            Ok(())
+        } else {
+            Err(format!("outbox {rows} rows, cloud queue {queue}"))
+        }
+    });
 
     assert_eq!(edge.daemon.stop(), Some(0), "edgecore exits 0 on SIGTERM");
     assert_eq!(cloud.daemon.stop(), Some(0), "cloudcore exits 0 on SIGTERM");
@@ -389,7 +292,7 @@ fn identity_rules(protocol: &str) {
     let cloud = start_cloud(root, [0; 4]);
     // A 10 s heartbeat: the replaced edgecore waits two heartbeats before redialling.
     let config = edge_config(root, protocol, &cloud, 10);
-    let mut edge = Edge::start(&config);
+    let edge = start_edge(&config);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -402,7 +305,7 @@ fn identity_rules(protocol: &str) {
             &edge_dial(root, protocol, &cloud, NODE),
         ))
         .expect("second connection of the node");
-    edge.daemon.wait_for("disconnected from the cloud");
+    edge.wait_cloud(false);
     let node = cloud.node();
     assert_eq!(node["connected"], true, "the node stays connected: {node}");
     // The newest connection is the one served.
@@ -442,7 +345,7 @@ fn identity_rules(protocol: &str) {
     // Whether the close is confirmed does not matter here; the connection is gone either way.
     let _ = runtime.block_on(newest.close("test done"));
     drop(newest);
-    edge.daemon.wait_for("connected to the cloud");
+    edge.wait_connected();
 
     // This node's certificate, claiming to be another node.
     let outcome = runtime.block_on(async {

@@ -12,13 +12,13 @@
 //! --workspace` builds them first, as it runs their own tests.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, Daemon, bootstrap_token, count_ids, fields, http, json_of,
+    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, outbox_rows,
+    wait_until,
 };
 use serde_json::{Value, json};
 
@@ -28,41 +28,7 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// Reads the cloud's upstream Server-Sent Events stream from the start until every id in `ids`
 /// has appeared; returns how many times each appeared.
 fn upstream_ids(api: SocketAddr, node: &str, ids: &[String]) -> HashMap<String, usize> {
-    let mut s = TcpStream::connect(api).expect("connect");
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    write!(
-        s,
-        "GET /v1/messages?node={node}&since=0 HTTP/1.1\r\nHost: {api}\r\nAccept: text/event-stream\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    let mut buf = [0u8; 8192];
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("reading the event stream: {e}"),
-        }
-        let counts = count_ids(&text, ids);
-        if ids
-            .iter()
-            .all(|id| counts.get(id).copied().unwrap_or(0) > 0)
-        {
-            return counts;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "upstream messages {ids:?} never reached the cloud:\n{text}"
-        );
-    }
-    count_ids(&text, ids)
+    Sse::open(api, PATIENCE, &format!("node={node}&since=0")).until_all(ids)
 }
 
 /// Starts cloudcore for these tests (keepalive interval 5 s).
@@ -98,14 +64,6 @@ modules:
     config
 }
 
-/// Posts an upstream message through the edge's local store; returns its id.
-fn send_from_edge(local: SocketAddr, n: usize) -> String {
-    let body = json!({"group": "user", "resource": "sensors/t1", "operation": "upload", "content": {"n": n}});
-    let (code, body) = http(local, "POST", "/v1/upstream", &body.to_string());
-    assert_eq!(code, 202, "{body}");
-    json_of(&body)["id"].as_str().expect("id").to_owned()
-}
-
 /// Posts a cloud message for the edge and waits for its ACK; returns the message id.
 fn send_to_edge(api: SocketAddr, id: &str) -> Value {
     let msg = json!({
@@ -122,17 +80,6 @@ fn send_to_edge(api: SocketAddr, id: &str) -> Value {
     );
     assert!(code == 200 || code == 202, "{code} {body}");
     json_of(&body)
-}
-
-fn local_ids(local: SocketAddr) -> Vec<String> {
-    let (code, body) = http(local, "GET", "/v1/messages?after=0&limit=1000", "");
-    assert_eq!(code, 200, "{body}");
-    json_of(&body)["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .filter_map(|m| m["message"]["header"]["msg_id"].as_str().map(str::to_owned))
-        .collect()
 }
 
 fn node_view(api: SocketAddr) -> Value {
@@ -152,12 +99,9 @@ fn end_to_end(protocol: &str) {
 
     // First start: no certificate, only a token.
     let started = Instant::now();
-    let mut edge = Daemon::start("edgecore", &config, PATIENCE);
-    edge.wait_for("node certificate written");
-    let local: SocketAddr = fields(&edge.wait_for("local store listening"))["addr"]
-        .parse()
-        .unwrap();
-    edge.wait_for("connected to the cloud");
+    let edge = Edge::start(&config, PATIENCE);
+    edge.wait_connected();
+    assert!(root.join("edge/node.crt").exists(), "bootstrapped");
     println!(
         "{protocol}: bootstrap and first connect took {:?}",
         started.elapsed()
@@ -183,25 +127,32 @@ fn end_to_end(protocol: &str) {
     // A message each way.
     let acked = send_to_edge(cloud.api, "down-1");
     assert_eq!(acked["acked"], true, "{acked}");
-    assert!(local_ids(local).contains(&"down-1".to_owned()));
-    let up1 = send_from_edge(local, 1);
+    assert_eq!(edge.received().get("down-1"), Some(&1));
+    let up1 = edge.send(1);
     let counts = upstream_ids(cloud.api, "edge-e2e", std::slice::from_ref(&up1));
     assert_eq!(counts[&up1], 1);
 
     // The cloud dies without warning; the edge notices and keeps what applications send.
     cloud.daemon.kill();
     let killed = Instant::now();
-    edge.wait_for("disconnected from the cloud");
+    edge.wait_cloud(false);
     println!(
         "{protocol}: edge noticed the killed cloud after {:?}",
         killed.elapsed()
     );
-    let offline: Vec<String> = (2..5).map(|n| send_from_edge(local, n)).collect();
+    let offline: Vec<String> = (2..5).map(|n| edge.send(n)).collect();
 
     // The cloud comes back on the same ports (its store and PKI on disk).
     let cloud = start_cloud(root, ports);
     let restarted = Instant::now();
-    edge.wait_for("connected to the cloud");
+    wait_until("node connected to the new cloudcore", PATIENCE, || {
+        let node = node_view(cloud.api);
+        if node["connected"] == true {
+            Ok(())
+        } else {
+            Err(node.to_string())
+        }
+    });
     println!(
         "{protocol}: edge reconnected {:?} after the cloud restarted",
         restarted.elapsed()
@@ -218,13 +169,23 @@ fn end_to_end(protocol: &str) {
     }
     let acked = send_to_edge(cloud.api, "down-2");
     assert_eq!(acked["acked"], true, "{acked}");
-    let ids = local_ids(local);
+    let received = edge.received();
     assert!(
-        ids.contains(&"down-1".to_owned()) && ids.contains(&"down-2".to_owned()),
-        "{ids:?}"
+        received.get("down-1") == Some(&1) && received.get("down-2") == Some(&1),
+        "{received:?}"
     );
+    // Every queue drained: nothing left in the outbox, nothing open in the cloud's queue.
+    wait_until("queues drained", PATIENCE, || {
+        let rows = outbox_rows(&root.join("edge/outbox.db"));
+        let queue = node_view(cloud.api)["queue"].clone();
+        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
+            Ok(())
+        } else {
+            Err(format!("outbox {rows} rows, cloud queue {queue}"))
+        }
+    });
 
-    assert_eq!(edge.stop(), Some(0), "edgecore exits 0 on SIGTERM");
+    assert_eq!(edge.daemon.stop(), Some(0), "edgecore exits 0 on SIGTERM");
     assert_eq!(cloud.daemon.stop(), Some(0), "cloudcore exits 0 on SIGTERM");
 }
 
