@@ -1,0 +1,201 @@
+//! Reliability end to end: the real `cloudcore` and `edgecore` on loopback, over each protocol,
+//! with thousands of ACK-required messages from the cloud and hundreds of messages from the
+//! edge, while each daemon is killed (SIGKILL) and restarted twice. Every queue must drain back
+//! to empty — the cloud's per-node queue (nothing pending, nothing in flight) and the edge's
+//! outbox (no rows) — and every id must arrive exactly once at its application.
+//!
+//! It first reproduces the field report that made the edge's outbox keep every ACK response for
+//! good (PROTOCOL.md Part A item 7): 300 acknowledged downstream messages used to leave 300 rows
+//! behind and, past 256, block every later upstream message behind them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use causeway_tests::daemon::{
+    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, outbox_rows,
+    wait_until,
+};
+use serde_json::{Value, json};
+
+/// Bound on each wait; generous, since the suite runs beside builds on two cores.
+const PATIENCE: Duration = Duration::from_secs(150);
+/// Downstream messages are spread over this many resources (order is kept per resource, so
+/// more resources mean more messages in flight at once).
+const RESOURCES: usize = 16;
+
+fn node(protocol: &str) -> String {
+    format!("edge-soak-{protocol}")
+}
+
+fn start_cloud(dir: &Path, ports: [u16; 4]) -> Cloud {
+    Cloud::start(dir, ports, 30, PATIENCE)
+}
+
+/// The edge's config: KubeEdge's default upstream limit (30 msg/s, burst 60), which ACKs must
+/// not pay for.
+fn edge_config(dir: &Path, protocol: &str, cloud: &Cloud) -> PathBuf {
+    let d = dir.display();
+    let server = cloud.server(protocol);
+    let https = cloud.https;
+    let token = bootstrap_token(dir);
+    let node = node(protocol);
+    let config = dir.join("edgecore.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "edgehub:
+  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {node} }}
+  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
+  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
+  http-server: 'https://{https}'
+  token: '{token}'
+  outbox: {{ path: {d}/edge/outbox.db }}
+modules:
+  local-store: {{ path: {d}/edge/local.db, listen: '127.0.0.1:0' }}
+"
+        ),
+    )
+    .expect("write edge config");
+    config
+}
+
+/// Queues an ACK-required message for the node; the cloud has it durably once this returns.
+fn post(cloud: &Cloud, node: &str, id: &str, n: usize) {
+    let msg = json!({
+        "header": {"msg_id": id},
+        "route": {"source": "soak", "group": "resource", "operation": "update",
+                  "resource": format!("default/configmap/cm{}", n % RESOURCES)},
+        "content": {"n": n}
+    });
+    let (code, body) = http(
+        cloud.api,
+        "POST",
+        &format!("/v1/nodes/{node}/messages?ack=true"),
+        &msg.to_string(),
+    );
+    assert_eq!(code, 202, "{body}");
+}
+
+fn node_view(cloud: &Cloud, node: &str) -> Value {
+    let (code, body) = http(cloud.api, "GET", &format!("/v1/nodes/{node}"), "");
+    assert_eq!(code, 200, "{body}");
+    json_of(&body)
+}
+
+/// Waits until the cloud's queue for the node has nothing open and the edge's outbox no row.
+fn wait_drained(cloud: &Cloud, node: &str, outbox: &Path) {
+    wait_until("every queue drained", PATIENCE, || {
+        let rows = outbox_rows(outbox);
+        let view = node_view(cloud, node);
+        let queue = &view["queue"];
+        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
+            Ok(())
+        } else {
+            Err(format!("outbox {rows} rows; cloud: {view}"))
+        }
+    });
+}
+
+fn exactly_once(what: &str, counts: &HashMap<String, usize>, ids: &[String]) {
+    let wrong: Vec<(&String, Option<&usize>)> = ids
+        .iter()
+        .map(|id| (id, counts.get(id)))
+        .filter(|(_, n)| *n != Some(&1))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{what}: {} of {} ids not seen exactly once, e.g. {:?}",
+        wrong.len(),
+        ids.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}
+
+fn soak(protocol: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let node = node(protocol);
+    let outbox = root.join("edge/outbox.db");
+    let mut cloud = start_cloud(root, [0; 4]);
+    let ports = cloud.ports();
+    let config = edge_config(root, protocol, &cloud);
+    let mut edge = Edge::start(&config, PATIENCE);
+    edge.wait_connected();
+
+    // The field report: 300 ACKed downstream messages, then the edge must still send.
+    let mut down: Vec<String> = Vec::new();
+    let mut up: Vec<String> = Vec::new();
+    for n in 0..300 {
+        let id = format!("{protocol}-wedge-{n}");
+        post(&cloud, &node, &id, n);
+        down.push(id);
+    }
+    wait_drained(&cloud, &node, &outbox);
+    for n in 0..50 {
+        up.push(edge.send(n));
+    }
+    let counts = Sse::open(cloud.api, PATIENCE, &format!("node={node}&since=0")).until_all(&up);
+    exactly_once("upstream after 300 ACKed messages", &counts, &up);
+    wait_drained(&cloud, &node, &outbox);
+
+    // Four rounds, each killing one side in the middle of traffic both ways.
+    for round in 0..4 {
+        let kill_edge = round % 2 == 0;
+        for n in 0..250 {
+            let id = format!("{protocol}-r{round}-a{n}");
+            post(&cloud, &node, &id, n);
+            down.push(id);
+            if n % 6 == 0 {
+                up.push(edge.send(n));
+            }
+        }
+        if kill_edge {
+            edge.daemon.kill();
+            for n in 0..250 {
+                let id = format!("{protocol}-r{round}-b{n}");
+                post(&cloud, &node, &id, n);
+                down.push(id);
+            }
+            edge = Edge::start(&config, PATIENCE);
+        } else {
+            cloud.daemon.kill();
+            for n in 0..250 {
+                if n % 6 == 0 {
+                    up.push(edge.send(1000 + n));
+                }
+            }
+            cloud = start_cloud(root, ports);
+            for n in 0..250 {
+                let id = format!("{protocol}-r{round}-b{n}");
+                post(&cloud, &node, &id, n);
+                down.push(id);
+            }
+        }
+        wait_drained(&cloud, &node, &outbox);
+    }
+
+    let received = edge.received();
+    exactly_once("downstream across kills", &received, &down);
+    let counts = Sse::open(cloud.api, PATIENCE, &format!("node={node}&since=0")).until_all(&up);
+    exactly_once("upstream across kills", &counts, &up);
+    wait_drained(&cloud, &node, &outbox);
+    println!(
+        "{protocol}: {} ACKed downstream and {} upstream messages, two kills of each daemon: \
+         each id delivered exactly once, every queue empty",
+        down.len(),
+        up.len()
+    );
+    assert_eq!(edge.daemon.stop(), Some(0));
+    assert_eq!(cloud.daemon.stop(), Some(0));
+}
+
+#[test]
+fn websocket_queues_drain_across_kills() {
+    soak("websocket");
+}
+
+#[test]
+fn quic_queues_drain_across_kills() {
+    soak("quic");
+}
