@@ -354,7 +354,9 @@ fn connection_events_are_published_to_the_four_groups() {
 }
 
 #[test]
-fn reconnect_waits_exactly_two_heartbeats_after_a_loss() {
+fn reconnect_waits_two_heartbeats_plus_jitter_after_a_loss() {
+    // The harness draws 0.5: half of the jitter (half a heartbeat) is added.
+    let wait = HB * 2 + HB / 4;
     let mut h = Harness::new(SessionConfig::new(HB));
     h.run_until(Duration::from_secs(20));
     h.inject(Event::Failed {
@@ -366,7 +368,7 @@ fn reconnect_waits_exactly_two_heartbeats_after_a_loss() {
     h.run_until(Duration::from_secs(120));
     let connects = h.connects();
     assert_eq!(connects.len(), 2);
-    assert_eq!(connects[1], (lost_at + HB * 2, Generation(2)));
+    assert_eq!(connects[1], (lost_at + wait, Generation(2)));
     assert_eq!(h.session.state(), SessionState::Connected(Generation(2)));
     let scheduled = h.events.iter().find_map(|(_, e)| match e {
         SessionEvent::ReconnectScheduled {
@@ -374,7 +376,30 @@ fn reconnect_waits_exactly_two_heartbeats_after_a_loss() {
         } => Some((*after, *failures)),
         _ => None,
     });
-    assert_eq!(scheduled, Some((HB * 2, 0)));
+    assert_eq!(scheduled, Some((wait, 0)));
+}
+
+#[test]
+fn a_fleet_that_lost_its_cloud_together_comes_back_spread_out() {
+    // Nodes with different random draws, all losing the link at one instant: each waits at
+    // least two heartbeats and the fleet spreads over the jitter, not one burst.
+    let mut waits = Vec::new();
+    for draw in [0.0, 0.25, 0.5, 0.75, 0.999] {
+        let mut h = Harness::with_random(SessionConfig::new(HB), move || draw);
+        h.run_until(Duration::from_secs(20));
+        h.inject(Event::Failed {
+            generation: Generation(1),
+            reason: "cloud restarted".into(),
+        });
+        let lost_at = h.elapsed();
+        h.run_until(Duration::from_secs(120));
+        waits.push(h.connects()[1].0 - lost_at);
+    }
+    assert!(
+        waits.iter().all(|w| *w >= HB * 2 && *w < HB * 2 + HB / 2),
+        "{waits:?}"
+    );
+    assert!(waits.windows(2).all(|w| w[0] < w[1]), "{waits:?}");
 }
 
 #[test]
@@ -561,14 +586,15 @@ fn success_resets_the_backoff_but_a_short_lived_connection_does_not() {
         SessionState::Connected(h.session.connected_generation().unwrap())
     );
     let failures_before = h.session.failures();
-    // The connection is healthy for a long time, then lost: the counter resets, wait = 2 HB.
+    // The connection is healthy for a long time, then lost: the counter resets, wait = 2 HB
+    // plus the jitter (a quarter heartbeat with the harness's draw of 0.5).
     h.inject(Event::Failed {
         generation: h.session.connected_generation().unwrap(),
         reason: "x".into(),
     });
     assert_eq!(h.session.failures(), 0);
     assert!(failures_before > 0);
-    h.run_until(h.elapsed() + HB * 2 + ms(200));
+    h.run_until(h.elapsed() + HB * 2 + HB / 4 + ms(200));
     // Now a connection that dies right away counts as a failure and waits at least 2 HB.
     let generation = h.session.connected_generation().expect("reconnected");
     h.inject(Event::Failed {
