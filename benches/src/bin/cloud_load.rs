@@ -17,18 +17,18 @@
 //! allow N nodes (a spawned one is configured so). Needs about 2N file descriptors in total.
 
 use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use causeway_benches::{SpawnedCloud, keepalive, rss_kib, wait_connected};
 use certs::files::CertDir;
 use certs::{NodeId, Validity};
-use proto::Message;
 use tokio::sync::Semaphore;
 use transport::{Connection, DialConfig, Protocol};
+
+/// Bound on waiting for the cloud to count its nodes.
+const PATIENCE: Duration = Duration::from_secs(300);
 
 /// Where the cloudcore under test is.
 struct Target {
@@ -36,8 +36,8 @@ struct Target {
     cert_dir: PathBuf,
     addrs: HashMap<Protocol, String>,
     api: String,
-    /// A cloudcore we started (killed at the end) and its temporary directory.
-    spawned: Option<(Child, tempfile::TempDir)>,
+    /// A cloudcore we started (stopped at the end) and its temporary directory.
+    spawned: Option<(SpawnedCloud, tempfile::TempDir)>,
 }
 
 struct Options {
@@ -101,12 +101,8 @@ fn main() {
         Some(bin) => options.protocols.iter().try_for_each(|&protocol| {
             let mut target = spawn(bin, options.nodes);
             let result = runtime.block_on(run(&target, &options, protocol));
-            if let Some((mut child, _dir)) = target.spawned.take() {
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(child.id().to_string())
-                    .status();
-                let _ = child.wait();
+            if let Some((cloud, _dir)) = target.spawned.take() {
+                cloud.stop();
             }
             result
         }),
@@ -145,59 +141,13 @@ fn main() {
 /// Starts a cloudcore on free loopback ports with a temporary PKI and state.
 fn spawn(bin: &str, nodes: usize) -> Target {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("cloudcore.yaml");
-    let yaml = format!(
-        "cloudhub:\n  websocket: {{ enable: true, address: 127.0.0.1, port: 0 }}\n  \
-         quic: {{ enable: true, address: 127.0.0.1, port: 0 }}\n  \
-         https: {{ enable: false, address: 127.0.0.1, port: 0 }}\n  \
-         api: {{ enable: true, address: 127.0.0.1, port: 0 }}\n  \
-         node-limit: {}\n  tls: {{ cert-dir: {} }}\n  \
-         queue: {{ path: {}, durability: normal }}\n",
-        nodes + 16,
-        dir.path().join("pki").display(),
-        dir.path().join("cloudcore.db").display()
-    );
-    std::fs::write(&config, yaml).expect("write config");
-    let mut child = Command::new(bin)
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn,cloudcore=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-    let stderr = child.stderr.take().expect("piped stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let listening = loop {
-        match lines.next() {
-            Some(Ok(line)) if line.contains("cloudcore listening") => break line,
-            Some(Ok(_)) => {}
-            _ => panic!("cloudcore exited before listening"),
-        }
-    };
-    // Keep draining its stderr so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    let field = |key: &str| -> String {
-        let start = listening
-            .find(&format!("{key}="))
-            .map(|i| i + key.len() + 1)
-            .expect("field in the listening line");
-        listening[start..]
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .to_owned()
-    };
+    let cloud = SpawnedCloud::start(bin, dir.path(), nodes, [0; 3]);
     Target {
-        pid: child.id(),
-        cert_dir: dir.path().join("pki"),
-        addrs: [
-            (Protocol::WebSocket, field("websocket")),
-            (Protocol::Quic, field("quic")),
-        ]
-        .into_iter()
-        .collect(),
-        api: field("api"),
-        spawned: Some((child, dir)),
+        pid: cloud.pid(),
+        cert_dir: cloud.cert_dir.clone(),
+        addrs: cloud.addrs.clone(),
+        api: cloud.api.clone(),
+        spawned: Some((cloud, dir)),
     }
 }
 
@@ -229,7 +179,7 @@ async fn run(target: &Target, options: &Options, protocol: Protocol) -> Result<(
             ))
         };
         let first = connect(protocol, dial(0)?, options.heartbeat).await?;
-        wait_connected(&target.api, protocol, 1).await?;
+        wait_connected(&target.api, protocol, 1, PATIENCE).await?;
         let one = rss_kib(target.pid)?;
         let started = Instant::now();
         let gate = Arc::new(Semaphore::new(options.concurrency));
@@ -247,7 +197,7 @@ async fn run(target: &Target, options: &Options, protocol: Protocol) -> Result<(
         for task in tasks {
             sessions.push(task.await.map_err(|e| e.to_string())??);
         }
-        wait_connected(&target.api, protocol, options.nodes).await?;
+        wait_connected(&target.api, protocol, options.nodes, PATIENCE).await?;
         let connect_secs = started.elapsed().as_secs_f64();
         let all = rss_kib(target.pid)?;
         let per_node = if options.nodes > 1 {
@@ -271,7 +221,7 @@ async fn run(target: &Target, options: &Options, protocol: Protocol) -> Result<(
         for session in sessions {
             session.finish().await;
         }
-        wait_connected(&target.api, protocol, 0).await?;
+        wait_connected(&target.api, protocol, 0, PATIENCE).await?;
     }
     Ok(())
 }
@@ -328,55 +278,4 @@ async fn connect(
         })
     };
     Ok(Session { conn, task, stop })
-}
-
-fn keepalive() -> Message {
-    Message::new("")
-        .route("websocket", "resource", "node", "keepalive")
-        .content(proto::Content::text("ping"))
-}
-
-/// `VmRSS` of `pid` in KiB.
-fn rss_kib(pid: u32) -> Result<u64, String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))
-}
-
-/// Polls the cloud's `/metrics` until `n` nodes are connected over `protocol` (bounded).
-async fn wait_connected(api: &str, protocol: Protocol, n: usize) -> Result<(), String> {
-    let needle = format!(
-        "cloudhub_connected_nodes{{protocol=\"{}\"}} {n}\n",
-        protocol.as_str()
-    );
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let api = api.to_owned();
-        let text = tokio::task::spawn_blocking(move || metrics(&api))
-            .await
-            .map_err(|e| e.to_string())??;
-        if text.contains(&needle) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{n} {protocol} nodes never showed as connected"));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn metrics(api: &str) -> Result<String, String> {
-    let mut stream = TcpStream::connect(api).map_err(|e| format!("API {api}: {e}"))?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: cloud\r\nConnection: close\r\n\r\n")
-        .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .map_err(|e| e.to_string())?;
-    Ok(text)
 }
