@@ -250,3 +250,83 @@ async fn incomplete_stream_prefix_times_out() {
         code::PROTOCOL_VIOLATION
     );
 }
+
+/// A server that dies without a word (a SIGKILLed cloudcore) and comes back on the same address
+/// with the same key: the edge's next packet is answered with a stateless reset it accepts, so
+/// the edge learns of the restart at once (a connection reset), not after its idle timeout.
+#[test]
+fn a_restarted_server_resets_the_connections_of_its_previous_life() {
+    let pki = Pki::new();
+    let runtime = |name: &str| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let first_life = runtime("first-life");
+    let client_rt = runtime("client");
+    let link = h::test_link();
+    let (addr, held) = first_life.block_on(async {
+        let mut server = TestServer::start(P, pki.listen_config(link.clone())).await;
+        let addr = server.addr;
+        // The server's side stays alive until the runtime dies, as in a killed process.
+        let held = tokio::spawn(async move {
+            let conn = server.accept().await;
+            let msg = conn.recv().await;
+            std::future::pending::<()>().await;
+            drop((server, conn, msg));
+        });
+        (addr, held)
+    });
+    let conn = client_rt.block_on(async {
+        let conn = within(
+            "connect",
+            transport::connect(P, &pki.dial_config(addr, "edge-1", link.clone())),
+        )
+        .await
+        .expect("connect");
+        conn.send(message("r", 1, Content::text("hello")))
+            .await
+            .expect("send");
+        conn
+    });
+    // Dies without closing anything: its tasks and socket vanish, no CONNECTION_CLOSE is sent.
+    drop(held);
+    first_life.shutdown_background();
+    let second_life = runtime("second-life");
+    let _server = second_life.block_on(async {
+        // The old runtime drops its tasks, and with them the socket, in the background.
+        let socket = within("the old socket to go", async {
+            loop {
+                match transport::ListenSocket::bind(P, addr).await {
+                    Ok(socket) => return socket,
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                }
+            }
+        })
+        .await;
+        let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Box::pin(async move {
+            let _ = rx.await;
+        });
+        let listener = transport::listen(P, socket, pki.listen_config(link.clone()), shutdown)
+            .expect("listen");
+        (listener, _tx)
+    });
+    let outcome = client_rt.block_on(async {
+        // Data makes the client send at once; the keep-alive would do it within 2 s anyway.
+        let _ = conn
+            .send(message("r", 2, Content::text("are you there")))
+            .await;
+        within("the restarted server's verdict", conn.recv()).await
+    });
+    match outcome {
+        Err(RecvError::Io { kind, .. }) => assert_eq!(kind, std::io::ErrorKind::ConnectionReset),
+        other => panic!(
+            "expected a stateless reset, got {other:?} (the idle timeout is {:?})",
+            link.read_deadline
+        ),
+    }
+}
