@@ -46,7 +46,15 @@ pub(crate) fn ensure(config: &CloudHubConfig) -> anyhow::Result<Pki> {
         certs::files::write_cert(&server_cert, &issued.cert_pem)?;
         tracing::info!(cert = %server_cert.display(), dns = ?config.dns_names,
             ips = ?config.advertise_address, "created a server certificate");
-        issued.identity
+        // Served as a restart will load it, byte for byte: the QUIC stateless-reset and
+        // connection-id keys derive from the key's bytes, and must survive the restart.
+        drop(issued);
+        Identity::load(&server_cert, &server_key).with_context(|| {
+            format!(
+                "loading the new server certificate {}",
+                server_cert.display()
+            )
+        })?
     };
     Ok(Pki { ca, server })
 }

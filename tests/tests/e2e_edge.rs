@@ -282,3 +282,25 @@ fn certificate_bootstrap_and_renewal_against_cloudcore() {
     ));
     assert_eq!(cloud.daemon.stop(), Some(0));
 }
+
+/// A cloudcore killed and restarted at once (its first start made its PKI): the QUIC edge's next
+/// packet reaches the new process, which recognises the connection as one of its previous life
+/// and resets it, so the edge's reason is the stateless reset, not a silent link timing out.
+#[test]
+fn quic_edge_learns_of_a_cloud_restart_from_a_stateless_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cloud = start_cloud(root, [0; 4]);
+    let ports = cloud.ports();
+    let token = bootstrap_token(root);
+    let config = edge_config(root, "quic", cloud.quic, cloud.https, &token);
+    let mut edge = Edge::start(&config, PATIENCE);
+    edge.wait_connected();
+    cloud.daemon.kill();
+    let cloud = start_cloud(root, ports);
+    let line = edge.daemon.wait_for("disconnected from the cloud");
+    assert!(line.contains("stateless reset"), "{line}");
+    edge.wait_connected();
+    assert_eq!(edge.daemon.stop(), Some(0));
+    assert_eq!(cloud.daemon.stop(), Some(0));
+}

@@ -112,12 +112,19 @@ async fn storm(
             )
             .map_err(|e| e.to_string())?
             .identity;
-        let dial = DialConfig::new(server.clone(), node, identity, anchors.clone());
+        // edgecore's own settings for this heartbeat: session timing and transport deadlines.
+        let mut edge = edgehub::EdgeHubConfig::new(node.clone());
+        edge.controller.protocol = protocol;
+        edge.controller.heartbeat =
+            edgehub::config::Seconds::new(u32::try_from(heartbeat.as_secs()).unwrap_or(u32::MAX))
+                .map_err(|e| e.to_string())?;
+        let mut dial = DialConfig::new(server.clone(), node, identity, anchors.clone());
+        dial.link = edge.link_config();
         tasks.push(tokio::spawn(run_node(
             i,
             protocol,
             dial,
-            heartbeat,
+            edge.session_config(),
             Arc::clone(&gate),
             tx.clone(),
             Arc::clone(&stop),
@@ -127,9 +134,11 @@ async fn storm(
     let started = Instant::now();
     wait_connected(&api, protocol, nodes, PATIENCE).await?;
     println!(
-        "{nodes} {protocol} nodes connected in {:.1} s (heartbeat {heartbeat:?}); killing cloudcore",
+        "{nodes} {protocol} nodes connected in {:.1} s (heartbeat {heartbeat:?}); killing \
+         cloudcore after two heartbeats of steady state",
         started.elapsed().as_secs_f64()
     );
+    tokio::time::sleep(heartbeat * 2).await;
     while rx.try_recv().is_ok() {}
 
     let killed_at = Instant::now();
@@ -294,14 +303,16 @@ async fn run_node(
     index: usize,
     protocol: Protocol,
     dial: DialConfig,
-    heartbeat: Duration,
+    config: SessionConfig,
     gate: Arc<Semaphore>,
     reports: mpsc::UnboundedSender<(usize, Instant, Report)>,
     stop: Arc<tokio::sync::Notify>,
 ) {
     let now = || tokio::time::Instant::now().into_std();
-    let mut session = EdgeSession::with_seed(SessionConfig::new(heartbeat), now(), index as u64);
+    let mut session = EdgeSession::with_seed(config, now(), index as u64);
     let mut link: Option<(Generation, Arc<dyn Connection>)> = None;
+    // As in edgecore, a reader task per connection: a write that waits never hides a failure.
+    let (inbound_tx, mut inbound_rx) = mpsc::unbounded_channel();
     let mut first = true;
     loop {
         loop {
@@ -319,7 +330,19 @@ async fn run_node(
                         match transport::connect(protocol, &dial).await {
                             Ok(conn) => {
                                 let upstream_ack = conn.peer().capabilities.upstream_ack;
-                                link = Some((generation, Arc::from(conn)));
+                                let conn: Arc<dyn Connection> = Arc::from(conn);
+                                let reader = Arc::clone(&conn);
+                                let inbound = inbound_tx.clone();
+                                tokio::spawn(async move {
+                                    loop {
+                                        let result = reader.recv().await;
+                                        let last = !matches!(result, Ok(Some(_)));
+                                        if inbound.send((generation, result)).is_err() || last {
+                                            return;
+                                        }
+                                    }
+                                });
+                                link = Some((generation, conn));
                                 session.handle_event(
                                     now(),
                                     Event::Connected {
@@ -386,15 +409,9 @@ async fn run_node(
             .poll_timeout()
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-        let received = async {
-            match &link {
-                Some((generation, conn)) => (*generation, conn.recv().await),
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             () = stop.notified() => return,
-            (generation, result) = received => match result {
+            Some((generation, result)) = inbound_rx.recv() => match result {
                 Ok(Some(message)) => session.handle_message(now(), generation, message),
                 Ok(None) => session.handle_event(now(), Event::Failed {
                     generation,

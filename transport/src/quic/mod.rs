@@ -502,8 +502,9 @@ async fn server_handshake(
 /// the same key (a crash, an upgrade) then recognises the connection ids its previous process
 /// handed out and answers their packets with a stateless reset that the edge accepts (RFC 9000
 /// §10.3), so the edge notices within one round trip and reconnects, instead of waiting out its
-/// dead-peer timeout. Both keys are one-way functions of the private key under labels of their
-/// own, so they reveal nothing of it.
+/// dead-peer timeout. Both keys are one-way functions of the private key's bytes under labels
+/// of their own, so they reveal nothing of it; the key must be loaded in the same encoding on
+/// every start (cloudcore serves its key as read from its file).
 fn endpoint_config(identity: &certs::Identity) -> quinn::EndpointConfig {
     let derive = |label: &[u8]| {
         let mut input = label.to_vec();
@@ -519,6 +520,11 @@ fn endpoint_config(identity: &certs::Identity) -> quinn::EndpointConfig {
     let mut cid_key = [0u8; 8];
     cid_key.copy_from_slice(&cid.as_ref()[..8]);
     let cid_key = u64::from_le_bytes(cid_key);
+    // quinn sends at most one reset per 20 ms by default, which a restarted cloudcore with a
+    // thousand edges exhausts at once (most edges then wait out the idle timeout instead). A
+    // reset is always smaller than the packet that caused it, so a lower bound risks no
+    // amplification; 1 ms allows a thousand edges a second.
+    config.min_reset_interval(std::time::Duration::from_millis(1));
     config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
