@@ -108,7 +108,11 @@ pub(crate) fn verify_node(
 ) -> Result<certs::NodeId, crate::RejectReason> {
     let certified = certs::node_id_from_cert(certificate).map_err(|e| {
         crate::RejectReason::NotNodeCertificate {
-            detail: e.to_string(),
+            // The reason alone: the variant's own text already says "not a node certificate".
+            detail: match e {
+                certs::CertError::NotNodeCertificate { reason } => reason,
+                other => other.to_string(),
+            },
         }
     })?;
     let claimed = claimed.ok_or(crate::RejectReason::MissingNodeId)?;
@@ -140,6 +144,21 @@ pub(crate) fn split_host_port(server: &str) -> Result<(String, u16), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_that_is_not_a_node_certificate_is_refused_with_its_reason_once() {
+        let now = time::OffsetDateTime::now_utc();
+        let ca = certs::CertificateAuthority::generate(certs::Validity::days_from(now, 1))
+            .expect("ca");
+        let server = ca
+            .issue_server(&["cloud".to_owned()], &[], certs::Validity::days_from(now, 1))
+            .expect("server certificate");
+        let der = server.identity.chain[0].clone();
+        let reason = verify_node(der.as_ref(), Some("edge-1")).expect_err("refused");
+        let text = reason.to_string();
+        assert!(text.starts_with("not a node certificate: "), "{text}");
+        assert_eq!(text.matches("not a node certificate").count(), 1, "{text}");
+    }
 
     #[test]
     fn host_port_splits_names_and_addresses() {
