@@ -227,6 +227,20 @@ impl ServerCertVerifier for DangerousAnyServerCert {
     }
 }
 
+/// The edge listeners' client verifier: a certificate from `anchors` is required. It names no
+/// acceptable CAs in its certificate request: a Go client (a stock KubeEdge edge) whose
+/// certificate is from another CA would otherwise send none at all, and the refusal could only
+/// say "no client certificate" instead of the real reason, an unknown issuer.
+fn node_verifier(
+    anchors: &TrustAnchors,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsConfigError> {
+    WebPkiClientVerifier::builder_with_provider(root_store(anchors)?, provider.clone())
+        .clear_root_hint_subjects()
+        .build()
+        .map_err(TlsConfigError::Verifier)
+}
+
 /// The server configuration of `protocol`: mutual TLS against `anchors`, presenting `identity`.
 pub fn server_config(
     protocol: Protocol,
@@ -237,10 +251,7 @@ pub fn server_config(
         return Err(TlsConfigError::NoCertificate);
     }
     let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(root_store(anchors)?, provider.clone())
-            .build()
-            .map_err(TlsConfigError::Verifier)?;
+    let verifier = node_verifier(anchors, &provider)?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions(protocol))
         .map_err(TlsConfigError::Rustls)?
@@ -313,6 +324,16 @@ mod tests {
                 assert!(name.contains("ECDHE_ECDSA"), "{name}");
             }
         }
+    }
+
+    #[test]
+    fn edge_listeners_name_no_acceptable_cas() {
+        let now = time::OffsetDateTime::now_utc();
+        let ca = certs::CertificateAuthority::generate(certs::Validity::days_from(now, 1))
+            .expect("ca");
+        let verifier = node_verifier(&ca.trust_anchors(), &provider()).expect("verifier");
+        assert!(verifier.root_hint_subjects().is_empty());
+        assert!(verifier.client_auth_mandatory());
     }
 
     #[test]
