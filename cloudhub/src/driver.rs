@@ -91,6 +91,17 @@ impl Driver {
             }
         };
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+        // The node record keeps when the node was last heard from, for the node list.
+        let last_frame_ms = self.info.last_frame_ms.load(Ordering::Relaxed);
+        if last_frame_ms > 0 {
+            let record = NodeRecord {
+                id: self.node.clone(),
+                project: self.info.project.clone(),
+                first_seen_ms: last_frame_ms,
+                last_seen_ms: last_frame_ms,
+            };
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, hub.store.register_node(record)).await;
+        }
         if hub.remove_if_current(&self.node, self.generation) {
             hub.metrics.disconnected(cause.label());
             tracing::info!(node = %self.node, %protocol, reason = %cause.text(),
@@ -164,6 +175,7 @@ impl Driver {
                 received = incoming.recv() => match received {
                     Some(Ok(Some(msg))) => {
                         hub.metrics.received(self.info.protocol);
+                        self.info.last_frame_ms.store(proto::now_millis(), Ordering::Relaxed);
                         session.handle_message(Instant::now().into_std(), *msg);
                         if session.last_keepalive() != last_keepalive {
                             last_keepalive = session.last_keepalive();

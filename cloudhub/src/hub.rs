@@ -88,6 +88,8 @@ pub(crate) struct LiveInfo {
     pub(crate) remote: SocketAddr,
     pub(crate) connected_since_ms: i64,
     pub(crate) last_keepalive_ms: AtomicI64,
+    /// When the last message (keepalives included) arrived: the node's `last_seen_ms` while live.
+    pub(crate) last_frame_ms: AtomicI64,
 }
 
 /// Why a session ended, as logged and counted.
@@ -168,7 +170,9 @@ pub struct NodeView {
     pub last_keepalive_ms: Option<i64>,
     /// First connection ever, Unix milliseconds (0 if it never connected but is live now).
     pub first_seen_ms: i64,
-    /// Latest connection, Unix milliseconds.
+    /// When the node was last heard from, Unix milliseconds: its last message (keepalives
+    /// included) while connected; the last message of its latest session otherwise (or that
+    /// session's start, if the cloud stopped before recording it).
     pub last_seen_ms: i64,
     /// Open messages queued for it.
     pub queue: QueueView,
@@ -306,6 +310,7 @@ impl Hub {
             remote: peer.remote_addr,
             connected_since_ms: proto::now_millis(),
             last_keepalive_ms: AtomicI64::new(0),
+            last_frame_ms: AtomicI64::new(0),
         });
         let replaced = {
             let mut nodes = lock(&self.inner.nodes);
@@ -597,6 +602,9 @@ fn node_view(
         view.remote_addr = Some(info.remote.to_string());
         let ka = info.last_keepalive_ms.load(Ordering::Relaxed);
         view.last_keepalive_ms = (ka > 0).then_some(ka);
+        view.last_seen_ms = view
+            .last_seen_ms
+            .max(info.last_frame_ms.load(Ordering::Relaxed));
     }
     view
 }

@@ -114,7 +114,10 @@ fn end_to_end(protocol: &str) {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let now = node_view(cloud.api);
-        if now["last_keepalive_ms"].as_i64() > first["last_keepalive_ms"].as_i64() {
+        // Both advance while the node is connected: its last keepalive and when it was last seen.
+        if now["last_keepalive_ms"].as_i64() > first["last_keepalive_ms"].as_i64()
+            && now["last_seen_ms"].as_i64() > first["last_seen_ms"].as_i64()
+        {
             break;
         }
         assert!(

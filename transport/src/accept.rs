@@ -148,10 +148,14 @@ mod tests {
     #[test]
     fn a_certificate_that_is_not_a_node_certificate_is_refused_with_its_reason_once() {
         let now = time::OffsetDateTime::now_utc();
-        let ca = certs::CertificateAuthority::generate(certs::Validity::days_from(now, 1))
-            .expect("ca");
+        let ca =
+            certs::CertificateAuthority::generate(certs::Validity::days_from(now, 1)).expect("ca");
         let server = ca
-            .issue_server(&["cloud".to_owned()], &[], certs::Validity::days_from(now, 1))
+            .issue_server(
+                &["cloud".to_owned()],
+                &[],
+                certs::Validity::days_from(now, 1),
+            )
             .expect("server certificate");
         let der = server.identity.chain[0].clone();
         let reason = verify_node(der.as_ref(), Some("edge-1")).expect_err("refused");

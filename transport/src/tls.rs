@@ -329,8 +329,8 @@ mod tests {
     #[test]
     fn edge_listeners_name_no_acceptable_cas() {
         let now = time::OffsetDateTime::now_utc();
-        let ca = certs::CertificateAuthority::generate(certs::Validity::days_from(now, 1))
-            .expect("ca");
+        let ca =
+            certs::CertificateAuthority::generate(certs::Validity::days_from(now, 1)).expect("ca");
         let verifier = node_verifier(&ca.trust_anchors(), &provider()).expect("verifier");
         assert!(verifier.root_hint_subjects().is_empty());
         assert!(verifier.client_auth_mandatory());
