@@ -15,7 +15,7 @@
 //! |---|---|
 //! | `GET /v1/messages?after=<seq>&limit=<n>` | stored cloud messages after `seq` (default 0), oldest first, at most `n` (default 100, max 1000): `{"messages": [{"seq": 1, "message": <KubeEdge JSON>}], "next": <last seq>}` |
 //! | `POST /v1/upstream` | send a message to the cloud: `{"group", "resource", "operation", "content"?, "source"? (default "localapp"), "id"?}`; 202 `{"id": ...}` once EdgeHub has taken it (it is then stored durably before it is sent) |
-//! | `GET /v1/status` | `{"cloud": "connected" \| "disconnected" \| "unknown", "stored": <rows>}` |
+//! | `GET /v1/status` | `{"cloud": "connected" \| "disconnected", "last_error": <the link's last failure, or null>, "stored": <rows>}` |
 //! | `GET /healthz` | `ok` |
 //!
 //! Why HTTP on loopback rather than a JSON-lines file: applications can both read and send, the
@@ -37,6 +37,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use beehive::{BoxFuture, Bus, Module, ModuleContext, ModuleError};
+use edgehub::StatsHandle;
 use edgehub::route::{
     CLOUD_CONNECTED, CLOUD_DISCONNECTED, CONNECTION_EVENT_OPERATION, CONNECTION_EVENT_SOURCE,
     MODULE_EDGEHUB,
@@ -58,6 +59,8 @@ pub struct LocalStore {
     config: LocalStoreConfig,
     /// Filled in once the HTTP endpoint is bound (useful with port 0).
     bound: Arc<Mutex<Option<SocketAddr>>>,
+    /// EdgeHub's link state, when EdgeHub runs: `/v1/status` then also says why the link is down.
+    link: Option<StatsHandle>,
 }
 
 /// Why the local store could not start or store.
@@ -108,10 +111,10 @@ pub struct MessageTable {
     max_messages: u64,
 }
 
-/// Connection state as the last `cloud_connected` / `cloud_disconnected` event said.
+/// Connection state as the last `cloud_connected` / `cloud_disconnected` event said (never
+/// connected counts as disconnected).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CloudState {
-    Unknown,
     Connected,
     Disconnected,
 }
@@ -120,6 +123,7 @@ struct Shared {
     table: MessageTable,
     bus: Bus,
     cloud: Mutex<CloudState>,
+    link: Option<StatsHandle>,
 }
 
 impl LocalStore {
@@ -128,7 +132,14 @@ impl LocalStore {
         Self {
             config,
             bound: Arc::default(),
+            link: None,
         }
+    }
+
+    /// Reports EdgeHub's link state (and its last failure) on `/v1/status`.
+    pub fn with_link(mut self, link: StatsHandle) -> Self {
+        self.link = Some(link);
+        self
     }
 
     /// A handle that reads the bound endpoint address once the module has started.
@@ -169,7 +180,8 @@ async fn run(module: &LocalStore, mut ctx: ModuleContext) -> Result<(), StoreErr
     let shared = Arc::new(Shared {
         table,
         bus: ctx.bus().clone(),
-        cloud: Mutex::new(CloudState::Unknown),
+        cloud: Mutex::new(CloudState::Disconnected),
+        link: module.link.clone(),
     });
     let shutdown = ctx.shutdown_signal();
     let server = tokio::spawn(
@@ -190,11 +202,13 @@ async fn handle(shared: &Shared, msg: Message) {
     let route = &msg.route;
     if route.source == CONNECTION_EVENT_SOURCE && route.operation == CONNECTION_EVENT_OPERATION {
         let state = match msg.content.as_text() {
-            Some(CLOUD_CONNECTED) => CloudState::Connected,
-            Some(CLOUD_DISCONNECTED) => CloudState::Disconnected,
-            _ => CloudState::Unknown,
+            Some(CLOUD_CONNECTED) => Some(CloudState::Connected),
+            Some(CLOUD_DISCONNECTED) => Some(CloudState::Disconnected),
+            _ => None,
         };
-        *lock(&shared.cloud) = state;
+        if let Some(state) = state {
+            *lock(&shared.cloud) = state;
+        }
         return;
     }
     match shared.table.insert(&msg) {
@@ -422,13 +436,23 @@ async fn send_upstream(
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Response {
-    let cloud = match *lock(&shared.cloud) {
-        CloudState::Unknown => "unknown",
-        CloudState::Connected => "connected",
-        CloudState::Disconnected => "disconnected",
+    let (connected, last_error) = match &shared.link {
+        Some(link) => {
+            let link = link.link();
+            (link.connected, link.last_error)
+        }
+        None => (*lock(&shared.cloud) == CloudState::Connected, None),
+    };
+    let cloud = if connected {
+        "connected"
+    } else {
+        "disconnected"
     };
     match shared.table.count() {
-        Ok(stored) => axum::Json(json!({"cloud": cloud, "stored": stored})).into_response(),
+        Ok(stored) => {
+            axum::Json(json!({"cloud": cloud, "last_error": last_error, "stored": stored}))
+                .into_response()
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }

@@ -95,11 +95,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let hub = EdgeHub::new(config.edgehub.clone());
     let reconnect = hub.reconnect_trigger();
+    let link = hub.stats_handle();
     let mut beehive = Beehive::new();
     beehive.register(hub, hub_enabled)?;
     let store = config.modules.local_store.clone();
     let store_enabled = store.enable;
-    beehive.register(LocalStore::new(store), store_enabled)?;
+    beehive.register(LocalStore::new(store).with_link(link), store_enabled)?;
     tracing::info!(
         node = %config.edgehub.controller.node_id,
         modules = ?beehive.enabled(),

@@ -89,10 +89,14 @@ async fn stores_then_acknowledges_dedups_and_serves_local_apps() {
     let (again, _) = next(&mut to_cloud).await;
     assert_eq!(again.header.parent_id, "cloud-1");
 
+    // Before any connection event the cloud counts as disconnected, never "unknown".
+    let addr = bound.lock().unwrap().expect("bound");
+    let (_, before) = http(addr, "GET", "/v1/status", "").await;
+    let before: serde_json::Value = serde_json::from_str(&before).unwrap();
+    assert_eq!(before["cloud"], "disconnected", "{before}");
     // Connection events set the status; they are not stored.
     let event = edgehub::route::connection_event("meta", true);
     bus.send_to_group("meta", event).await.unwrap();
-    let addr = bound.lock().unwrap().expect("bound");
     // The event crosses the bus asynchronously: poll, bounded by a generous deadline so a slow
     // machine cannot fail the test.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -107,7 +111,7 @@ async fn stores_then_acknowledges_dedups_and_serves_local_apps() {
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(
         status,
-        serde_json::json!({"cloud": "connected", "stored": 1})
+        serde_json::json!({"cloud": "connected", "last_error": null, "stored": 1})
     );
 
     let (code, body) = http(addr, "GET", "/v1/messages?after=0", "").await;

@@ -60,6 +60,18 @@ pub(crate) struct Counters {
     downstream_duplicates: AtomicU64,
     downstream_undeliverable: AtomicU64,
     keepalives_sent: AtomicU64,
+    link: std::sync::Mutex<LinkStatus>,
+}
+
+/// The state of the link to the cloud, for status endpoints: whether it is up, and the last
+/// failure (a refused dial, a lost connection), so "disconnected" can say why.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LinkStatus {
+    /// A connection to the cloud is established.
+    pub connected: bool,
+    /// The most recent connect failure or disconnect reason, if any happened.
+    pub last_error: Option<String>,
 }
 
 /// A snapshot of EdgeHub's counters.
@@ -93,6 +105,24 @@ pub struct HubStats {
 }
 
 impl Counters {
+    pub(crate) fn link(&self) -> LinkStatus {
+        self.link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_link(&self, connected: bool, error: Option<String>) {
+        let mut link = self
+            .link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        link.connected = connected;
+        if error.is_some() {
+            link.last_error = error;
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> HubStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         HubStats {
@@ -544,6 +574,7 @@ impl Hub {
                 upstream_ack,
             } => {
                 bump(&self.counters.connects, 1);
+                self.counters.set_link(true, None);
                 info!(
                     generation = generation.get(),
                     %protocol,
@@ -561,10 +592,12 @@ impl Hub {
             }
             SessionEvent::Disconnected { generation, reason } => {
                 bump(&self.counters.disconnects, 1);
+                self.counters.set_link(false, Some(reason.to_string()));
                 warn!(generation = generation.get(), %reason, "disconnected from the cloud");
             }
             SessionEvent::ConnectFailed { generation, reason } => {
                 bump(&self.counters.connect_failures, 1);
+                self.counters.set_link(false, Some(reason.clone()));
                 warn!(generation = generation.get(), %reason, "connect attempt failed");
             }
             SessionEvent::ReconnectScheduled {

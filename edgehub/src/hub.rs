@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use beehive::{BoxFuture, Module, ModuleContext, ModuleError};
 
 use crate::config::EdgeHubConfig;
-use crate::driver::{self, Counters, HubStats};
+use crate::driver::{self, Counters, HubStats, LinkStatus};
 use crate::outbox::OpenError;
 use crate::route::{GROUP_HUB, MODULE_EDGEHUB};
 
@@ -76,6 +76,11 @@ impl StatsHandle {
     /// The counters so far.
     pub fn get(&self) -> HubStats {
         self.0.snapshot()
+    }
+
+    /// Whether the link to the cloud is up, and its last failure.
+    pub fn link(&self) -> LinkStatus {
+        self.0.link()
     }
 }
 

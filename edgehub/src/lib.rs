@@ -32,5 +32,5 @@ pub mod route;
 pub mod session;
 
 pub use config::EdgeHubConfig;
-pub use driver::HubStats;
+pub use driver::{HubStats, LinkStatus};
 pub use hub::{EdgeHub, ReconnectTrigger, StartError, StatsHandle};

@@ -139,6 +139,11 @@ fn end_to_end(protocol: &str) {
     cloud.daemon.kill();
     let killed = Instant::now();
     edge.wait_cloud(false);
+    let status = edge.status();
+    assert!(
+        status["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "a disconnected edge says why: {status}"
+    );
     println!(
         "{protocol}: edge noticed the killed cloud after {:?}",
         killed.elapsed()
