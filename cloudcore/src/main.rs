@@ -63,8 +63,8 @@ fn main() -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("cloudcore: {e:#}");
+            // Once, on stderr (where the log goes too), each cause once.
+            eprintln!("cloudcore: {}", beehive::error::report(e.as_ref()));
             ExitCode::FAILURE
         }
     }

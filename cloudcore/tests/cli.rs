@@ -62,6 +62,31 @@ fn a_bad_config_fails_with_the_key_named() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cloudhub.node-limit"), "{err}");
+    // Said once: not again in a log line, nor twice within the line.
+    assert_eq!(err.matches("cloudhub.node-limit").count(), 1, "{err}");
+    assert_eq!(err.matches("cloudcore: ").count(), 1, "{err}");
+}
+
+#[test]
+fn a_disabled_listener_needs_no_other_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("cloudcore.yaml");
+    let yaml = format!(
+        "cloudhub:\n  websocket: {{ address: 127.0.0.1, port: 0 }}\n  \
+         quic: {{ enable: false }}\n  https: {{ enable: false }}\n  api: {{ port: 0 }}\n  \
+         tls: {{ cert-dir: {} }}\n  queue: {{ path: {} }}\n",
+        dir.path().join("pki").display(),
+        dir.path().join("cloudcore.db").display()
+    );
+    std::fs::write(&config, yaml).expect("write config");
+    let mut running = Running::start(&config);
+    let line = running.wait_for("cloudcore listening");
+    assert!(
+        field(&line, "websocket").starts_with("127.0.0.1:"),
+        "{line}"
+    );
+    running.signal("TERM");
+    assert_eq!(running.child.wait().expect("wait").code(), Some(0));
 }
 
 /// A running cloudcore with its stderr lines forwarded.

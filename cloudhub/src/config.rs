@@ -12,7 +12,7 @@ use std::num::{NonZeroU32, NonZeroU64};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, Deserializer};
 use serde::{Deserialize, Serialize};
 
 use crate::hub::HubConfig;
@@ -33,18 +33,30 @@ pub struct CloudcoreConfig {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct CloudHubConfig {
     /// WebSocket listener for edges (TCP). Default enabled on `0.0.0.0:10000`.
-    #[serde(default = "Endpoint::websocket")]
+    #[serde(
+        default = "Endpoint::websocket",
+        deserialize_with = "Endpoint::websocket_over_defaults"
+    )]
     pub websocket: Endpoint,
     /// QUIC listener for edges (UDP). Default enabled on `0.0.0.0:10001` (KubeEdge: disabled;
     /// Causeway's QUIC is the better wire on lossy links).
-    #[serde(default = "Endpoint::quic")]
+    #[serde(
+        default = "Endpoint::quic",
+        deserialize_with = "Endpoint::quic_over_defaults"
+    )]
     pub quic: Endpoint,
     /// Certificate bootstrap server (HTTPS). Default enabled on `0.0.0.0:10002`.
-    #[serde(default = "Endpoint::https")]
+    #[serde(
+        default = "Endpoint::https",
+        deserialize_with = "Endpoint::https_over_defaults"
+    )]
     pub https: Endpoint,
     /// Cloud API for applications (plain HTTP, no authentication). Default enabled on
     /// `127.0.0.1:10003`: loopback only; put a proxy in front to expose it.
-    #[serde(default = "Endpoint::api")]
+    #[serde(
+        default = "Endpoint::api",
+        deserialize_with = "Endpoint::api_over_defaults"
+    )]
     pub api: Endpoint,
     /// Seconds a node may go without a keepalive before its session ends. Default 30
     /// (KubeEdge `keepaliveInterval`: two 15 s edge heartbeats).
@@ -102,7 +114,8 @@ impl Default for CloudHubConfig {
     }
 }
 
-/// One listening endpoint.
+/// One listening endpoint. In a file every key is optional: what is absent keeps that
+/// endpoint's default, so `quic: { enable: false }` needs nothing else.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Endpoint {
@@ -143,6 +156,41 @@ impl Endpoint {
     pub fn socket_addr(&self) -> SocketAddr {
         SocketAddr::new(self.address, self.port)
     }
+
+    /// The keys given in the file over `defaults`.
+    fn over<'de, D: Deserializer<'de>>(defaults: Self, d: D) -> Result<Self, D::Error> {
+        let given = EndpointKeys::deserialize(d)?;
+        Ok(Self {
+            enable: given.enable.unwrap_or(defaults.enable),
+            address: given.address.unwrap_or(defaults.address),
+            port: given.port.unwrap_or(defaults.port),
+        })
+    }
+
+    fn websocket_over_defaults<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::over(Self::websocket(), d)
+    }
+
+    fn quic_over_defaults<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::over(Self::quic(), d)
+    }
+
+    fn https_over_defaults<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::over(Self::https(), d)
+    }
+
+    fn api_over_defaults<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::over(Self::api(), d)
+    }
+}
+
+/// An [`Endpoint`] as written in a file: any key may be left out.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct EndpointKeys {
+    enable: Option<bool>,
+    address: Option<IpAddr>,
+    port: Option<u16>,
 }
 
 /// `cloudhub.tls`: where the CA and the server certificate live. Files missing at start are
@@ -534,6 +582,34 @@ mod tests {
     fn default_yaml_parses_to_the_defaults() {
         let parsed: CloudcoreConfig = from_yaml(DEFAULT_YAML, "default").expect("parses");
         assert_eq!(parsed, CloudcoreConfig::default());
+    }
+
+    #[test]
+    fn a_disabled_or_partial_endpoint_keeps_its_defaults() {
+        let parsed: CloudcoreConfig = from_yaml(
+            "cloudhub:\n  quic: { enable: false }\n  api: { port: 9999 }\n",
+            "x",
+        )
+        .expect("parses");
+        let defaults = CloudHubConfig::default();
+        assert_eq!(
+            parsed.cloudhub.quic,
+            Endpoint {
+                enable: false,
+                ..defaults.quic.clone()
+            }
+        );
+        assert_eq!(
+            parsed.cloudhub.api,
+            Endpoint {
+                port: 9999,
+                ..defaults.api.clone()
+            }
+        );
+        assert_eq!(parsed.cloudhub.websocket, defaults.websocket);
+        let err = from_yaml::<CloudcoreConfig>("cloudhub:\n  quic: { bogus: 1 }\n", "x")
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("cloudhub.quic"), "{err}");
     }
 
     #[test]

@@ -175,3 +175,46 @@ macro_rules! module_error_from {
     )*};
 }
 module_error_from!(SendError, GroupSendError, SyncError);
+
+/// The one line a daemon prints when it cannot run: `err` and its causes joined by `: `, each
+/// cause only if its text is not already in the line, since error types that embed their
+/// source's text would otherwise print it twice (`file: key: missing field: missing field`).
+pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = e.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::report;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cloudcore.yaml: cloudhub.quic: {source}")]
+    struct Embeds {
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("loading the config")]
+    struct Wraps(#[source] Embeds);
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let err = Wraps(Embeds {
+            source: std::io::Error::other("missing field `address`"),
+        });
+        assert_eq!(
+            report(&err),
+            "loading the config: cloudcore.yaml: cloudhub.quic: missing field `address`"
+        );
+    }
+}
