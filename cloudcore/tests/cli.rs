@@ -201,3 +201,67 @@ fn starts_serves_and_exits_zero_on_sigterm_and_sigint() {
     }
     assert!(dir.path().join("state/cloudcore.db").exists());
 }
+
+/// Runs cloudcore to its exit (bounded: it must refuse to start, not serve).
+fn run_to_exit(config: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("cloudcore kept running with a damaged or locked store");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read");
+    (status.code(), err)
+}
+
+#[test]
+fn a_damaged_or_locked_store_is_one_clear_line_and_exit_1() {
+    // Damaged: garbage where the SQLite file should be; it is left as it was.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+    let db = dir.path().join("state/cloudcore.db");
+    std::fs::create_dir_all(db.parent().expect("dir")).expect("mkdir");
+    std::fs::write(&db, vec![0x5a; 8192]).expect("write");
+    let (code, err) = run_to_exit(&config);
+    assert_eq!(code, Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("cloudcore: "))
+        .unwrap_or_else(|| panic!("no error line in {err}"));
+    assert!(line.contains(&db.display().to_string()), "{line}");
+    assert!(line.contains("not a database"), "{line}");
+    assert_eq!(err.matches("cloudcore: ").count(), 1, "{err}");
+    assert_eq!(std::fs::read(&db).expect("read"), vec![0x5a; 8192]);
+
+    // Locked: another process holds an exclusive lock on a good file.
+    std::fs::remove_file(&db).expect("rm");
+    let holder = rusqlite::Connection::open(&db).expect("open");
+    holder
+        .execute_batch("CREATE TABLE t (x); BEGIN EXCLUSIVE; INSERT INTO t VALUES (1);")
+        .expect("lock");
+    let (code, err) = run_to_exit(&config);
+    assert_eq!(code, Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("cloudcore: "))
+        .unwrap_or_else(|| panic!("no error line in {err}"));
+    assert!(line.contains(&db.display().to_string()), "{line}");
+    assert!(line.contains("locked"), "{line}");
+}

@@ -245,6 +245,8 @@ impl MessageTable {
             })?;
         }
         let conn = Connection::open(path).map_err(sqlite)?;
+        // Another process holding the file waits us out this long, then the error names it.
+        conn.busy_timeout(Duration::from_secs(5)).map_err(sqlite)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sqlite)?;
         // FULL: an acknowledged message must survive power loss, or the cloud forgets it for good.

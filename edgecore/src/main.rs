@@ -93,6 +93,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let outbox = config.edgehub.outbox_config();
         drop(Outbox::open(outbox).context("opening the outbox")?);
     }
+    if config.modules.local_store.enable {
+        let store = &config.modules.local_store;
+        drop(
+            causeway_edgecore::localstore::MessageTable::open(
+                &store.path,
+                store.max_messages.get(),
+            )
+            .context("opening the local store")?,
+        );
+    }
     let hub = EdgeHub::new(config.edgehub.clone());
     let reconnect = hub.reconnect_trigger();
     let link = hub.stats_handle();
@@ -119,10 +129,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ));
     }
     let report = hive.run_until_signal(signals).await;
-    if !report.is_clean() {
-        tracing::warn!(?report, "edgecore stopped uncleanly");
-    }
     tracing::info!("edgecore stopped");
+    // A module that failed fails the process: a supervisor restarts it, and the reason is said.
+    let problems = report.problems();
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("; "));
+    }
     Ok(())
 }
 

@@ -177,3 +177,94 @@ fn exits_zero_on_sigterm() {
 fn exits_zero_on_sigint() {
     exits_zero_on("INT");
 }
+
+/// Writes a config whose node certificate exists (issued here), so edgecore gets as far as its
+/// stores; the cloud address leads nowhere (nothing needs it).
+fn config_with_certificate(dir: &std::path::Path) -> std::path::PathBuf {
+    let now = time::OffsetDateTime::now_utc();
+    let ca = certs::CertificateAuthority::generate(certs::Validity::days_from(now, 1)).unwrap();
+    let node = certs::NodeId::new("edge-1").unwrap();
+    let issued = ca
+        .issue_node(&node, certs::Validity::days_from(now, 1))
+        .unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.join("n.crt"), &issued.cert_pem).unwrap();
+    std::fs::write(dir.join("n.key"), &issued.key_pem).unwrap();
+    let d = dir.display();
+    let path = dir.join("edgecore.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "edgehub:\n  controller: {{ node-id: edge-1 }}\n  websocket: {{ server: '127.0.0.1:9' }}\n  tls: {{ ca-file: {d}/ca.crt, cert-file: {d}/n.crt, key-file: {d}/n.key }}\n  outbox: {{ path: {d}/o.db }}\nmodules:\n  local-store: {{ path: {d}/l.db, listen: '127.0.0.1:0' }}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Runs edgecore to its exit (bounded: it must refuse to start, not serve).
+fn run_to_exit(config: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = Command::new(EXE)
+        .arg("--config")
+        .arg(config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("edgecore kept running with a damaged or locked store");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.code(), err)
+}
+
+#[test]
+fn a_damaged_or_locked_store_is_one_clear_line_and_exit_1() {
+    for file in ["o.db", "l.db"] {
+        // Damaged: garbage where the SQLite file should be.
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_with_certificate(dir.path());
+        let path = dir.path().join(file);
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let (code, err) = run_to_exit(&config);
+        assert_eq!(code, Some(1), "{file}: {err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("edgecore: "))
+            .unwrap_or_else(|| panic!("{file}: no error line in {err}"));
+        assert!(line.contains(&path.display().to_string()), "{line}");
+        assert!(line.contains("not a database"), "{line}");
+        assert_eq!(err.matches("edgecore: ").count(), 1, "{err}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            vec![0x5a; 8192],
+            "{file}: the damaged file is left as it was, never replaced by an empty store"
+        );
+
+        // Locked: another process holds an exclusive lock on a good file.
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_with_certificate(dir.path());
+        let path = dir.path().join(file);
+        let holder = rusqlite::Connection::open(&path).unwrap();
+        holder
+            .execute_batch("CREATE TABLE t (x); BEGIN EXCLUSIVE; INSERT INTO t VALUES (1);")
+            .unwrap();
+        let (code, err) = run_to_exit(&config);
+        assert_eq!(code, Some(1), "{file}: {err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("edgecore: "))
+            .unwrap_or_else(|| panic!("{file}: no error line in {err}"));
+        assert!(line.contains(&path.display().to_string()), "{line}");
+        assert!(line.contains("locked"), "{line}");
+        drop(holder);
+    }
+}

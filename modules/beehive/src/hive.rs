@@ -264,6 +264,25 @@ impl ShutdownReport {
             .all(|e| matches!(e.outcome, ModuleOutcome::Finished))
     }
 
+    /// What went wrong, one entry per module that did not finish cleanly (`localstore failed:
+    /// …`), for the daemon's exit message; empty when [`ShutdownReport::is_clean`].
+    pub fn problems(&self) -> Vec<String> {
+        self.exits
+            .iter()
+            .filter_map(|e| {
+                let what = match &e.outcome {
+                    ModuleOutcome::Finished => return None,
+                    ModuleOutcome::Failed(err) => {
+                        format!("failed: {}", crate::error::report(err))
+                    }
+                    ModuleOutcome::Panicked => "panicked".to_owned(),
+                    ModuleOutcome::Aborted => "did not stop within the grace period".to_owned(),
+                };
+                Some(format!("module {} {what}", e.name))
+            })
+            .collect()
+    }
+
     /// How the module `name` ended, if it was started.
     pub fn outcome(&self, name: &str) -> Option<&ModuleOutcome> {
         self.exits
