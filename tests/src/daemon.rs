@@ -110,6 +110,11 @@ impl Daemon {
         }
     }
 
+    /// The process id (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `signal` (a name such as `TERM`) with `kill(1)`, as an operator would.
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
