@@ -70,6 +70,10 @@ enum Control {
     /// so the writer can linger: read and discard until the peer closes, since closing a socket
     /// with unread data would reset the connection and could destroy the close frame in transit.
     Fail(CloseCode, String, SplitStream<WsStream>),
+    /// The peer closed and tungstenite has answered its close frame: end TLS and TCP now, not when
+    /// the handle is dropped or the next keep-alive ping fails (RFC 6455 §7.1.1: after the closing
+    /// handshake the server closes TCP first). Carries the reader's half, as `Fail` does.
+    Finish(SplitStream<WsStream>),
 }
 
 /// State both tasks and the handle share.
@@ -355,6 +359,7 @@ async fn writer(
                         feed(&mut sink, frame, deadline).await?;
                         flush(&mut sink, deadline).await?;
                     }
+                    Some(Control::Finish(stream)) => return Ok(Some(stream)),
                     Some(Control::Fail(code, reason, stream)) => {
                         let farewell = async {
                             let _ = sink.send(close_frame(code, &reason)).await;
@@ -439,6 +444,8 @@ async fn reader(
     done: watch::Sender<bool>,
 ) {
     let mut peer_close: Option<CloseReason> = None;
+    // Set when the stream ended after the peer's close frame, on a connection we did not close.
+    let mut peer_finished = false;
     let failure: Option<(CloseReason, CloseCode)> = loop {
         let Ok(next) = timeout(read_deadline, stream.next()).await else {
             let reason = CloseReason::ReadTimeout {
@@ -447,10 +454,14 @@ async fn reader(
             break Some((reason, CloseCode::Away));
         };
         let payload = match next {
-            None => break end_of_stream(&shared, peer_close.take()),
+            None => {
+                peer_finished = peer_close.is_some() && !shared.closing.load(Ordering::Acquire);
+                break end_of_stream(&shared, peer_close.take());
+            }
             Some(Err(e)) => {
                 if peer_close.is_some() || shared.closing.load(Ordering::Acquire) {
                     // The peer may drop TCP right after the closing handshake.
+                    peer_finished = peer_close.is_some() && !shared.closing.load(Ordering::Acquire);
                     break end_of_stream(&shared, peer_close.take());
                 }
                 let reason = reason_from_ws_error(e);
@@ -504,6 +515,8 @@ async fn reader(
         if control.try_send(Control::Fail(code, text, stream)).is_err() {
             shared.abort_tasks();
         }
+    } else if peer_finished && control.try_send(Control::Finish(stream)).is_err() {
+        shared.abort_tasks();
     }
     drop(inbound);
     let _ = done.send(true);
