@@ -108,6 +108,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut beehive = Beehive::new();
     beehive.register(module, true)?;
     let report = beehive.start().run_until_signal(signals).await;
+    if !report.is_clean() {
+        tracing::warn!(?report, "cloudcore stopped uncleanly");
+    }
     tracing::info!("cloudcore stopped");
     // A module that failed fails the process: a supervisor restarts it, and the reason is said.
     let problems = report.problems();

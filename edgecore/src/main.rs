@@ -129,6 +129,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ));
     }
     let report = hive.run_until_signal(signals).await;
+    if !report.is_clean() {
+        tracing::warn!(?report, "edgecore stopped uncleanly");
+    }
     tracing::info!("edgecore stopped");
     // A module that failed fails the process: a supervisor restarts it, and the reason is said.
     let problems = report.problems();

@@ -125,10 +125,20 @@ impl Daemon {
         assert!(status.success());
     }
 
-    /// SIGTERM, then the exit code.
+    /// SIGTERM, then the exit code; on a non-zero exit the daemon's log is printed, so a
+    /// failing assertion on it says why.
     pub fn stop(mut self) -> Option<i32> {
         self.signal("TERM");
-        self.child.wait().expect("wait").code()
+        let code = self.child.wait().expect("wait").code();
+        if code != Some(0) {
+            self.seen.extend(self.lines.try_iter());
+            eprintln!(
+                "{} exited with {code:?}; its log:\n{}",
+                self.name,
+                self.seen.join("\n")
+            );
+        }
+        code
     }
 
     /// SIGKILL: the process dies without any cleanup.

@@ -264,8 +264,10 @@ impl ShutdownReport {
             .all(|e| matches!(e.outcome, ModuleOutcome::Finished))
     }
 
-    /// What went wrong, one entry per module that did not finish cleanly (`localstore failed:
-    /// …`), for the daemon's exit message; empty when [`ShutdownReport::is_clean`].
+    /// What went wrong, one entry per module that failed or panicked (`module localstore
+    /// failed: …`), for the daemon's exit message. A module aborted at the end of the grace
+    /// period is not listed: the shutdown itself was asked for, and [`ShutdownReport::is_clean`]
+    /// still tells it apart for a warning.
     pub fn problems(&self) -> Vec<String> {
         self.exits
             .iter()
@@ -276,7 +278,7 @@ impl ShutdownReport {
                         format!("failed: {}", crate::error::report(err))
                     }
                     ModuleOutcome::Panicked => "panicked".to_owned(),
-                    ModuleOutcome::Aborted => "did not stop within the grace period".to_owned(),
+                    ModuleOutcome::Aborted => return None,
                 };
                 Some(format!("module {} {what}", e.name))
             })
