@@ -33,9 +33,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use crate::delivery::needs_ack;
 use crate::hub::{Hub, SendError};
 use crate::store::{MessageState, MessageStore, UpstreamRecord};
+use session::node::delivery::needs_ack;
 
 /// Largest accepted POST body: the transport's per-message cap.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;

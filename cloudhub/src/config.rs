@@ -16,8 +16,8 @@ use serde::de::{DeserializeOwned, Deserializer};
 use serde::{Deserialize, Serialize};
 
 use crate::hub::HubConfig;
-use crate::session::{Pace, SessionConfig};
 use crate::store::sqlite::{Durability, SqliteConfig};
+use session::node::{Pace, SessionConfig};
 
 /// The whole `cloudcore.yaml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

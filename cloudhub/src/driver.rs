@@ -20,10 +20,10 @@ use tokio::time::Instant;
 use transport::{Connection, RecvError};
 
 use crate::hub::{AckInfo, CloseCause, Inner, LiveInfo};
-use crate::session::{
+use crate::store::{Accepted, NodeRecord, StoreError, StoreFuture};
+use session::node::{
     CloseReason, Downstream, NodeSession, SessionConfig, SessionEvent, TransmitKind,
 };
-use crate::store::{Accepted, NodeRecord, StoreError, StoreFuture};
 
 /// Messages read ahead of the session before the reader stops reading (back-pressure).
 const READ_AHEAD: usize = 256;

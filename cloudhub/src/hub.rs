@@ -21,8 +21,8 @@ use tokio::sync::{Notify, oneshot};
 use transport::{AcceptError, Connection, Listener, Protocol};
 
 use crate::metrics::{Gauges, Metrics};
-use crate::session::SessionConfig;
 use crate::store::{EnqueueError, Enqueued, MessageState, MessageStore, QueueDepth, StoreError};
+use session::node::SessionConfig;
 
 /// Settings of the session manager. Defaults are KubeEdge's where it has one.
 #[derive(Debug, Clone)]

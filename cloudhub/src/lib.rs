@@ -10,8 +10,8 @@
 //! applications behind the API play their part.
 //!
 //! Layout:
-//! - [`session`]: [`session::NodeSession`], the per-node state machine (sans-IO).
-//! - [`delivery`]: [`delivery::needs_ack`], KubeEdge's ACK classification.
+//! - `session::node` (crate `causeway-session`): `NodeSession`, the per-node state machine
+//!   (sans-IO), and `session::node::delivery::needs_ack`, KubeEdge's ACK classification.
 //! - [`store`]: [`store::MessageStore`], the durable queues and upstream log, and its SQLite
 //!   implementation [`store::sqlite::SqliteStore`].
 //! - [`hub`]: [`hub::Hub`], the session manager (admission, node limit, reconnect safety), and
@@ -31,12 +31,10 @@
 pub mod api;
 pub mod bootstrap;
 pub mod config;
-pub mod delivery;
 mod driver;
 pub mod hub;
 pub mod metrics;
 pub mod server;
-pub mod session;
 pub mod store;
 
 pub use hub::{Hub, HubConfig};

@@ -17,8 +17,8 @@ use transport::{ListenConfig, ListenSocket, Protocol};
 
 use crate::bootstrap::BootstrapConfig;
 use crate::config::CloudHubConfig;
-use crate::delivery::needs_ack;
 use crate::hub::Hub;
+use session::node::delivery::needs_ack;
 
 /// The module's name and group.
 pub const MODULE_NAME: &str = "cloudhub";

@@ -151,7 +151,7 @@ fn yes() -> bool {
 }
 
 fn default_group() -> String {
-    edgehub::route::GROUP_META.to_owned()
+    session::edge::route::GROUP_META.to_owned()
 }
 
 fn default_store_path() -> PathBuf {

@@ -38,11 +38,11 @@ use serde_json::{Value, json};
 
 use beehive::{BoxFuture, Bus, Module, ModuleContext, ModuleError};
 use edgehub::StatsHandle;
-use edgehub::route::{
+use proto::{Content, Message};
+use session::edge::route::{
     CLOUD_CONNECTED, CLOUD_DISCONNECTED, CONNECTION_EVENT_OPERATION, CONNECTION_EVENT_SOURCE,
     MODULE_EDGEHUB,
 };
-use proto::{Content, Message};
 
 use crate::config::LocalStoreConfig;
 

@@ -95,7 +95,8 @@ async fn stores_then_acknowledges_dedups_and_serves_local_apps() {
     let before: serde_json::Value = serde_json::from_str(&before).unwrap();
     assert_eq!(before["cloud"], "disconnected", "{before}");
     // Connection events set the status; they are not stored.
-    let event = edgehub::route::connection_event("meta", true);
+    let event =
+        session::edge::route::connection_event("meta", true, proto::new_id(), proto::now_millis());
     bus.send_to_group("meta", event).await.unwrap();
     // The event crosses the bus asynchronously: poll, bounded by a generous deadline so a slow
     // machine cannot fail the test.

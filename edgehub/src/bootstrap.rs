@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use certs::{CertError, NodeId};
 
 use crate::config::{BootstrapToken, EdgeHubConfig};
-use crate::session::SplitMix64;
+use session::edge::SplitMix64;
 
 /// Bound on each HTTPS request (KubeEdge: 30 s connect, 300 s response header).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);

@@ -23,7 +23,7 @@ use certs::NodeId;
 use transport::Protocol;
 
 use crate::outbox::{Durability, OutboxConfig};
-use crate::session::SessionConfig;
+use session::edge::SessionConfig;
 
 /// The `edgehub:` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -31,11 +31,8 @@ use transport::{Connection, DialConfig};
 
 use crate::config::EdgeHubConfig;
 use crate::outbox::{Downstream, Outbox, PushError, Seq};
-use crate::route::{self, Destination};
-use crate::session::{
-    Action, EdgeSession, Event, Generation, QueueUpstreamError, SessionEvent, Transmit,
-    TransmitKind,
-};
+use session::edge::route::{self, Destination};
+use session::edge::{Action, EdgeSession, Event, Generation, SessionEvent, Transmit, TransmitKind};
 
 /// Messages from a connection's reader and writer, and dial outcomes, to the hub task.
 const INBOUND_CAPACITY: usize = 256;
@@ -407,9 +404,8 @@ impl Hub {
             for row in rows {
                 match self.session.queue_upstream(row.message) {
                     Ok(()) => self.cursor = row.seq,
-                    Err(
-                        QueueUpstreamError::WindowFull(_) | QueueUpstreamError::NotConnected(_),
-                    ) => {
+                    // Not connected or the window is full: offered again later.
+                    Err(_) => {
                         self.outbox_dirty = true;
                         return progress;
                     }
@@ -481,7 +477,7 @@ impl Hub {
             Ok(conn) => {
                 let conn: Arc<dyn Connection> = Arc::from(conn);
                 let upstream_ack = conn.peer().capabilities.upstream_ack;
-                if self.session.state() == crate::session::SessionState::Connecting(generation) {
+                if self.session.state() == session::edge::SessionState::Connecting(generation) {
                     self.link = Some(self.spawn_link(generation, conn));
                     self.cursor = Seq::default();
                     self.outbox_dirty = true;

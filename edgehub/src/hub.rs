@@ -12,7 +12,7 @@ use beehive::{BoxFuture, Module, ModuleContext, ModuleError};
 use crate::config::EdgeHubConfig;
 use crate::driver::{self, Counters, HubStats, LinkStatus};
 use crate::outbox::OpenError;
-use crate::route::{GROUP_HUB, MODULE_EDGEHUB};
+use session::edge::route::{GROUP_HUB, MODULE_EDGEHUB};
 
 /// The EdgeHub module. Create it, keep [`EdgeHub::stats`] / [`EdgeHub::reconnect_trigger`]
 /// handles if needed, and register it on the beehive.

@@ -7,15 +7,15 @@
 //! (metamanager and friends, or edgecore's local store).
 //!
 //! Layout:
-//! - [`session`]: the link logic as a sans-IO state machine (connect, keepalive, dead-cloud
-//!   detection, reconnect with backoff, rate limiting, routing); no tokio.
+//! - `session::edge` (crate `causeway-session`): the link logic as a sans-IO state machine
+//!   (connect, keepalive, dead-cloud detection, reconnect with backoff, rate limiting, routing),
+//!   and `session::edge::route`, where cloud messages go on the bus (KubeEdge's handler table)
+//!   and the edge's module and group names.
 //! - [`driver`]: the thin async loop around the session (private; its counters are [`HubStats`]).
 //! - [`hub`]: [`EdgeHub`], the beehive module (`websocket`, group `hub`).
 //! - [`outbox`]: the durable upstream queue (SQLite) and the downstream dedup window.
 //! - [`bootstrap`]: obtaining and renewing the node certificate (KubeEdge's certificate flow).
 //! - [`config`]: the `edgehub:` configuration section and the YAML loader.
-//! - [`route`]: where cloud messages go on the bus (KubeEdge's handler table) and the edge's
-//!   module and group names.
 //!
 //! ```text
 //!  modules ──send to `websocket` / group `hub`──► EdgeHub inbox ──► outbox (SQLite) ──┐
@@ -28,8 +28,6 @@ pub mod config;
 mod driver;
 pub mod hub;
 pub mod outbox;
-pub mod route;
-pub mod session;
 
 pub use config::EdgeHubConfig;
 pub use driver::{HubStats, LinkStatus};

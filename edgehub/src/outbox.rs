@@ -106,7 +106,7 @@ pub enum Pushed {
     /// A message with this id is already stored: pushing is idempotent.
     AlreadyQueued,
     /// An answer to a cloud message: its parent id is recorded as answered, the message itself
-    /// is not stored; the caller sends it ([`crate::session::EdgeSession::queue_answer`]).
+    /// is not stored; the caller sends it ([`session::edge::EdgeSession::queue_answer`]).
     Answered,
 }
 

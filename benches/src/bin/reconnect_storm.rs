@@ -4,7 +4,7 @@
 //! cloudcore's peak memory and CPU until every node is back, and whether any node was left
 //! half-registered (the cloud's node list must show each node once, connected).
 //!
-//! Each node is driven by the real edge session state machine (`edgehub::session::EdgeSession`,
+//! Each node is driven by the real edge session state machine (`session::edge::EdgeSession`,
 //! the one edgecore runs: dead-cloud detection, the reconnect wait of two heartbeats plus
 //! jitter, exponential backoff with full jitter on failed attempts) over the real transport;
 //! only the modules are left out: a node sends keepalives and reads what comes.
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use causeway_benches::{SpawnedCloud, cpu_time, http_get, rss_kib, wait_connected};
 use certs::files::CertDir;
 use certs::{NodeId, Validity};
-use edgehub::session::{Action, EdgeSession, Event, Generation, SessionConfig, SessionEvent};
+use session::edge::{Action, EdgeSession, Event, Generation, SessionConfig, SessionEvent};
 use tokio::sync::{Semaphore, mpsc};
 use transport::{Connection, DialConfig, Protocol};
 

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use proto::Message;
 use tokio::sync::broadcast;
 
-use crate::session::Downstream;
+use session::node::Downstream;
 
 /// A store operation in progress.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -23,7 +23,7 @@ use super::{
     Accepted, EnqueueError, Enqueued, MessageState, MessageStore, NodeRecord, QueueDepth,
     StoreError, StoreFuture, UpstreamRecord,
 };
-use crate::session::Downstream;
+use session::node::Downstream;
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 1024;

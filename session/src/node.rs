@@ -1,7 +1,8 @@
 //! The cloud's per-node session as a sans-IO state machine: liveness (keepalive check), upstream
 //! dispatch with deduplication and acknowledgement, and windowed, resent downstream delivery. It
-//! imports no runtime and touches no socket or file; the async driver (`driver.rs`) feeds
-//! it and carries out what it asks.
+//! imports no runtime and touches no socket, file or clock; the async driver (`cloudhub`'s
+//! `driver.rs`) feeds it and carries out what it asks. Ids and timestamps of the messages it
+//! creates come from [`SessionConfig::new_id`] and [`SessionConfig::wall_millis`].
 //!
 //! How it improves on KubeEdge's `NodeSession` (PROTOCOL.md B§8.5, W12): up to
 //! [`SessionConfig::window`] ACK-required messages in flight at once instead of one, resends with
@@ -9,6 +10,7 @@
 //! order kept per resource so that a resend can never overtake a newer message for the same
 //! object.
 
+pub mod delivery;
 mod timer;
 
 #[cfg(test)]
@@ -104,7 +106,7 @@ pub struct Downstream {
     pub seq: u64,
     /// The message, sent unchanged (same id on every resend).
     pub message: Message,
-    /// Whether the edge must acknowledge it ([`crate::delivery::needs_ack`] or an override).
+    /// Whether the edge must acknowledge it ([`delivery::needs_ack`] or an override).
     pub needs_ack: bool,
 }
 

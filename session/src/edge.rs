@@ -1,15 +1,17 @@
-//! The edge session: EdgeHub's link logic as a sans-IO state machine, free of tokio and sockets in
-//! the style of quinn-proto. It decides when to connect, when to send a keepalive, when the cloud
-//! counts as dead, when to reconnect and how long to back off, how fast module messages may go up,
-//! and where each cloud message goes on the bus. The async driver ([`crate::driver`]) performs
-//! what it asks for and feeds back what happened.
+//! The edge session: EdgeHub's link logic as a sans-IO state machine, free of any runtime and
+//! socket, in the style of quinn-proto. It decides when to connect, when to send a keepalive,
+//! when the cloud counts as dead, when to reconnect and how long to back off, how fast module
+//! messages may go up, and where each cloud message goes on the bus. The async driver
+//! (`edgehub`'s `driver.rs`) performs what it asks for and feeds back what happened. Ids and
+//! timestamps of the messages it creates come from [`SessionConfig::new_id`] and
+//! [`SessionConfig::wall_millis`].
 //!
 //! What it fixes against KubeEdge (PROTOCOL.md B§11): a silent cloud is noticed within about two
 //! heartbeats (W7); every failure signal of one connection stops that connection exactly once and
 //! no event of an old connection touches a newer one, thanks to a [`Generation`] number (W10);
 //! repeated connect failures back off exponentially with full jitter (W11); the in-flight upstream
 //! message is not lost, because the session only tells the outbox to forget a message once the
-//! cloud acknowledged it (W5, see [`crate::outbox`]).
+//! cloud acknowledged it (W5, see `edgehub`'s `outbox.rs`).
 //!
 //! Which upstream messages wait for an acknowledgement follows [`UpstreamClass`] (PROTOCOL.md
 //! Part A item 7): only data does. Answers to cloud messages (the ACKs of downstream messages) go
@@ -24,11 +26,12 @@ use std::time::{Duration, Instant};
 use proto::message::{OP_KEEPALIVE, UpstreamClass};
 use proto::{Content, Message};
 
-use crate::route::{
-    self, CONNECTION_EVENT_GROUPS, Destination, GROUP_RESOURCE, MODULE_EDGEHUB, Routing, Unroutable,
+use self::route::{
+    CONNECTION_EVENT_GROUPS, Destination, GROUP_RESOURCE, MODULE_EDGEHUB, Routing, Unroutable,
 };
 
 mod backoff;
+pub mod route;
 mod timer;
 
 pub use backoff::{BackoffConfig, SplitMix64};
@@ -66,7 +69,7 @@ impl fmt::Display for Generation {
 /// Timing and flow parameters of a session. [`SessionConfig::new`] derives KubeEdge-compatible
 /// defaults from the heartbeat (15 s in KubeEdge), for an edge link of unknown quality: every
 /// derived value scales with the heartbeat, so a 1 s test heartbeat keeps the same proportions.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Keepalive period. Default 15 s (KubeEdge's `heartbeat`).
     pub heartbeat: Duration,
@@ -99,6 +102,11 @@ pub struct SessionConfig {
     /// loses nothing: the cloud resends what it has no answer for, and the edge answers the
     /// resend. Default 4096, more than a cloud keeps unacknowledged toward one node.
     pub answer_queue: usize,
+    /// Source of the ids of messages the session creates (keepalives, connection events);
+    /// injected so the session reads no OS randomness. Default: random UUID v4.
+    pub new_id: fn() -> String,
+    /// Wall clock in Unix milliseconds for those messages' timestamps; injected like `new_id`.
+    pub wall_millis: fn() -> i64,
 }
 
 impl SessionConfig {
@@ -115,6 +123,8 @@ impl SessionConfig {
             message_burst: 60,
             upstream_window: 256,
             answer_queue: 4096,
+            new_id: proto::new_id,
+            wall_millis: proto::now_millis,
         }
     }
 }
@@ -891,7 +901,7 @@ impl EdgeSession {
     }
 
     fn queue_keepalive(&mut self, generation: Generation) {
-        let message = Message::new("")
+        let message = Message::with_header((self.config.new_id)(), "", (self.config.wall_millis)())
             .route(
                 MODULE_EDGEHUB,
                 GROUP_RESOURCE,
@@ -909,7 +919,12 @@ impl EdgeSession {
 
     fn publish_connection(&mut self, connected: bool) {
         for group in CONNECTION_EVENT_GROUPS {
-            let message = route::connection_event(group, connected);
+            let message = route::connection_event(
+                group,
+                connected,
+                (self.config.new_id)(),
+                (self.config.wall_millis)(),
+            );
             self.events
                 .push_back(SessionEvent::Publish { group, message });
         }

@@ -121,14 +121,15 @@ pub fn route_without_waiter(msg: &Message) -> Option<Destination> {
     }
 }
 
-/// The connection event KubeEdge publishes to each of [`CONNECTION_EVENT_GROUPS`].
-pub fn connection_event(group: &str, connected: bool) -> Message {
+/// The connection event KubeEdge publishes to each of [`CONNECTION_EVENT_GROUPS`], with the given
+/// id and timestamp (Unix milliseconds).
+pub fn connection_event(group: &str, connected: bool, id: String, timestamp_ms: i64) -> Message {
     let content = if connected {
         CLOUD_CONNECTED
     } else {
         CLOUD_DISCONNECTED
     };
-    Message::new("")
+    Message::with_header(id, "", timestamp_ms)
         .route(
             CONNECTION_EVENT_SOURCE,
             group,
@@ -223,14 +224,16 @@ mod tests {
 
     #[test]
     fn connection_events_match_kubeedge() {
-        let m = connection_event("meta", true);
+        let m = connection_event("meta", true, "id-1".into(), 1);
         assert_eq!(m.route.source, "edgehub");
         assert_eq!(m.route.group, "meta");
         assert_eq!(m.route.resource, "node/connection");
         assert_eq!(m.route.operation, "connect");
         assert_eq!(m.content.as_text(), Some("cloud_connected"));
         assert_eq!(
-            connection_event("twin", false).content.as_text(),
+            connection_event("twin", false, "id-2".into(), 2)
+                .content
+                .as_text(),
             Some("cloud_disconnected")
         );
     }
