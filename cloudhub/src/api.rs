@@ -173,6 +173,17 @@ async fn post_message(
             );
         }
     };
+    // A message without a group or an operation matches no handler on any edge: queued, it would
+    // be resent forever and hold back every later message for its resource.
+    if msg.route.group.is_empty() || msg.route.operation.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing_route",
+            "route.group and route.operation are required: the body is a KubeEdge message, \
+             {\"header\": {...}, \"route\": {\"source\", \"group\", \"resource\", \"operation\"}, \
+             \"content\": ...}",
+        );
+    }
     if msg.header.id.is_empty() {
         msg.header.id = proto::new_id();
     }

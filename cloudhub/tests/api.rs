@@ -191,6 +191,15 @@ async fn errors_are_json_with_a_4xx_status() {
             r#"{"route": {"operation": 5}}"#.to_owned(),
             "malformed_message",
         ),
+        // A body that is not a message in KubeEdge's shape decodes to an empty route.
+        (
+            r#"{"group": "resource", "operation": "update", "content": {}}"#.to_owned(),
+            "missing_route",
+        ),
+        (
+            r#"{"route": {"group": "resource", "resource": "default/configmap/a"}}"#.to_owned(),
+            "missing_route",
+        ),
     ] {
         let (status, out) = api.post("/v1/nodes/edge-1/messages", body).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{out}");
