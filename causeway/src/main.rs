@@ -55,7 +55,8 @@ Examples:
 Examples:
   causeway nodes
   causeway nodes edge-1
-  CAUSEWAY_API=http://10.0.0.5:10003 causeway nodes --json")]
+  CAUSEWAY_API=https://cloud.example:10003 CAUSEWAY_API_CA=/etc/causeway/pki/ca.crt \\
+      CAUSEWAY_API_TOKEN=cwapi_... causeway nodes --json")]
     Nodes(cmd::api::NodesArgs),
     /// Queue a message for a node (durably), optionally waiting for the edge's ACK.
     #[command(after_help = "\
@@ -71,6 +72,9 @@ Examples:
   causeway tail --node edge-1 --group resource
   causeway tail --node edge-1 --count 1 --timeout 30s")]
     Tail(cmd::api::TailArgs),
+    /// Create, list and revoke the cloud API's bearer tokens (offline with --dir, or via the API).
+    #[command(name = "api-token")]
+    ApiToken(cmd::api_token::Args),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
         Command::Nodes(args) => cmd::api::run_nodes(args),
         Command::Send(args) => cmd::api::run_send(args),
         Command::Tail(args) => cmd::api::run_tail(args),
+        Command::ApiToken(args) => cmd::api_token::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

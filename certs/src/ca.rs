@@ -151,6 +151,24 @@ impl CertificateAuthority {
         self.issue_leaf(&node_params(node, validity)?)
     }
 
+    /// Issues a client certificate for an application (not a node): CN `common_name`, O
+    /// [`API_CLIENT_ORGANIZATION`], EKU clientAuth, no SANs. The cloud API reads its scope and
+    /// name from the CN (`causeway-api:<scope>:<name>`); see [`common_name`].
+    pub fn issue_api_client(
+        &self,
+        common_name: &str,
+        validity: Validity,
+    ) -> Result<IssuedCert, CertError> {
+        let mut params = base_params(validity)?;
+        params.distinguished_name = subject(&[
+            (DnType::OrganizationName, API_CLIENT_ORGANIZATION),
+            (DnType::CommonName, common_name),
+        ]);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue_leaf(&params)
+    }
+
     /// Signs a node's CSR (DER, as sent on `/edge.crt`) for `node`.
     ///
     /// The CSR must verify under its own key, carry an ECDSA P-256 key, and have exactly one CN,
@@ -272,6 +290,17 @@ pub fn node_id_from_cert(cert_der: &[u8]) -> Result<NodeId, CertError> {
         return Err(not_node(format!("O must be exactly {NODE_ORGANIZATION:?}")));
     }
     Ok(id)
+}
+
+/// The O of API client certificates ([`CertificateAuthority::issue_api_client`]).
+pub const API_CLIENT_ORGANIZATION: &str = "causeway:api-clients";
+
+/// The single CN of a certificate's subject (DER). Does not verify the certificate.
+pub fn common_name(cert_der: &[u8]) -> Result<String, CertError> {
+    let cert = parse_x509(cert_der)?;
+    single_common_name(cert.subject()).ok_or_else(|| CertError::InvalidCertificate {
+        reason: "subject has no single UTF-8 CN".into(),
+    })
 }
 
 /// Generates a key and a CSR for `node` with KubeEdge's subject (B§9.4: C `CN`, O `system:nodes`,

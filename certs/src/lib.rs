@@ -23,8 +23,8 @@ mod node_id;
 pub mod token;
 
 pub use ca::{
-    CA_COMMON_NAME, CertificateAuthority, IssuedCert, NODE_CN_PREFIX, NODE_ORGANIZATION,
-    SERVER_SUBJECT, generate_node_csr, node_id_from_cert,
+    API_CLIENT_ORGANIZATION, CA_COMMON_NAME, CertificateAuthority, IssuedCert, NODE_CN_PREFIX,
+    NODE_ORGANIZATION, SERVER_SUBJECT, common_name, generate_node_csr, node_id_from_cert,
 };
 pub use error::CertError;
 pub use material::{Identity, TrustAnchors, Validity};

@@ -18,9 +18,11 @@ use anyhow::Context as _;
 use beehive::{Beehive, TerminationSignals};
 use clap::Parser;
 use cloudhub::Hub;
+use cloudhub::api::ApiOptions;
+use cloudhub::auth::TokenStore;
 use cloudhub::bootstrap::BootstrapConfig;
 use cloudhub::config::{CloudcoreConfig, DEFAULT_YAML};
-use cloudhub::server::{Bound, CloudHubModule};
+use cloudhub::server::{ApiServing, Bound, CloudHubModule};
 use cloudhub::store::sqlite::SqliteStore;
 use transport::ListenConfig;
 
@@ -76,6 +78,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => CloudcoreConfig::default(),
     };
     let hub_config = &config.cloudhub;
+    // Checked before anything is created or bound: an exposed API without TLS is refused.
+    let api_tls = hub_config.api_uses_tls()?;
     let pki = pki::ensure(hub_config)?;
     let store = SqliteStore::open(hub_config.store_config()).with_context(|| {
         format!(
@@ -100,11 +104,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let mut listen = ListenConfig::new(pki.server.clone(), pki.ca.trust_anchors());
     listen.link = hub_config.link_config();
+    let api = if hub_config.api.enable {
+        let token_path = hub_config.api_token_path();
+        let tokens = TokenStore::open(&token_path)?;
+        tracing::info!(file = %token_path.display(), tokens_exist = tokens.any()?,
+            "cloud API token file");
+        ApiServing {
+            options: ApiOptions {
+                tokens: Some(Arc::new(tokens)),
+                require_credentials: hub_config.api_is_exposed(),
+                ..ApiOptions::default()
+            },
+            tls: if api_tls {
+                Some(transport::tls::api_server_config(
+                    &pki.server,
+                    &pki.ca.trust_anchors(),
+                )?)
+            } else {
+                None
+            },
+        }
+    } else {
+        ApiServing::default()
+    };
     let bootstrap = BootstrapConfig {
         edge_cert_days: hub_config.edge_cert_signing_duration.get(),
         ..BootstrapConfig::new(Arc::new(pki.ca), pki.server)
     };
-    let module = CloudHubModule::new(hub, bound, listen, Some(bootstrap));
+    let module = CloudHubModule::new(hub, bound, listen, Some(bootstrap)).with_api(api);
     let mut beehive = Beehive::new();
     beehive.register(module, true)?;
     let report = beehive.start().run_until_signal(signals).await;

@@ -1,38 +1,52 @@
 //! The cloud API for applications (HTTP/JSON, default `127.0.0.1:10003`):
 //!
-//! | Method & path | What |
-//! |---|---|
-//! | `GET /v1/nodes` | every known node: id, project, connected, protocol, since, remote address, last keepalive, queue depths |
-//! | `GET /v1/nodes/{id}` | one node (404 if unknown) |
-//! | `POST /v1/nodes/{id}/messages` | queue a KubeEdge JSON message for the node (id and timestamp filled in if absent); `?ack=true\|false` overrides the ACK classification, `?wait=ack&timeout=10s` waits for the edge's ACK |
-//! | `GET /v1/nodes/{id}/messages/{msg_id}` | where a queued message stands (pending, in flight, acked) |
-//! | `GET /v1/messages?node=&group=&since=` | upstream messages as Server-Sent Events (`id:` = log sequence; resume with `Last-Event-ID` or `since`) |
-//! | `GET /metrics` | Prometheus text |
-//! | `GET /healthz` | `ok` |
+//! | Method & path | Scope | What |
+//! |---|---|---|
+//! | `GET /v1/nodes` | read | every known node: id, project, connected, protocol, since, remote address, last keepalive, queue depths |
+//! | `GET /v1/nodes/{id}` | read | one node (404 if unknown) |
+//! | `POST /v1/nodes/{id}/messages` | send | queue a KubeEdge JSON message for the node (id and timestamp filled in if absent); `?ack=true\|false` overrides the ACK classification, `?wait=ack&timeout=10s` waits for the edge's ACK |
+//! | `GET /v1/nodes/{id}/messages/{msg_id}` | read | where a queued message stands (pending, in flight, acked) |
+//! | `GET /v1/messages?node=&group=&since=` | read | upstream messages as Server-Sent Events (`id:` = log sequence; resume with `Last-Event-ID` or `since`) |
+//! | `GET /v1/api-tokens` | admin | the API tokens (names, scopes, times; never the tokens) |
+//! | `POST /v1/api-tokens` | admin | create a token `{"name", "scope"}`; the answer holds it, once |
+//! | `DELETE /v1/api-tokens/{name}` | admin | revoke a token |
+//! | `GET /metrics` | read | Prometheus text |
+//! | `GET /healthz` | none | `ok` |
 //!
 //! Every error is JSON: `{"error": "<text>", "code": "<stable code>"}` with a 4xx/5xx status.
-//! The API has no authentication of its own: bind it to loopback (the default) or put it behind
-//! a proxy that authenticates.
+//!
+//! Authentication ([`crate::auth`]): `Authorization: Bearer <token>`, or a client certificate
+//! from the cloud CA on the TLS listener. Credentials are required once any API token exists,
+//! and always off loopback; a request without a usable one gets 401 (`WWW-Authenticate: Bearer`),
+//! one whose scope is too small 403. A presented token is never logged.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRef, MatchedPath, Path, Query, Request, State,
+};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
+use axum::serve::IncomingStream;
+use axum::{Extension, Router};
 use futures_util::Stream;
 use proto::Message;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use crate::auth::{
+    AuthStoreError, Principal, Scope, TokenStore, TokenVerdict, principal_from_cert,
+};
+use crate::bootstrap::{PeerInfo, TlsListener};
 use crate::hub::{Hub, SendError};
 use crate::store::{MessageState, MessageStore, UpstreamRecord};
 use session::node::delivery::needs_ack;
@@ -45,35 +59,358 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 /// Upstream records read from the store per replay step.
 const REPLAY_BATCH: usize = 512;
 
-/// The API's routes over `hub`, accepting bodies up to [`MAX_BODY_BYTES`].
+/// How the API is served: credentials and limits. [`ApiOptions::default`] is an open API
+/// (no token file, credentials never required), as tests and a loopback-only cloud use it.
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    /// The API token file; `None`: no tokens (and no `/v1/api-tokens`).
+    pub tokens: Option<Arc<TokenStore>>,
+    /// Require credentials even while no token exists (the API is not on loopback).
+    pub require_credentials: bool,
+    /// Largest accepted POST body (larger gets 413 with a JSON error).
+    pub max_body: usize,
+}
+
+impl Default for ApiOptions {
+    fn default() -> Self {
+        Self {
+            tokens: None,
+            require_credentials: false,
+            max_body: MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// The state every handler can reach.
+#[derive(Debug, Clone)]
+struct ApiState {
+    hub: Hub,
+    auth: Arc<ApiAuth>,
+}
+
+impl FromRef<ApiState> for Hub {
+    fn from_ref(state: &ApiState) -> Self {
+        state.hub.clone()
+    }
+}
+
+impl FromRef<ApiState> for Arc<ApiAuth> {
+    fn from_ref(state: &ApiState) -> Self {
+        Self::clone(&state.auth)
+    }
+}
+
+/// What the authorisation layer needs.
+#[derive(Debug)]
+struct ApiAuth {
+    tokens: Option<Arc<TokenStore>>,
+    require_credentials: bool,
+}
+
+/// The API's routes over `hub`, accepting bodies up to [`MAX_BODY_BYTES`], open (no credentials).
 pub fn router(hub: Hub) -> Router {
-    router_with_body_limit(hub, MAX_BODY_BYTES)
+    router_with_options(hub, ApiOptions::default())
 }
 
 /// [`router`] with another body limit (larger bodies get 413 with a JSON error).
 pub fn router_with_body_limit(hub: Hub, max_body: usize) -> Router {
+    router_with_options(
+        hub,
+        ApiOptions {
+            max_body,
+            ..ApiOptions::default()
+        },
+    )
+}
+
+/// The API's routes over `hub` as `options` say. Serve it with connection info
+/// ([`bootstrap::PeerInfo`]) for client certificates to count.
+pub fn router_with_options(hub: Hub, options: ApiOptions) -> Router {
+    let state = ApiState {
+        hub,
+        auth: Arc::new(ApiAuth {
+            tokens: options.tokens,
+            require_credentials: options.require_credentials,
+        }),
+    };
     Router::new()
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
         .route("/v1/nodes/{id}/messages", post(post_message))
         .route("/v1/nodes/{id}/messages/{msg_id}", get(get_message))
         .route("/v1/messages", get(stream_messages))
+        .route("/v1/api-tokens", get(list_tokens).post(create_token))
+        .route("/v1/api-tokens/{name}", delete(revoke_token))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-        .layer(DefaultBodyLimit::max(max_body))
-        .with_state(hub)
+        .layer(DefaultBodyLimit::max(options.max_body))
+        .with_state(state)
 }
 
-/// Serves the API on `listener` (already bound) until `shutdown` completes.
+/// Serves the open API on `listener` (already bound) until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     hub: Hub,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(hub))
+    serve_with_options(listener, hub, ApiOptions::default(), shutdown).await
+}
+
+/// Serves the API over plain HTTP on `listener` with `options` until `shutdown` completes.
+pub async fn serve_with_options(
+    listener: tokio::net::TcpListener,
+    hub: Hub,
+    options: ApiOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router_with_options(hub, options).into_make_service_with_connect_info::<PeerInfo>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Serves the API over HTTPS on `listener` with `tls` (from `transport::tls::api_server_config`)
+/// and `options` until `shutdown` completes. Client certificates verified by TLS count as
+/// credentials.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+    hub: Hub,
+    options: ApiOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = TlsListener::new(listener, tls, handshake_timeout)?;
+    let app = router_with_options(hub, options).into_make_service_with_connect_info::<PeerInfo>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+impl axum::extract::connect_info::Connected<IncomingStream<'_, tokio::net::TcpListener>>
+    for PeerInfo
+{
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self {
+            remote: *stream.remote_addr(),
+            client_cert: None,
+        }
+    }
+}
+
+/// The scope a route needs; `None`: public.
+fn required_scope(method: &Method, path: &str) -> Option<Scope> {
+    match path {
+        "/healthz" => None,
+        p if p.starts_with("/v1/api-tokens") => Some(Scope::Admin),
+        _ if method == Method::GET || method == Method::HEAD => Some(Scope::Read),
+        _ => Some(Scope::Send),
+    }
+}
+
+/// A 401 with the challenge of RFC 6750 (`invalid_token` when one was presented).
+fn unauthorized(code: &str, msg: &str, presented: bool) -> Response {
+    let mut resp = error(StatusCode::UNAUTHORIZED, code, msg);
+    let challenge = if presented {
+        "Bearer realm=\"causeway\", error=\"invalid_token\""
+    } else {
+        "Bearer realm=\"causeway\""
+    };
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static(challenge),
+    );
+    resp
+}
+
+/// The authorisation layer: finds the request's credential, checks its scope, and hands the
+/// [`Principal`] to the handler. Logs refusals with the peer and the reason, never the token.
+async fn authorize(
+    State(auth): State<Arc<ApiAuth>>,
+    matched: Option<MatchedPath>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let path = matched.as_ref().map_or("", |m| m.as_str()).to_owned();
+    let Some(needed) = required_scope(req.method(), &path) else {
+        return next.run(req).await;
+    };
+    let required = match &auth.tokens {
+        _ if auth.require_credentials => true,
+        None => false,
+        Some(tokens) => match tokens.any() {
+            Ok(any) => any,
+            Err(e) => {
+                tracing::error!(error = %e, "cloud API: cannot read the token file; refusing");
+                return store_error(e);
+            }
+        },
+    };
+    if !required {
+        return next.run(req).await;
+    }
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<PeerInfo>>()
+        .map(|c| &c.0);
+    let remote = peer.map(|p| p.remote.to_string()).unwrap_or_default();
+    let refuse = |reason: &str| {
+        tracing::info!(%remote, method = %req.method(), %path, reason, "cloud API request refused");
+    };
+    let principal = match req.headers().get(header::AUTHORIZATION) {
+        Some(value) => {
+            let token = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim());
+            let Some(token) = token else {
+                refuse("malformed Authorization header");
+                return unauthorized(
+                    "unauthenticated",
+                    "malformed Authorization header (expected \"Bearer <token>\")",
+                    true,
+                );
+            };
+            let verdict = match &auth.tokens {
+                Some(tokens) => tokens.verify(token),
+                None => Ok(TokenVerdict::Unknown),
+            };
+            match verdict {
+                Ok(TokenVerdict::Valid(p)) => p,
+                Ok(TokenVerdict::Unknown) => {
+                    refuse("unknown API token");
+                    return unauthorized("invalid_token", "unknown API token", true);
+                }
+                Ok(TokenVerdict::Revoked(name)) => {
+                    refuse(&format!("revoked API token {name:?}"));
+                    return unauthorized("invalid_token", "this API token was revoked", true);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cloud API: cannot read the token file; refusing");
+                    return store_error(e);
+                }
+            }
+        }
+        None => match peer.and_then(|p| p.client_cert.as_ref()) {
+            Some(cert) => match principal_from_cert(cert) {
+                Ok(p) => p,
+                Err(why) => {
+                    refuse(&why);
+                    return unauthorized("unauthenticated", &why, false);
+                }
+            },
+            None => {
+                refuse("no credentials");
+                return unauthorized(
+                    "unauthenticated",
+                    "this endpoint needs credentials: Authorization: Bearer <API token>, \
+                     or an API client certificate",
+                    false,
+                );
+            }
+        },
+    };
+    if !principal.scope.allows(needed) {
+        refuse(&format!(
+            "{:?} has scope {}, needs {needed}",
+            principal.name, principal.scope
+        ));
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "credential {:?} has scope {}; this endpoint needs {needed}",
+                principal.name, principal.scope
+            ),
+        );
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+/// Body of `POST /v1/api-tokens`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    /// Unique among live tokens: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+    name: String,
+    /// `read`, `send` or `admin`.
+    scope: Scope,
+}
+
+fn no_token_file() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "this API has no token file",
+    )
+}
+
+fn token_error(e: AuthStoreError) -> Response {
+    match e {
+        AuthStoreError::BadName(_) | AuthStoreError::BadScope(_) => {
+            error(StatusCode::BAD_REQUEST, "bad_body", e)
+        }
+        AuthStoreError::NameTaken(_) => error(StatusCode::CONFLICT, "name_taken", e),
+        AuthStoreError::NoSuchToken(_) => error(StatusCode::NOT_FOUND, "unknown_token", e),
+        e => store_error(e),
+    }
+}
+
+async fn list_tokens(State(auth): State<Arc<ApiAuth>>) -> Response {
+    let Some(tokens) = &auth.tokens else {
+        return no_token_file();
+    };
+    match tokens.list() {
+        Ok(list) => axum::Json(list).into_response(),
+        Err(e) => token_error(e),
+    }
+}
+
+async fn create_token(
+    State(auth): State<Arc<ApiAuth>>,
+    by: Option<Extension<Principal>>,
+    body: Result<axum::Json<CreateToken>, JsonRejection>,
+) -> Response {
+    let Some(tokens) = &auth.tokens else {
+        return no_token_file();
+    };
+    let axum::Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", e.body_text()),
+    };
+    match tokens.create(&body.name, body.scope) {
+        Ok((token, info)) => {
+            let by = by.map(|p| p.0.name);
+            tracing::info!(name = %info.name, scope = %info.scope, by = ?by, "API token created");
+            let mut out = json!(info);
+            out["token"] = json!(token);
+            (StatusCode::CREATED, axum::Json(out)).into_response()
+        }
+        Err(e) => token_error(e),
+    }
+}
+
+async fn revoke_token(
+    State(auth): State<Arc<ApiAuth>>,
+    by: Option<Extension<Principal>>,
+    Path(name): Path<String>,
+) -> Response {
+    let Some(tokens) = &auth.tokens else {
+        return no_token_file();
+    };
+    match tokens.revoke(&name) {
+        Ok(info) => {
+            let by = by.map(|p| p.0.name);
+            tracing::info!(name = %info.name, by = ?by, "API token revoked");
+            axum::Json(info).into_response()
+        }
+        Err(e) => token_error(e),
+    }
 }
 
 fn error(status: StatusCode, code: &str, msg: impl std::fmt::Display) -> Response {

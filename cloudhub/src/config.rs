@@ -51,13 +51,16 @@ pub struct CloudHubConfig {
         deserialize_with = "Endpoint::https_over_defaults"
     )]
     pub https: Endpoint,
-    /// Cloud API for applications (plain HTTP, no authentication). Default enabled on
-    /// `127.0.0.1:10003`: loopback only; put a proxy in front to expose it.
+    /// Cloud API for applications. Default enabled on `127.0.0.1:10003`; off loopback it needs
+    /// HTTPS and credentials (see `api-server`).
     #[serde(
         default = "Endpoint::api",
         deserialize_with = "Endpoint::api_over_defaults"
     )]
     pub api: Endpoint,
+    /// How the cloud API protects itself: TLS and the API token file.
+    #[serde(default)]
+    pub api_server: ApiServerSection,
     /// Seconds a node may go without a keepalive before its session ends. Default 30
     /// (KubeEdge `keepaliveInterval`: two 15 s edge heartbeats).
     #[serde(default = "default_keepalive")]
@@ -100,6 +103,7 @@ impl Default for CloudHubConfig {
             quic: Endpoint::quic(),
             https: Endpoint::https(),
             api: Endpoint::api(),
+            api_server: ApiServerSection::default(),
             keepalive_interval: default_keepalive(),
             node_limit: default_node_limit(),
             tls: TlsFiles::default(),
@@ -191,6 +195,32 @@ struct EndpointKeys {
     enable: Option<bool>,
     address: Option<IpAddr>,
     port: Option<u16>,
+}
+
+/// `cloudhub.api-server`: how the cloud API protects itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ApiServerSection {
+    /// HTTPS with the cloud's server certificate: `auto` (default: when `api.address` is not
+    /// loopback), `always`, or `never` (refused off loopback).
+    #[serde(default)]
+    pub tls: ApiTls,
+    /// The API token file (SQLite, hashed tokens). Default `<cert-dir>/api-tokens.db`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// `cloudhub.api-server.tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiTls {
+    /// HTTPS when the API does not listen on loopback, plain HTTP on loopback.
+    #[default]
+    Auto,
+    /// Always HTTPS.
+    Always,
+    /// Never HTTPS: only allowed on loopback.
+    Never,
 }
 
 /// `cloudhub.tls`: where the CA and the server certificate live. Files missing at start are
@@ -464,6 +494,34 @@ impl CloudHubConfig {
         }
     }
 
+    /// Whether the API listens beyond loopback: then credentials and HTTPS are always required.
+    pub fn api_is_exposed(&self) -> bool {
+        !self.api.address.is_loopback()
+    }
+
+    /// Whether the API is served over HTTPS; an error if `api-server.tls: never` is asked for
+    /// an API that listens beyond loopback (credentials would cross the network in clear).
+    pub fn api_uses_tls(&self) -> Result<bool, ConfigError> {
+        match self.api_server.tls {
+            ApiTls::Always => Ok(true),
+            ApiTls::Auto => Ok(self.api_is_exposed()),
+            ApiTls::Never if self.api_is_exposed() => Err(ConfigError::Inconsistent(format!(
+                "cloudhub.api.address {} is not loopback but cloudhub.api-server.tls is never: \
+                 the API would carry credentials in clear; set tls: auto or bind to 127.0.0.1",
+                self.api.address
+            ))),
+            ApiTls::Never => Ok(false),
+        }
+    }
+
+    /// The API token file.
+    pub fn api_token_path(&self) -> PathBuf {
+        self.api_server
+            .token_file
+            .clone()
+            .unwrap_or_else(|| crate::auth::TokenStore::default_path(&self.tls.cert_dir))
+    }
+
     /// How long bootstrap tokens should live: twice the refresh period.
     pub fn token_ttl(&self) -> Duration {
         Duration::from_secs(u64::from(self.token_refresh_duration.get()) * 2 * 3600)
@@ -492,6 +550,9 @@ pub enum ConfigError {
         /// The parser's message, with line and column.
         source: Box<serde_saphyr::Error>,
     },
+    /// Settings that each parse but cannot go together.
+    #[error("{0}")]
+    Inconsistent(String),
 }
 
 /// Parses YAML `text` (from `origin`, named in errors) into `T`.
@@ -534,8 +595,15 @@ cloudhub:
   quic: { enable: true, address: 0.0.0.0, port: 10001 }
   # Certificate bootstrap for edges (KubeEdge-compatible /ca.crt and /edge.crt over HTTPS).
   https: { enable: true, address: 0.0.0.0, port: 10002 }
-  # Cloud API for applications (HTTP/JSON, no authentication): keep it on loopback.
+  # Cloud API for applications (HTTP/JSON). Off loopback it is HTTPS and needs credentials.
   api: { enable: true, address: 127.0.0.1, port: 10003 }
+  api-server:
+    # HTTPS with the server certificate: auto (when api.address is not loopback), always, or
+    # never (refused off loopback).
+    tls: auto
+    # API tokens (`causeway api-token create`) live hashed in <cert-dir>/api-tokens.db unless
+    # token-file names another file. Once a token exists, every endpoint but /healthz and
+    # /v1/openapi.json needs one.
   # A node silent (no keepalive) this many seconds is disconnected: two 15 s edge heartbeats.
   keepalive-interval: 30
   # Most connected nodes; more are refused and closed.

@@ -18,6 +18,7 @@
 //!   `driver`, the async loop around each session.
 //! - [`bootstrap`]: the certificate bootstrap server (`/ca.crt`, `/edge.crt`).
 //! - [`api`]: the cloud API (nodes, send, SSE stream of upstream messages, metrics).
+//! - [`auth`]: the cloud API's credentials (hashed bearer tokens with scopes, client certificates).
 //! - [`metrics`]: counters and the Prometheus text exposition.
 //! - [`config`]: `cloudcore.yaml`, typed.
 //! - [`server`]: [`server::CloudHubModule`], all of the above as one beehive module.
@@ -29,6 +30,7 @@
 //! ```
 
 pub mod api;
+pub mod auth;
 pub mod bootstrap;
 pub mod config;
 mod driver;

@@ -15,6 +15,7 @@ use proto::Message;
 use tokio::net::TcpListener;
 use transport::{ListenConfig, ListenSocket, Protocol};
 
+use crate::api::ApiOptions;
 use crate::bootstrap::BootstrapConfig;
 use crate::config::CloudHubConfig;
 use crate::hub::Hub;
@@ -76,6 +77,16 @@ struct Parts {
     bound: Bound,
     listen: ListenConfig,
     bootstrap: Option<BootstrapConfig>,
+    api: ApiServing,
+}
+
+/// How the cloud API is served: its options and, for HTTPS, the TLS configuration.
+#[derive(Debug, Clone, Default)]
+pub struct ApiServing {
+    /// Credentials and limits.
+    pub options: ApiOptions,
+    /// HTTPS (from `transport::tls::api_server_config`); `None`: plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// The CloudHub beehive module.
@@ -100,8 +111,22 @@ impl CloudHubModule {
                 bound,
                 listen,
                 bootstrap,
+                api: ApiServing::default(),
             })),
         }
+    }
+
+    /// Serves the cloud API as `api` says (default: open, plain HTTP).
+    pub fn with_api(self, api: ApiServing) -> Self {
+        if let Some(parts) = self
+            .parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+        {
+            parts.api = api;
+        }
+        self
     }
 
     /// The hub.
@@ -161,11 +186,31 @@ impl Module for CloudHubModule {
                 }));
             }
             if let Some(tcp) = parts.bound.api {
-                tracing::info!(addr = ?tcp.local_addr().ok(), "serving the cloud API");
+                let api = parts.api;
+                tracing::info!(addr = ?tcp.local_addr().ok(), https = api.tls.is_some(),
+                    credentials_required = api.options.require_credentials,
+                    "serving the cloud API");
                 let hub = self.hub.clone();
                 let shutdown = stop();
+                let handshake_timeout = parts.listen.link.handshake_timeout;
                 tasks.push(tokio::spawn(async move {
-                    if let Err(e) = crate::api::serve(tcp, hub, shutdown).await {
+                    let served = match api.tls {
+                        Some(tls) => {
+                            crate::api::serve_tls(
+                                tcp,
+                                tls,
+                                handshake_timeout,
+                                hub,
+                                api.options,
+                                shutdown,
+                            )
+                            .await
+                        }
+                        None => {
+                            crate::api::serve_with_options(tcp, hub, api.options, shutdown).await
+                        }
+                    };
+                    if let Err(e) = served {
                         tracing::error!(error = %e, "cloud API server failed");
                     }
                 }));

@@ -110,6 +110,14 @@ impl Daemon {
         }
     }
 
+    /// Every log line read so far, including those waiting to be read, as one text.
+    pub fn log_so_far(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+
     /// The process id (for `/proc/<pid>/status`).
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -186,19 +194,41 @@ pub fn fields(line: &str) -> HashMap<String, String> {
 
 /// A plain HTTP/1.1 exchange; returns (status, body), the body de-chunked if it was chunked.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let (status, _, body) = http_with(addr, method, path, &[], body);
+    (status, body)
+}
+
+/// [`http`] with extra request headers; returns (status, response head, body).
+pub fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(HTTP_PATIENCE)).expect("timeout");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+         {extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
+    let mut out = Vec::new();
+    // A refusal may close before reading everything we sent; what arrived still counts.
+    let _ = s.read_to_end(&mut out);
+    parse_response(&String::from_utf8_lossy(&out))
+}
+
+/// (status, head, de-chunked body) of an HTTP/1.1 response text.
+pub fn parse_response(out: &str) -> (u16, String, String) {
     let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or((out, ""));
     let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
@@ -207,7 +237,7 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Str
     } else {
         rest.to_owned()
     };
-    (status, body)
+    (status, head.to_owned(), body)
 }
 
 fn dechunk(mut s: &str) -> String {

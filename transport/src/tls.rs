@@ -13,6 +13,8 @@
 //! - Certificate bootstrap (HTTPS, KubeEdge's `/ca.crt` and `/edge.crt`): the server *requests* a
 //!   client certificate and verifies it when presented (a renewing node), since a node that
 //!   bootstraps has none yet; both sides offer ALPN `http/1.1`.
+//! - Cloud API (HTTPS when it leaves loopback): as the bootstrap endpoint: a client certificate
+//!   is requested and verified when presented (an API client's), a bearer token otherwise.
 //!
 //! The crypto provider is always ring, passed explicitly; no process default is relied on. The one
 //! path that skips server verification is [`dangerous_unverified_bootstrap_client_config`], for
@@ -133,6 +135,26 @@ pub fn bootstrap_server_config(
         .map_err(TlsConfigError::Rustls)?;
     config.alpn_protocols = vec![BOOTSTRAP_ALPN.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The cloud API's HTTPS configuration: presents `identity` (the cloud's server certificate);
+/// requests a client certificate and verifies it against `anchors` when one is presented (an API
+/// client certificate), but admits clients without one (they authenticate with a bearer token).
+/// TLS 1.2 and 1.3, ALPN `http/1.1`: the same shape as the bootstrap endpoint's.
+pub fn api_server_config(
+    identity: &Identity,
+    anchors: &TrustAnchors,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    bootstrap_server_config(identity, anchors)
+}
+
+/// An HTTPS client of the cloud API: verifies the server against `anchors` (the cloud CA);
+/// presents the leaf of `identity` when given (an API client certificate).
+pub fn api_client_config(
+    anchors: &TrustAnchors,
+    identity: Option<&Identity>,
+) -> Result<ClientConfig, TlsConfigError> {
+    bootstrap_client_config(anchors, identity)
 }
 
 /// A bootstrap client's configuration: verifies the server against `anchors`; presents the leaf

@@ -3,6 +3,7 @@
 //! ACK classification, waiting), so the CLI and applications cannot disagree.
 
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -13,12 +14,58 @@ use crate::duration::parse as parse_duration;
 /// Default cloud API address (cloudcore's default `api` endpoint); `CAUSEWAY_API` overrides it.
 const DEFAULT_API: &str = "http://127.0.0.1:10003";
 
-/// Where the cloud API is.
+/// Where the cloud API is, and how to authenticate to it.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ApiArgs {
-    /// Base URL of cloudcore's cloud API.
+    /// Base URL of cloudcore's cloud API (`https://...` when it is not on loopback).
     #[arg(long, env = "CAUSEWAY_API", default_value = DEFAULT_API, value_name = "URL")]
-    api: String,
+    pub(crate) api: String,
+    /// API token (`causeway api-token create`); prefer the environment variable, which other
+    /// users cannot see in the process list.
+    #[arg(
+        long,
+        env = "CAUSEWAY_API_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+    /// CA certificate (PEM) that signed the API's server certificate, for https URLs: the
+    /// cloud's `ca.crt`.
+    #[arg(long, env = "CAUSEWAY_API_CA", value_name = "FILE")]
+    api_ca: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    /// The base URL without a trailing slash.
+    pub(crate) fn base(&self) -> &str {
+        self.api.trim_end_matches('/')
+    }
+
+    /// An HTTP client for the API: trusts `--api-ca` for https, sends `--token`.
+    pub(crate) fn client(&self) -> anyhow::Result<reqwest::Client> {
+        // reqwest is built without a provider of its own (ring is the workspace's only one);
+        // it fails if none is installed. An earlier install in this process is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if let Some(ca) = &self.api_ca {
+            let anchors = ::certs::TrustAnchors::load(ca)
+                .with_context(|| format!("loading the API's CA from {}", ca.display()))?;
+            let tls = transport::tls::api_client_config(&anchors, None)
+                .context("building the API's TLS configuration")?;
+            builder = builder.use_preconfigured_tls(tls);
+        } else if self.base().starts_with("https:") {
+            bail!("an https API URL needs --api-ca (or CAUSEWAY_API_CA): the cloud's ca.crt");
+        }
+        if let Some(token) = &self.token {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| anyhow::anyhow!("the API token holds characters a header cannot"))?;
+            value.set_sensitive(true);
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+            builder = builder.default_headers(headers);
+        }
+        builder.build().context("building the HTTP client")
+    }
 }
 
 /// `causeway nodes`: list nodes, or show one.
@@ -88,8 +135,8 @@ pub(crate) struct TailArgs {
 
 pub(crate) fn run_nodes(args: NodesArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let client = client()?;
-        let base = args.api.api.trim_end_matches('/');
+        let client = args.api.client()?;
+        let base = args.api.base();
         let url = match &args.node {
             Some(node) => format!("{base}/v1/nodes/{node}"),
             None => format!("{base}/v1/nodes"),
@@ -119,8 +166,8 @@ pub(crate) fn run_send(args: SendArgs) -> anyhow::Result<()> {
         "content": content,
     });
     runtime()?.block_on(async {
-        let client = client()?;
-        let base = args.api.api.trim_end_matches('/');
+        let client = args.api.client()?;
+        let base = args.api.base();
         let mut url = format!("{base}/v1/nodes/{}/messages", args.node);
         if args.wait_ack {
             url.push_str(&format!("?wait=ack&timeout={}ms", args.timeout.as_millis()));
@@ -160,8 +207,8 @@ pub(crate) fn run_tail(args: TailArgs) -> anyhow::Result<()> {
 }
 
 async fn tail(args: &TailArgs) -> anyhow::Result<()> {
-    let client = client()?;
-    let base = args.api.api.trim_end_matches('/');
+    let client = args.api.client()?;
+    let base = args.api.base();
     let mut query = Vec::new();
     if let Some(node) = &args.node {
         query.push(("node", node.clone()));
@@ -258,7 +305,7 @@ fn print_node_table(body: &Value) {
     }
 }
 
-async fn get_json(client: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
+pub(crate) async fn get_json(client: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
     let resp = client
         .get(url)
         .send()
@@ -268,7 +315,7 @@ async fn get_json(client: &reqwest::Client, url: &str) -> anyhow::Result<Value> 
 }
 
 /// The body as JSON; an error status becomes an error carrying the API's message.
-async fn response_json(resp: reqwest::Response, url: &str) -> anyhow::Result<Value> {
+pub(crate) async fn response_json(resp: reqwest::Response, url: &str) -> anyhow::Result<Value> {
     let status = resp.status();
     let text = resp
         .text()
@@ -284,17 +331,7 @@ async fn response_json(resp: reqwest::Response, url: &str) -> anyhow::Result<Val
     Ok(body)
 }
 
-fn client() -> anyhow::Result<reqwest::Client> {
-    // reqwest is built without a provider of its own (ring is the workspace's only one); it
-    // fails if none is installed. An earlier install in this process is fine.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .context("building the HTTP client")
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

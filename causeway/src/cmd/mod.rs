@@ -3,6 +3,7 @@
 //! exit code 2.
 
 pub(crate) mod api;
+pub(crate) mod api_token;
 pub(crate) mod certs;
 pub(crate) mod frame;
 pub(crate) mod token;
