@@ -10,8 +10,9 @@ use tokio::sync::Notify;
 use beehive::{BoxFuture, Module, ModuleContext, ModuleError};
 
 use crate::config::EdgeHubConfig;
-use crate::driver::{self, Counters, HubStats, LinkStatus};
+use crate::driver;
 use crate::outbox::OpenError;
+use crate::stats::{Counters, HubStats, LinkStatus};
 use session::edge::route::{GROUP_HUB, MODULE_EDGEHUB};
 
 /// The EdgeHub module. Create it, keep [`EdgeHub::stats`] / [`EdgeHub::reconnect_trigger`]

@@ -11,7 +11,10 @@
 //!   (connect, keepalive, dead-cloud detection, reconnect with backoff, rate limiting, routing),
 //!   and `session::edge::route`, where cloud messages go on the bus (KubeEdge's handler table)
 //!   and the edge's module and group names.
-//! - [`driver`]: the thin async loop around the session (private; its counters are [`HubStats`]).
+//! - `driver`: the thin async loop around the session (private), with what it does around it in
+//!   files of their own: `link` (the dial and each connection's reader, writer and closer),
+//!   `pump` (outbox ⇄ session), `deliver` (cloud messages onto the bus) and `stats` (the
+//!   counters, [`HubStats`], and the link status, [`LinkStatus`]).
 //! - [`hub`]: [`EdgeHub`], the beehive module (`websocket`, group `hub`).
 //! - [`outbox`]: the durable upstream queue (SQLite) and the downstream dedup window.
 //! - [`bootstrap`]: obtaining and renewing the node certificate (KubeEdge's certificate flow).
@@ -25,10 +28,14 @@
 
 pub mod bootstrap;
 pub mod config;
+mod deliver;
 mod driver;
 pub mod hub;
+mod link;
 pub mod outbox;
+mod pump;
+mod stats;
 
 pub use config::EdgeHubConfig;
-pub use driver::{HubStats, LinkStatus};
 pub use hub::{EdgeHub, ReconnectTrigger, StartError, StatsHandle};
+pub use stats::{HubStats, LinkStatus};

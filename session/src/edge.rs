@@ -612,6 +612,20 @@ impl EdgeSession {
         self.answers.push_back((message, credited));
     }
 
+    /// Answers a cloud message again that the edge answered before (the outbox remembers it)
+    /// and the cloud resent, because that answer was lost (kind C). The module is not asked
+    /// again: the answer is the minimal one the ACK contract reads (op `response`, parent id =
+    /// the message's id, content `OK`; B§8.5), on the answer lane like any answer.
+    pub fn answer_again(&mut self, message: &Message) {
+        let answer = Message::response_to_with(
+            message,
+            Content::text("OK"),
+            (self.config.new_id)(),
+            (self.config.wall_millis)(),
+        );
+        self.queue_answer(answer);
+    }
+
     /// The next message to write, if any (kind D). Keepalives go first, then answers to cloud
     /// messages, both outside the rate limiter (an answer only if it is covered by a delivered
     /// message); module data, and answers beyond what was delivered, wait for a token (then

@@ -1020,3 +1020,32 @@ fn answers_are_dropped_without_a_connection_and_the_queue_is_bounded() {
     assert_eq!(h.session.stats().answers_dropped, 6);
     assert!(h.session.poll_transmit(h.now).is_none());
 }
+
+#[test]
+fn a_resent_message_that_was_answered_is_answered_again_from_the_session() {
+    let mut config = SessionConfig::new(HB);
+    config.new_id = || "answer-id".into();
+    config.wall_millis = || 7;
+    let mut h = Harness::new(config);
+    h.run_until(ms(200));
+    let cloud = cloud_message("c-resent");
+    h.session
+        .handle_message(h.now, Generation(1), cloud.clone());
+    h.session.answer_again(&cloud);
+    h.drain();
+    h.run_until(ms(400));
+    let answers: Vec<&Message> = h
+        .received
+        .iter()
+        .map(|(_, _, m)| m)
+        .filter(|m| m.upstream_class() == UpstreamClass::Answer)
+        .collect();
+    assert_eq!(answers.len(), 1);
+    let answer = answers[0];
+    assert_eq!(answer.header.parent_id, "c-resent");
+    assert_eq!(answer.header.id, "answer-id");
+    assert_eq!(answer.header.timestamp, 7);
+    assert_eq!(answer.route.operation, "response");
+    assert_eq!(answer.content.as_text(), Some("OK"));
+    assert_eq!(h.session.stats().answers_rate_limited, 0);
+}

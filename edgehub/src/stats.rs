@@ -1,0 +1,182 @@
+//! EdgeHub's counters and link status, readable while it runs ([`crate::EdgeHub::stats`],
+//! [`crate::StatsHandle`]), and the one place that turns the session's link events into counts
+//! and log lines.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use tracing::{info, warn};
+
+use session::edge::{SessionEvent, TransmitKind};
+use transport::Protocol;
+
+/// Counters of one EdgeHub, readable while it runs ([`crate::EdgeHub::stats`]).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) connects: AtomicU64,
+    pub(crate) disconnects: AtomicU64,
+    pub(crate) connect_failures: AtomicU64,
+    pub(crate) upstream_stored: AtomicU64,
+    pub(crate) upstream_acked: AtomicU64,
+    pub(crate) upstream_refused: AtomicU64,
+    pub(crate) answers_queued: AtomicU64,
+    pub(crate) downstream_delivered: AtomicU64,
+    pub(crate) downstream_duplicates: AtomicU64,
+    pub(crate) downstream_undeliverable: AtomicU64,
+    pub(crate) keepalives_sent: AtomicU64,
+    link: Mutex<LinkStatus>,
+}
+
+/// The state of the link to the cloud, for status endpoints: whether it is up, and the last
+/// failure (a refused dial, a lost connection), so "disconnected" can say why.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LinkStatus {
+    /// A connection to the cloud is established.
+    pub connected: bool,
+    /// The most recent connect failure or disconnect reason, if any happened.
+    pub last_error: Option<String>,
+}
+
+/// A snapshot of EdgeHub's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HubStats {
+    /// Connections established.
+    pub connects: u64,
+    /// Connections lost or closed.
+    pub disconnects: u64,
+    /// Connect attempts that failed.
+    pub connect_failures: u64,
+    /// Module messages stored in the outbox.
+    pub upstream_stored: u64,
+    /// Outbox messages deleted after the cloud's acknowledgement (or, with a KubeEdge cloud,
+    /// after being written).
+    pub upstream_acked: u64,
+    /// Module messages refused because they can never fit the outbox.
+    pub upstream_refused: u64,
+    /// Answers to cloud messages (ACKs) from modules, recorded as answered and queued for the
+    /// cloud; they are never stored in the outbox (PROTOCOL.md Part A item 7).
+    pub answers_queued: u64,
+    /// Cloud messages handed to the bus.
+    pub downstream_delivered: u64,
+    /// Cloud resends recognised and not delivered again.
+    pub downstream_duplicates: u64,
+    /// Cloud messages no module could take (no handler, no such group or module): logged.
+    pub downstream_undeliverable: u64,
+    /// Keepalives written.
+    pub keepalives_sent: u64,
+}
+
+impl Counters {
+    pub(crate) fn link(&self) -> LinkStatus {
+        self.link
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn set_link(&self, connected: bool, error: Option<String>) {
+        let mut link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
+        link.connected = connected;
+        if error.is_some() {
+            link.last_error = error;
+        }
+    }
+
+    /// Counts a message handed to the writer.
+    pub(crate) fn transmitted(&self, kind: TransmitKind) {
+        if kind == TransmitKind::Keepalive {
+            bump(&self.keepalives_sent, 1);
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> HubStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        HubStats {
+            connects: get(&self.connects),
+            disconnects: get(&self.disconnects),
+            connect_failures: get(&self.connect_failures),
+            upstream_stored: get(&self.upstream_stored),
+            upstream_acked: get(&self.upstream_acked),
+            upstream_refused: get(&self.upstream_refused),
+            answers_queued: get(&self.answers_queued),
+            downstream_delivered: get(&self.downstream_delivered),
+            downstream_duplicates: get(&self.downstream_duplicates),
+            downstream_undeliverable: get(&self.downstream_undeliverable),
+            keepalives_sent: get(&self.keepalives_sent),
+        }
+    }
+}
+
+/// Adds `n` to a counter.
+pub(crate) fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Counts and logs a session event that is not a delivery: a link event (connected,
+/// disconnected, a failed attempt, the next attempt scheduled) or an unroutable cloud message.
+/// Deliveries and publications are the driver's and ignored here.
+pub(crate) fn record_event(
+    counters: &Counters,
+    protocol: Protocol,
+    server: &str,
+    event: &SessionEvent,
+) {
+    match event {
+        SessionEvent::Connected {
+            generation,
+            upstream_ack,
+        } => {
+            bump(&counters.connects, 1);
+            counters.set_link(true, None);
+            info!(
+                generation = generation.get(),
+                %protocol,
+                server,
+                upstream_ack,
+                "connected to the cloud"
+            );
+            if !upstream_ack {
+                warn!(
+                    generation = generation.get(),
+                    "cloud does not acknowledge upstream messages (a KubeEdge cloud): messages \
+                     leave the outbox once written, as KubeEdge does"
+                );
+            }
+        }
+        SessionEvent::Disconnected { generation, reason } => {
+            bump(&counters.disconnects, 1);
+            counters.set_link(false, Some(reason.to_string()));
+            warn!(generation = generation.get(), %reason, "disconnected from the cloud");
+        }
+        SessionEvent::ConnectFailed { generation, reason } => {
+            bump(&counters.connect_failures, 1);
+            counters.set_link(false, Some(reason.clone()));
+            warn!(generation = generation.get(), %reason, "connect attempt failed");
+        }
+        SessionEvent::ReconnectScheduled {
+            generation,
+            after,
+            failures,
+        } => {
+            info!(
+                next_generation = generation.get(),
+                after_ms = after.as_millis() as u64,
+                failures,
+                "reconnect attempt scheduled"
+            );
+        }
+        SessionEvent::Unroutable { reason, message } => {
+            bump(&counters.downstream_undeliverable, 1);
+            warn!(
+                id = message.header.id,
+                group = message.route.group,
+                source = message.route.source,
+                ?reason,
+                "cloud message matches no edge handler; not delivered"
+            );
+        }
+        SessionEvent::Publish { .. } | SessionEvent::Deliver { .. } => {}
+    }
+}
