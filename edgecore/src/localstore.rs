@@ -14,9 +14,15 @@
 //! | Method & path | What |
 //! |---|---|
 //! | `GET /v1/messages?after=<seq>&limit=<n>` | stored cloud messages after `seq` (default 0), oldest first, at most `n` (default 100, max 1000): `{"messages": [{"seq": 1, "message": <KubeEdge JSON>}], "next": <last seq>}` |
-//! | `POST /v1/upstream` | send a message to the cloud: `{"group", "resource", "operation", "content"?, "source"? (default "localapp"), "id"?}`; 202 `{"id": ...}` once EdgeHub has taken it (it is then stored durably before it is sent) |
-//! | `GET /v1/status` | `{"cloud": "connected" \| "disconnected", "last_error": <the link's last failure, or null>, "stored": <rows>}` |
+//! | `POST /v1/upstream` | send a message to the cloud: `{"group", "resource", "operation", "content"?, "source"? (default "localapp"), "id"?}`; 202 `{"id": ...}` once it is committed to EdgeHub's outbox (it survives a crash); refusals carry `{"error", "code"}` and `Retry-After`: 507 `insufficient_storage` (disk full), 503 `outbox_full`, `storage_failing`, `busy`, or `unconfirmed` (not confirmed within 30 s; retry under the returned `id`, stored once per id); 413 larger than the outbox |
+//! | `GET /v1/status` | `{"cloud": "connected" \| "disconnected", "last_error": <the link's last failure, or null>, "stored": <rows>, "storage_error": <why the outbox or this store cannot write (a full disk), or null>}` |
 //! | `GET /healthz` | `ok` |
+//!
+//! **A full disk.** While EdgeHub's outbox cannot write, `POST /v1/upstream` is refused at once
+//! (507 `insufficient_storage` for a full disk) rather than taken into memory; what was taken
+//! before is kept and stored once space returns. While this store cannot write, cloud messages
+//! are not acknowledged, so the cloud resends them and they are stored once space returns. Each
+//! episode is logged once, and its end once; nothing needs a restart.
 //!
 //! Why HTTP on loopback rather than a JSON-lines file: applications can both read and send, the
 //! cursor (`after`) makes reading restartable without the store tracking consumers, and a
@@ -37,7 +43,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use beehive::{BoxFuture, Bus, Module, ModuleContext, ModuleError};
-use edgehub::StatsHandle;
+use edgehub::{Receipt, StatsHandle};
 use proto::{Content, Message};
 use session::edge::route::{
     CLOUD_CONNECTED, CLOUD_DISCONNECTED, CONNECTION_EVENT_OPERATION, CONNECTION_EVENT_SOURCE,
@@ -52,6 +58,12 @@ pub const MODULE_NAME: &str = "localstore";
 pub const DEFAULT_SOURCE: &str = "localapp";
 /// How long a `POST /v1/upstream` waits for room in EdgeHub's inbox before answering 503.
 const UPSTREAM_WAIT: Duration = Duration::from_secs(5);
+/// How long it then waits for EdgeHub to commit the message to the outbox: a refusal comes at
+/// once, so only a very slow disk makes it wait this long.
+const STORE_WAIT: Duration = Duration::from_secs(30);
+/// `Retry-After` (seconds) of a refused `POST /v1/upstream`: EdgeHub retries its storage every
+/// second, so a few seconds suffice once space returns.
+const RETRY_AFTER_SECS: &str = "5";
 
 /// The local store module.
 #[derive(Debug)]
@@ -124,6 +136,8 @@ struct Shared {
     bus: Bus,
     cloud: Mutex<CloudState>,
     link: Option<StatsHandle>,
+    /// Why the last insert failed, while inserts fail (logged once per episode).
+    store_problem: Mutex<Option<String>>,
 }
 
 impl LocalStore {
@@ -182,6 +196,7 @@ async fn run(module: &LocalStore, mut ctx: ModuleContext) -> Result<(), StoreErr
         bus: ctx.bus().clone(),
         cloud: Mutex::new(CloudState::Disconnected),
         link: module.link.clone(),
+        store_problem: Mutex::new(None),
     });
     let shutdown = ctx.shutdown_signal();
     let server = tokio::spawn(
@@ -213,6 +228,12 @@ async fn handle(shared: &Shared, msg: Message) {
     }
     match shared.table.insert(&msg) {
         Ok(stored) => {
+            if lock(&shared.store_problem).take().is_some() {
+                tracing::info!(
+                    path = %shared.table.path.display(),
+                    "local store: storing works again; acknowledging cloud messages"
+                );
+            }
             if stored == Stored::Duplicate {
                 tracing::debug!(
                     id = msg.header.id,
@@ -227,7 +248,32 @@ async fn handle(shared: &Shared, msg: Message) {
                 }
             }
         }
-        Err(e) => tracing::error!(id = msg.header.id, error = %e, "not stored, not acknowledged"),
+        Err(e) => {
+            let mut problem = lock(&shared.store_problem);
+            if problem.is_none() {
+                // Once per episode: a full disk would otherwise log every resend of every message.
+                let what = if e.is_disk_full() {
+                    "local store: the disk is full; cloud messages are not acknowledged, so the \
+                     cloud resends them until they can be stored"
+                } else {
+                    "local store: cannot store; cloud messages are not acknowledged, so the \
+                     cloud resends them until they can be stored"
+                };
+                tracing::error!(id = msg.header.id, error = %e, "{what}");
+            } else {
+                tracing::debug!(id = msg.header.id, error = %e, "not stored, not acknowledged");
+            }
+            *problem = Some(e.to_string());
+        }
+    }
+}
+
+impl StoreError {
+    /// The disk is full (SQLite's `SQLITE_FULL`): nothing was stored; it works again once space
+    /// returns.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Self::Sqlite { source, .. }
+            if source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
     }
 }
 
@@ -415,6 +461,10 @@ async fn send_upstream(
             "group and operation must not be empty",
         );
     }
+    // Refused at the door while the outbox cannot write.
+    if let Some(problem) = shared.link.as_ref().and_then(StatsHandle::storage_problem) {
+        return not_stored(&Receipt::StorageFailed(problem), None);
+    }
     let id = up
         .id
         .filter(|id| !id.is_empty())
@@ -427,14 +477,96 @@ async fn send_upstream(
             up.operation,
         )
         .content(Content::Json(up.content));
+    // Registered before the hand-over, so the receipt cannot be missed.
+    let receipt = shared.link.as_ref().map(|link| link.receipt(&id));
     match tokio::time::timeout(UPSTREAM_WAIT, shared.bus.send(MODULE_EDGEHUB, msg)).await {
-        Ok(Ok(())) => (StatusCode::ACCEPTED, axum::Json(json!({"id": id}))).into_response(),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-        Err(_) => error(
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let text = e.to_string();
+            return refused(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &text, None);
+        }
+        Err(_) => {
+            let text = "EdgeHub is busy (its inbox is full): not accepted; retry later";
+            return refused(StatusCode::SERVICE_UNAVAILABLE, "busy", text, None);
+        }
+    }
+    let accepted = || (StatusCode::ACCEPTED, axum::Json(json!({"id": id}))).into_response();
+    // Without EdgeHub's receipts (EdgeHub not running), handed over is all that can be said.
+    let Some(receipt) = receipt else {
+        return accepted();
+    };
+    match receipt.wait(STORE_WAIT).await {
+        Some(Receipt::Stored) => accepted(),
+        Some(other) => not_stored(&other, None),
+        None => {
+            let text = format!(
+                "not confirmed stored within {}s; it may still be: retry with the same id (a \
+                 message is stored once per id)",
+                STORE_WAIT.as_secs()
+            );
+            refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unconfirmed",
+                &text,
+                Some(&id),
+            )
+        }
+    }
+}
+
+/// The answer to a POST whose message EdgeHub did not take.
+fn not_stored(receipt: &Receipt, id: Option<&str>) -> Response {
+    match receipt {
+        Receipt::StorageFailed(problem) if problem.disk_full => refused(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "insufficient_storage",
+            &format!(
+                "the edge's disk is full: not accepted; retry once space is freed ({})",
+                problem.error
+            ),
+            id,
+        ),
+        Receipt::StorageFailed(problem) => refused(
             StatusCode::SERVICE_UNAVAILABLE,
-            "EdgeHub is busy (outbox full); retry later",
+            "storage_failing",
+            &format!(
+                "the edge's outbox cannot write: not accepted; retry later ({})",
+                problem.error
+            ),
+            id,
+        ),
+        Receipt::OutboxFull => refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "outbox_full",
+            "the edge's outbox is full (the cloud has been unreachable): not accepted; retry \
+             later",
+            id,
+        ),
+        Receipt::TooLarge { size, max } => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("message of {size} bytes exceeds the outbox limit of {max} bytes"),
+        ),
+        other => refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_stored",
+            &format!("not accepted: {other:?}"),
+            id,
         ),
     }
+}
+
+/// A refusal the caller should retry: `{"error", "code", "id"?}` with `Retry-After`.
+fn refused(status: StatusCode, code: &str, text: &str, id: Option<&str>) -> Response {
+    let mut body = json!({"error": text, "code": code});
+    if let Some(id) = id {
+        body["id"] = json!(id);
+    }
+    let mut resp = (status, axum::Json(body)).into_response();
+    resp.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    resp
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Response {
@@ -450,11 +582,16 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
     } else {
         "disconnected"
     };
+    let storage_error = shared
+        .link
+        .as_ref()
+        .and_then(StatsHandle::storage_problem)
+        .map(|p| format!("outbox: {}", p.error))
+        .or_else(|| lock(&shared.store_problem).clone());
     match shared.table.count() {
-        Ok(stored) => {
-            axum::Json(json!({"cloud": cloud, "last_error": last_error, "stored": stored}))
-                .into_response()
-        }
+        Ok(stored) => axum::Json(json!({"cloud": cloud, "last_error": last_error,
+                                        "stored": stored, "storage_error": storage_error}))
+        .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }

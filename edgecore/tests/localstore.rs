@@ -112,7 +112,8 @@ async fn stores_then_acknowledges_dedups_and_serves_local_apps() {
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(
         status,
-        serde_json::json!({"cloud": "connected", "last_error": null, "stored": 1})
+        serde_json::json!({"cloud": "connected", "last_error": null, "stored": 1,
+                           "storage_error": null})
     );
 
     let (code, body) = http(addr, "GET", "/v1/messages?after=0", "").await;

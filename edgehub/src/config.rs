@@ -141,6 +141,11 @@ pub struct OutboxSection {
     /// How many answered cloud message ids are remembered to recognise resends. Default 10000.
     #[serde(default = "default_dedup_window")]
     pub dedup_window: NonZeroU64,
+    /// Seconds a delivered cloud message that no module has answered yet suppresses its resends;
+    /// after that a resend is delivered again (the module may have failed to store it, e.g. on
+    /// a full disk). Default 30.
+    #[serde(default = "default_dedup_pending_ttl")]
+    pub dedup_pending_ttl: Seconds,
 }
 
 impl Default for OutboxSection {
@@ -151,6 +156,7 @@ impl Default for OutboxSection {
             max_bytes: default_max_bytes(),
             durability: Durability::default(),
             dedup_window: default_dedup_window(),
+            dedup_pending_ttl: default_dedup_pending_ttl(),
         }
     }
 }
@@ -314,6 +320,7 @@ impl EdgeHubConfig {
         config.max_bytes = self.outbox.max_bytes.get();
         config.durability = self.outbox.durability;
         config.dedup_window = self.outbox.dedup_window.get();
+        config.dedup_pending_ttl = self.outbox.dedup_pending_ttl.duration();
         config
     }
 }
@@ -579,6 +586,10 @@ fn default_max_messages() -> NonZeroU64 {
 
 fn default_max_bytes() -> NonZeroU64 {
     NonZeroU64::MIN.saturating_add(64 * 1024 * 1024 - 1)
+}
+
+fn default_dedup_pending_ttl() -> Seconds {
+    Seconds(NonZeroU32::MIN.saturating_add(29))
 }
 
 fn default_dedup_window() -> NonZeroU64 {

@@ -135,6 +135,9 @@ impl Driver {
                     }
                     self.pump.store(&mut self.session, ctx.bus(), &self.counters);
                 }
+                () = until(self.pump.retry_at()) => {
+                    self.pump.retry(&mut self.session, ctx.bus(), &self.counters);
+                }
                 () = reconnect.notified() => {
                     let reason = "certificate renewed".into();
                     self.session.handle_event(now(), Event::Reconnect { reason });
@@ -147,7 +150,7 @@ impl Driver {
     /// One turn of polling: drain the session until it has nothing more to say.
     fn turn(&mut self, ctx: &ModuleContext) {
         let bus = ctx.bus();
-        if !self.pump.accepts() {
+        if self.pump.wants_store() {
             self.pump.store(&mut self.session, bus, &self.counters);
         }
         loop {
@@ -304,6 +307,14 @@ impl Driver {
 
     fn write_deadline(&self) -> Duration {
         self.config.endpoint().write_deadline.duration()
+    }
+}
+
+/// Completes at `deadline`, or never without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

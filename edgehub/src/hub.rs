@@ -4,15 +4,16 @@
 //! hive shuts down.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 
 use beehive::{BoxFuture, Module, ModuleContext, ModuleError};
 
 use crate::config::EdgeHubConfig;
 use crate::driver;
 use crate::outbox::OpenError;
-use crate::stats::{Counters, HubStats, LinkStatus};
+use crate::stats::{Counters, HubStats, LinkStatus, Receipt, StorageProblem};
 use session::edge::route::{GROUP_HUB, MODULE_EDGEHUB};
 
 /// The EdgeHub module. Create it, keep [`EdgeHub::stats`] / [`EdgeHub::reconnect_trigger`]
@@ -69,7 +70,7 @@ impl EdgeHub {
     }
 }
 
-/// Reads a registered EdgeHub's counters.
+/// Reads a registered EdgeHub's counters, link and storage state, and waits for receipts.
 #[derive(Debug, Clone)]
 pub struct StatsHandle(Arc<Counters>);
 
@@ -82,6 +83,46 @@ impl StatsHandle {
     /// Whether the link to the cloud is up, and its last failure.
     pub fn link(&self) -> LinkStatus {
         self.0.link()
+    }
+
+    /// Why the outbox cannot store right now (a full disk), or `None` while it works.
+    pub fn storage_problem(&self) -> Option<StorageProblem> {
+        self.0.storage()
+    }
+
+    /// Registers interest in what becomes of the module message with this (non-empty) id; call
+    /// it before handing the message to EdgeHub.
+    pub fn receipt(&self, id: &str) -> ReceiptWaiter {
+        ReceiptWaiter {
+            rx: Some(self.0.watch(id)),
+            id: id.to_owned(),
+            counters: self.0.clone(),
+        }
+    }
+}
+
+/// Waits for a module message's [`Receipt`]; see [`StatsHandle::receipt`].
+#[derive(Debug)]
+pub struct ReceiptWaiter {
+    rx: Option<oneshot::Receiver<Receipt>>,
+    id: String,
+    counters: Arc<Counters>,
+}
+
+impl ReceiptWaiter {
+    /// The receipt, or `None` if none came within `timeout` (the message may still be stored
+    /// later: a retry under the same id is stored at most once) or EdgeHub stopped.
+    pub async fn wait(mut self, timeout: Duration) -> Option<Receipt> {
+        let rx = self.rx.as_mut()?;
+        tokio::time::timeout(timeout, rx).await.ok()?.ok()
+    }
+}
+
+impl Drop for ReceiptWaiter {
+    fn drop(&mut self) {
+        // Close the channel first, so the registry sees this watcher as gone.
+        drop(self.rx.take());
+        self.counters.unwatch(&self.id);
     }
 }
 

@@ -37,5 +37,5 @@ mod pump;
 mod stats;
 
 pub use config::EdgeHubConfig;
-pub use hub::{EdgeHub, ReconnectTrigger, StartError, StatsHandle};
-pub use stats::{HubStats, LinkStatus};
+pub use hub::{EdgeHub, ReceiptWaiter, ReconnectTrigger, StartError, StatsHandle};
+pub use stats::{HubStats, LinkStatus, Receipt, StorageProblem};

@@ -24,6 +24,12 @@
 //! bytes; a push beyond either is refused ([`PushError::Full`]) and the producer waits
 //! (back-pressure), nothing is dropped.
 //!
+//! **A full disk.** Every operation is one transaction, and a failed one (`SQLITE_FULL`, which
+//! may roll back the statement or the whole transaction) is rolled back whole before the error
+//! is returned, and in-memory counts change only after a commit: nothing is half-stored, and the
+//! same call succeeds once space returns ([`StoreError::is_disk_full`]). EdgeHub keeps what it
+//! could not store, refuses new messages meanwhile and retries (`driver.rs`).
+//!
 //! The store blocks on disk I/O; every call is short (one transaction) and is made from EdgeHub's
 //! single hub task, which owns the outbox.
 
@@ -177,6 +183,14 @@ pub enum OpenError {
 #[derive(Debug, thiserror::Error)]
 #[error("outbox storage: {0}")]
 pub struct StoreError(#[from] rusqlite::Error);
+
+impl StoreError {
+    /// The disk holding the outbox is full (SQLite's `SQLITE_FULL`): the operation was rolled
+    /// back whole and succeeds again once space returns.
+    pub fn is_disk_full(&self) -> bool {
+        self.0.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+    }
+}
 
 /// Why a push was refused.
 #[derive(Debug, thiserror::Error)]

@@ -3,21 +3,36 @@
 //! cursor that restarts on every connection (so unacknowledged rows are resent under the same
 //! ids); acknowledged rows are deleted in one transaction per driver turn; and a cloud message is
 //! checked against the outbox's dedup window before it is delivered.
+//!
+//! Whoever waits for a module message ([`crate::StatsHandle::receipt`]) hears once it is
+//! committed, or at once that it was not taken (a full outbox, a failing disk): such messages are
+//! dropped rather than held, since their senders answer their callers. Other modules' messages
+//! wait in the batch (back-pressure).
+//!
+//! **A failing disk** (`SQLITE_FULL`): the failure is logged once per episode and published
+//! ([`crate::StorageProblem`]) so new messages are refused at the door; nothing stored or held is
+//! dropped (failed deletions are kept too); every failed operation is retried each
+//! [`STORAGE_RETRY`], and the end of the episode is logged once. No restart is needed.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
 use beehive::Bus;
 use proto::Message;
+use proto::message::UpstreamClass;
 use session::edge::EdgeSession;
 
-use crate::outbox::{Downstream, Outbox, PushError, Seq};
-use crate::stats::{Counters, bump};
+use crate::outbox::{Downstream, Outbox, PushError, Seq, StoreError};
+use crate::stats::{Counters, Receipt, StorageProblem, bump};
 
 /// Most module messages stored in one outbox transaction (one fsync).
 pub(crate) const UPSTREAM_BATCH: usize = 256;
+/// While the outbox's storage fails (a full disk), how often the failed operations are tried
+/// again: one small transaction each time, so the node is back within about this long of space
+/// returning.
+pub(crate) const STORAGE_RETRY: Duration = Duration::from_secs(1);
 
 /// The outbox and what the driver keeps about it.
 pub(crate) struct OutboxPump {
@@ -30,10 +45,16 @@ pub(crate) struct OutboxPump {
     batch: VecDeque<Message>,
     /// A full outbox was reported (logged once per episode).
     full_warned: bool,
-    /// A storage error was reported (logged once per episode).
-    store_error_logged: bool,
+    /// The storage failed (a full disk) and has not worked since: logged once per episode;
+    /// writes wait for `retry_at`.
+    storage_failing: bool,
+    /// When to try the failed storage operations again.
+    retry_at: Option<tokio::time::Instant>,
     /// Outbox ids to delete at the end of this turn.
     forgets: Vec<String>,
+    /// Ids whose deletion failed, deleted at the next retry (never dropped: their rows would
+    /// otherwise wait for the next reconnect to leave).
+    unforgotten: Vec<String>,
 }
 
 impl OutboxPump {
@@ -45,8 +66,10 @@ impl OutboxPump {
             dirty: true,
             batch: VecDeque::new(),
             full_warned: false,
-            store_error_logged: false,
+            storage_failing: false,
+            retry_at: None,
             forgets: Vec::new(),
+            unforgotten: Vec::new(),
         }
     }
 
@@ -64,6 +87,30 @@ impl OutboxPump {
     /// Whether the inbox may be read: nothing waits to be stored, and the batch has room.
     pub(crate) fn accepts(&self) -> bool {
         self.batch.is_empty()
+    }
+
+    /// Whether module messages wait to be stored and storing is not paused by a failing disk
+    /// (then [`OutboxPump::retry`] tries).
+    pub(crate) fn wants_store(&self) -> bool {
+        !self.batch.is_empty() && !self.storage_failing
+    }
+
+    /// When the failed storage operations are to be tried again ([`OutboxPump::retry`]).
+    pub(crate) fn retry_at(&self) -> Option<tokio::time::Instant> {
+        self.retry_at
+    }
+
+    /// Tries the failed storage operations again: the held module messages, the deletions
+    /// (at the end of this turn) and reading what is pending.
+    pub(crate) fn retry(&mut self, session: &mut EdgeSession, bus: &Bus, counters: &Counters) {
+        self.retry_at = None;
+        self.forgets.append(&mut self.unforgotten);
+        self.dirty = true;
+        if !self.batch.is_empty() {
+            self.store(session, bus, counters);
+        } else if self.forgets.is_empty() {
+            self.storage_works(counters);
+        }
     }
 
     /// Whether the batch being read from the inbox has room for more.
@@ -92,8 +139,11 @@ impl OutboxPump {
                     rows
                 }
                 Err(e) => {
+                    // Retried with the other storage operations.
                     error!(error = %e, "outbox: could not read pending messages");
                     self.dirty = false;
+                    self.retry_at
+                        .get_or_insert_with(|| tokio::time::Instant::now() + STORAGE_RETRY);
                     break;
                 }
             };
@@ -128,12 +178,19 @@ impl OutboxPump {
             Ok(removed) => {
                 bump(&counters.upstream_acked, removed as u64);
                 self.dirty = true;
-                if !self.batch.is_empty() {
+                if self.wants_store() {
                     self.store(session, bus, counters);
                 }
+                if self.batch.is_empty() {
+                    self.storage_works(counters);
+                }
             }
-            // The rows stay and are sent again later; the cloud deduplicates them.
-            Err(e) => error!(error = %e, "outbox: could not delete acknowledged messages"),
+            // The rows stay (sent again after a reconnect, the cloud would deduplicate them);
+            // deleting them is retried.
+            Err(e) => {
+                self.unforgotten.extend(ids);
+                self.storage_failed("deleting acknowledged messages", &e, counters);
+            }
         }
         true
     }
@@ -143,8 +200,17 @@ impl OutboxPump {
     /// and go straight to the session's answer lane.
     pub(crate) fn store(&mut self, session: &mut EdgeSession, bus: &Bus, counters: &Counters) {
         while !self.batch.is_empty() {
+            // The batch's ids, when someone waits for a receipt (a local application's POST).
+            let watched: Vec<String> = if counters.watched() {
+                self.batch.iter().map(|m| m.header.id.clone()).collect()
+            } else {
+                Vec::new()
+            };
             match self.outbox.push_batch(&mut self.batch) {
                 Ok(outcome) => {
+                    for id in watched.iter().take(outcome.accepted) {
+                        counters.settle(id, &Receipt::Stored);
+                    }
                     let answers = outcome.answers.len();
                     bump(
                         &counters.upstream_stored,
@@ -158,6 +224,9 @@ impl OutboxPump {
                         self.dirty = true;
                     }
                     if outcome.full {
+                        // Whoever waits hears now rather than waiting for room; other modules'
+                        // messages wait here (back-pressure).
+                        self.refuse_watched(&Receipt::OutboxFull, counters);
                         if !self.full_warned {
                             warn!(
                                 usage = ?self.outbox.usage(),
@@ -173,6 +242,7 @@ impl OutboxPump {
                         continue;
                     };
                     bump(&counters.upstream_refused, 1);
+                    counters.settle(&msg.header.id, &Receipt::TooLarge { size, max });
                     error!(
                         id = msg.header.id,
                         size, max, "message larger than the outbox; refused"
@@ -182,11 +252,26 @@ impl OutboxPump {
                         let _ = bus.send_resp(Message::error_for(&msg, text));
                     }
                 }
-                Err(e) => {
-                    if !self.store_error_logged {
-                        error!(error = %e, "outbox: could not store module messages; will retry");
-                        self.store_error_logged = true;
+                // `push_batch` reports a full outbox in its outcome, not as an error.
+                Err(PushError::Full { .. }) => return,
+                Err(PushError::Store(e)) => {
+                    self.storage_failed("storing module messages", &e, counters);
+                    if let Some(problem) = counters.storage() {
+                        self.refuse_watched(&Receipt::StorageFailed(problem), counters);
                     }
+                    // Answers do not wait for the disk: sent without their dedup record (a
+                    // resend of what they answer is then delivered again, which modules handle
+                    // by contract), so the cloud's queue for this node can still drain.
+                    let mut answers = 0;
+                    self.batch.retain(|m| {
+                        let answer = m.upstream_class() == UpstreamClass::Answer;
+                        if answer {
+                            answers += 1;
+                            session.queue_answer(m.clone());
+                        }
+                        !answer
+                    });
+                    bump(&counters.answers_queued, answers);
                     return;
                 }
             }
@@ -195,7 +280,56 @@ impl OutboxPump {
             info!("outbox has room again");
         }
         self.full_warned = false;
-        self.store_error_logged = false;
+        self.storage_works(counters);
+    }
+
+    /// Drops the held messages someone waits for, telling them why: they were never accepted,
+    /// and their senders answer their callers (507, 503) instead of keeping them waiting.
+    fn refuse_watched(&mut self, why: &Receipt, counters: &Counters) {
+        if counters.watched() {
+            self.batch
+                .retain(|m| m.header.id.is_empty() || !counters.settle(&m.header.id, why));
+        }
+    }
+
+    /// A storage operation failed: say so once per episode (not once per message), publish the
+    /// problem (the local endpoint then refuses new messages at once) and retry in a while.
+    fn storage_failed(&mut self, what: &str, e: &StoreError, counters: &Counters) {
+        let problem = StorageProblem {
+            disk_full: e.is_disk_full(),
+            error: format!("{what}: {e}"),
+        };
+        if !self.storage_failing {
+            let path = self.outbox.config().path.display().to_string();
+            if problem.disk_full {
+                error!(
+                    path,
+                    error = %problem.error,
+                    "outbox: the disk is full; new module messages are refused until space \
+                     returns, nothing stored is lost, retrying every second"
+                );
+            } else {
+                error!(
+                    path,
+                    error = %problem.error,
+                    "outbox: storage failing; new module messages are refused, retrying every \
+                     second"
+                );
+            }
+        }
+        self.storage_failing = true;
+        counters.set_storage(Some(problem));
+        self.retry_at
+            .get_or_insert_with(|| tokio::time::Instant::now() + STORAGE_RETRY);
+    }
+
+    /// A write succeeded after storage failures: the episode is over once nothing failed waits.
+    fn storage_works(&mut self, counters: &Counters) {
+        if self.storage_failing && self.unforgotten.is_empty() {
+            info!("outbox: storage works again; taking module messages");
+            self.storage_failing = false;
+            counters.set_storage(None);
+        }
     }
 
     /// Whether a cloud message is delivered, answered again or left to the module that has it

@@ -1,10 +1,13 @@
-//! EdgeHub's counters and link status, readable while it runs ([`crate::EdgeHub::stats`],
-//! [`crate::StatsHandle`]), and the one place that turns the session's link events into counts
-//! and log lines.
+//! EdgeHub's counters, link status and storage state, readable while it runs
+//! ([`crate::EdgeHub::stats`], [`crate::StatsHandle`]); the receipts of module messages whose
+//! senders wait to hear they were stored ([`Receipt`]); and the one place that turns the
+//! session's link events into counts and log lines.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use session::edge::{SessionEvent, TransmitKind};
@@ -25,6 +28,42 @@ pub(crate) struct Counters {
     pub(crate) downstream_undeliverable: AtomicU64,
     pub(crate) keepalives_sent: AtomicU64,
     link: Mutex<LinkStatus>,
+    storage: Mutex<Option<StorageProblem>>,
+    /// Who waits to hear what became of a module message, by message id.
+    receipts: Mutex<HashMap<String, Vec<oneshot::Sender<Receipt>>>>,
+}
+
+/// Why the outbox cannot store right now, for status endpoints and for refusing new messages at
+/// the door (edgecore's local endpoint answers 507 while the disk is full). Cleared once the
+/// failed operations succeed again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StorageProblem {
+    /// The disk holding the outbox is full (`SQLITE_FULL`), rather than failing otherwise.
+    pub disk_full: bool,
+    /// What failed, with SQLite's error.
+    pub error: String,
+}
+
+/// What became of a module message whose sender waits for it ([`crate::StatsHandle::receipt`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Receipt {
+    /// Committed to the outbox: it survives a crash of the process (and, with durability
+    /// `full`, a power cut), and leaves only once the cloud has it.
+    Stored,
+    /// Not taken: the outbox holds its maximum (the cloud has been unreachable for long).
+    /// Dropped by EdgeHub; retry later.
+    OutboxFull,
+    /// Not taken: the outbox cannot write (a full disk). Dropped by EdgeHub; retry later.
+    StorageFailed(StorageProblem),
+    /// Never storable: larger than the outbox's byte limit.
+    TooLarge {
+        /// Its stored size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
 }
 
 /// The state of the link to the cloud, for status endpoints: whether it is up, and the last
@@ -82,6 +121,55 @@ impl Counters {
         if error.is_some() {
             link.last_error = error;
         }
+    }
+
+    pub(crate) fn storage(&self) -> Option<StorageProblem> {
+        self.storage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn set_storage(&self, problem: Option<StorageProblem>) {
+        *self.storage.lock().unwrap_or_else(PoisonError::into_inner) = problem;
+    }
+
+    /// Registers interest in what becomes of message `id`, before it is handed to EdgeHub.
+    pub(crate) fn watch(&self, id: &str) -> oneshot::Receiver<Receipt> {
+        let (tx, rx) = oneshot::channel();
+        self.receipts().entry(id.to_owned()).or_default().push(tx);
+        rx
+    }
+
+    /// Forgets the watchers of `id` that gave up (their receivers are gone).
+    pub(crate) fn unwatch(&self, id: &str) {
+        let mut receipts = self.receipts();
+        if let Some(waiters) = receipts.get_mut(id) {
+            waiters.retain(|w| !w.is_closed());
+            if waiters.is_empty() {
+                receipts.remove(id);
+            }
+        }
+    }
+
+    /// Tells everyone waiting for `id` what became of it; whether anyone was.
+    pub(crate) fn settle(&self, id: &str, receipt: &Receipt) -> bool {
+        let Some(waiters) = self.receipts().remove(id) else {
+            return false;
+        };
+        for waiter in waiters {
+            let _ = waiter.send(receipt.clone());
+        }
+        true
+    }
+
+    /// Whether anyone waits for a receipt.
+    pub(crate) fn watched(&self) -> bool {
+        !self.receipts().is_empty()
+    }
+
+    fn receipts(&self) -> MutexGuard<'_, HashMap<String, Vec<oneshot::Sender<Receipt>>>> {
+        self.receipts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Counts a message handed to the writer.

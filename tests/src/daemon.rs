@@ -118,6 +118,13 @@ impl Daemon {
         self.seen.join("\n")
     }
 
+    /// How many log lines so far (read or still queued) contain `needle`: for "logged once, not
+    /// once per message" checks, after the state the line reports was observed.
+    pub fn count_logged(&mut self, needle: &str) -> usize {
+        self.seen.extend(self.lines.try_iter());
+        self.seen.iter().filter(|l| l.contains(needle)).count()
+    }
+
     /// The process id (for `/proc/<pid>/status`).
     pub fn pid(&self) -> u32 {
         self.child.id()

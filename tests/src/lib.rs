@@ -1,4 +1,5 @@
 //! Shared helpers for Causeway's end-to-end and conformance tests (the tests live in `tests/tests/`).
 
 pub mod daemon;
+pub mod disk;
 pub mod transport_harness;

@@ -312,3 +312,32 @@ fn quic_edge_learns_of_a_cloud_restart_from_a_stateless_reset() {
     assert_eq!(edge.daemon.stop(), Some(0));
     assert_eq!(cloud.daemon.stop(), Some(0));
 }
+
+/// A 202 from the edge's local endpoint means the message is committed to the outbox: edgecore
+/// SIGKILLed right after the last 202 (its cloud gone, so nothing leaves) has every one of them
+/// in `outbox.db`, and sends them once it is back with a cloud.
+#[test]
+fn accepted_upstream_survives_an_immediate_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cloud = start_cloud(root, [0; 4]);
+    let ports = cloud.ports();
+    let token = bootstrap_token(root);
+    let config = edge_config(root, "quic", cloud.quic, cloud.https, &token);
+    let edge = Edge::start(&config, PATIENCE);
+    edge.wait_connected();
+    cloud.daemon.kill();
+    edge.wait_cloud(false);
+    let ids: Vec<String> = (0..30).map(|n| edge.send(n)).collect();
+    edge.daemon.kill();
+    assert_eq!(outbox_rows(&root.join("edge/outbox.db")), 30);
+
+    let cloud = start_cloud(root, ports);
+    let edge = Edge::start(&config, PATIENCE);
+    let counts = upstream_ids(cloud.api, "edge-e2e", &ids);
+    for id in &ids {
+        assert_eq!(counts.get(id), Some(&1), "{id} exactly once: {counts:?}");
+    }
+    assert_eq!(edge.daemon.stop(), Some(0));
+    assert_eq!(cloud.daemon.stop(), Some(0));
+}
