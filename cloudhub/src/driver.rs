@@ -15,6 +15,7 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use proto::Message;
+use proto::close::SessionCloseCode;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use transport::{Connection, RecvError};
@@ -78,7 +79,8 @@ impl Driver {
         let protocol = self.info.protocol;
         let timeout = hub.config.close_timeout;
         if cause != CloseCause::PeerClosed {
-            let _ = tokio::time::timeout(timeout, self.conn.close(&cause.text())).await;
+            let closing = self.conn.close_with(cause.session_code(), &cause.text());
+            let _ = tokio::time::timeout(timeout, closing).await;
         }
         reader.abort();
         // Results still pending (ACK marks, acceptances) are durable or not regardless; finish
@@ -183,6 +185,10 @@ impl Driver {
                         }
                     }
                     Some(Ok(None)) | None => break CloseCause::PeerClosed,
+                    // An edge that says it is shutting down closed on purpose.
+                    Some(Err(e)) if e.session_code() == Some(SessionCloseCode::Shutdown) => {
+                        break CloseCause::PeerClosed;
+                    }
                     Some(Err(e)) => break CloseCause::Transport(e.to_string()),
                 },
                 Some(done) = ops.next(), if !ops.is_empty() => match done {

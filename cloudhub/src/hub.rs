@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use proto::Message;
+use proto::close::SessionCloseCode;
 use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
 use transport::{AcceptError, Connection, Listener, Protocol};
@@ -122,6 +123,18 @@ impl CloseCause {
             Self::Transport(_) => "transport_error",
             Self::SendFailed(_) => "send_failed",
             Self::StoreFailed(_) => "store_failed",
+        }
+    }
+
+    /// The session close code sent with the close (PROTOCOL.md Part A item 9); `None` where the
+    /// connection already failed and a plain close is all that is left to send.
+    pub(crate) fn session_code(&self) -> Option<SessionCloseCode> {
+        match self {
+            Self::Replaced => Some(SessionCloseCode::Replaced),
+            Self::Shutdown => Some(SessionCloseCode::Shutdown),
+            Self::KeepaliveTimeout => Some(SessionCloseCode::KeepaliveTimeout),
+            Self::StoreFailed(_) => Some(SessionCloseCode::InternalError),
+            Self::PeerClosed | Self::Transport(_) | Self::SendFailed(_) => None,
         }
     }
 
@@ -280,7 +293,7 @@ impl Hub {
         let conn: Arc<dyn Connection> = Arc::from(conn);
         let peer = conn.peer().clone();
         let Some(node) = peer.node_id.as_ref().map(|n| n.as_str().to_owned()) else {
-            self.refuse(conn, "missing_node_id", "no node id".into());
+            self.refuse(conn, Refusal::MissingNodeId, "no node id".into());
             return;
         };
         // Transport checked this; checked again here because acting as another node is the
@@ -289,16 +302,16 @@ impl Hub {
             Ok(certified) if certified.as_str() == node => {}
             Ok(certified) => {
                 let why = format!("node id {node:?} does not match certificate {certified:?}");
-                self.refuse(conn, "node_id_mismatch", why);
+                self.refuse(conn, Refusal::NodeIdMismatch, why);
                 return;
             }
             Err(e) => {
-                self.refuse(conn, "not_node_certificate", e.to_string());
+                self.refuse(conn, Refusal::NotNodeCertificate, e.to_string());
                 return;
             }
         }
         if self.inner.shutting_down.load(Ordering::Acquire) {
-            self.refuse(conn, "shutting_down", "cloud is shutting down".into());
+            self.refuse(conn, Refusal::ShuttingDown, "cloud is shutting down".into());
             return;
         }
         let generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
@@ -317,7 +330,11 @@ impl Hub {
             let limit = self.inner.config.node_limit;
             if !nodes.contains_key(&node) && nodes.len() >= limit {
                 drop(nodes);
-                self.refuse(conn, "node_limit", format!("node limit of {limit} reached"));
+                self.refuse(
+                    conn,
+                    Refusal::NodeLimit,
+                    format!("node limit of {limit} reached"),
+                );
                 return;
             }
             nodes.insert(
@@ -525,15 +542,50 @@ impl Hub {
             .collect()
     }
 
-    fn refuse(&self, conn: Arc<dyn Connection>, label: &'static str, why: String) {
-        self.inner.metrics.rejected(label);
+    fn refuse(&self, conn: Arc<dyn Connection>, refusal: Refusal, why: String) {
+        self.inner.metrics.rejected(refusal.label());
         let peer = conn.peer();
         tracing::warn!(remote = %peer.remote_addr, protocol = %peer.protocol, reason = %why,
             "connection refused");
         let timeout = self.inner.config.close_timeout;
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(timeout, conn.close(&why)).await;
+            let closing = conn.close_with(Some(refusal.session_code()), &why);
+            let _ = tokio::time::timeout(timeout, closing).await;
         });
+    }
+}
+
+/// Why [`Hub::admit`] refused an authenticated connection.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    MissingNodeId,
+    NodeIdMismatch,
+    NotNodeCertificate,
+    ShuttingDown,
+    NodeLimit,
+}
+
+impl Refusal {
+    /// Stable metric label (`cloudhub_rejected_connections_total{reason}`).
+    fn label(self) -> &'static str {
+        match self {
+            Self::MissingNodeId => "missing_node_id",
+            Self::NodeIdMismatch => "node_id_mismatch",
+            Self::NotNodeCertificate => "not_node_certificate",
+            Self::ShuttingDown => "shutting_down",
+            Self::NodeLimit => "node_limit",
+        }
+    }
+
+    /// The close code the node reads (PROTOCOL.md Part A item 9).
+    fn session_code(self) -> SessionCloseCode {
+        match self {
+            Self::MissingNodeId | Self::NodeIdMismatch | Self::NotNodeCertificate => {
+                SessionCloseCode::IdentityRefused
+            }
+            Self::ShuttingDown => SessionCloseCode::Shutdown,
+            Self::NodeLimit => SessionCloseCode::NodeLimit,
+        }
     }
 }
 

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use common::{Cloud, downstream, keepalive, recv_app, upstream, within};
 use proto::Content;
+use proto::close::SessionCloseCode;
 use proto::message::{GROUP_CAUSEWAY, OP_ACK};
-use transport::{Capabilities, Protocol};
+use transport::{Capabilities, Connection, Protocol};
 
 use cloudhub::HubConfig;
 
@@ -175,17 +176,11 @@ async fn the_newest_connection_of_a_node_wins() {
         let new = cloud
             .connect_ready(protocol, "edge-1", Capabilities::ALL)
             .await;
-        // The old connection is closed by the cloud...
-        let end = within(async {
-            loop {
-                match old.recv().await {
-                    Ok(Some(_)) => continue,
-                    other => return other,
-                }
-            }
-        })
-        .await;
-        assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+        // The old connection is closed by the cloud, with the takeover's code...
+        assert_eq!(
+            closed_with(old.as_ref()).await,
+            Some(SessionCloseCode::Replaced)
+        );
         // ...and its teardown (finished once only one session runs) leaves the new one alone.
         cloud.hub.wait_sessions_at_most(1).await;
         assert!(cloud.hub.is_connected("edge-1"));
@@ -205,6 +200,55 @@ async fn the_newest_connection_of_a_node_wins() {
     .await;
 }
 
+/// Reads `conn` to its end; the session close code it ended with, if any.
+async fn closed_with(conn: &dyn Connection) -> Option<SessionCloseCode> {
+    within(async {
+        loop {
+            match conn.recv().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(e) => return e.session_code(),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_node_without_keepalives_is_closed_with_its_code() {
+    for_each_protocol(|protocol| async move {
+        let mut config = HubConfig::default();
+        config.session.keepalive_interval = Duration::from_millis(300);
+        let cloud = Cloud::start(config).await;
+        let conn = cloud.connect(protocol, "edge-1", Capabilities::ALL).await;
+        // Data is no keepalive (PROTOCOL.md Part A item 6).
+        conn.send(upstream("data-only")).await.expect("send");
+        assert_eq!(
+            closed_with(conn.as_ref()).await,
+            Some(SessionCloseCode::KeepaliveTimeout)
+        );
+        cloud.stop();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_with_its_code() {
+    for_each_protocol(|protocol| async move {
+        let cloud = Cloud::start(HubConfig::default()).await;
+        let conn = cloud
+            .connect_ready(protocol, "edge-1", Capabilities::ALL)
+            .await;
+        let (_, code) = tokio::join!(
+            cloud.hub.shutdown(Duration::from_secs(5)),
+            closed_with(conn.as_ref())
+        );
+        assert_eq!(code, Some(SessionCloseCode::Shutdown));
+        cloud.stop();
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn node_limit_refuses_and_closes_new_nodes_only() {
     for_each_protocol(|protocol| async move {
@@ -217,10 +261,10 @@ async fn node_limit_refuses_and_closes_new_nodes_only() {
             .connect_ready(protocol, "edge-a", Capabilities::ALL)
             .await;
         let b = cloud.connect(protocol, "edge-b", Capabilities::ALL).await;
-        let end = within(b.recv()).await;
-        assert!(
-            matches!(end, Ok(None) | Err(_)),
-            "refused connection is closed: {end:?}"
+        assert_eq!(
+            closed_with(b.as_ref()).await,
+            Some(SessionCloseCode::NodeLimit),
+            "the refused connection is closed with the node limit's code"
         );
         assert_eq!(cloud.hub.metrics().rejected_count("node_limit"), 1);
         assert!(!cloud.hub.is_connected("edge-b"));

@@ -21,7 +21,8 @@ use tokio::task::JoinHandle;
 use tracing::{error, info};
 
 use beehive::ModuleContext;
-use session::edge::{Action, EdgeSession, Event, SessionEvent};
+use proto::close::SessionCloseCode;
+use session::edge::{Action, DisconnectReason, EdgeSession, Event, SessionEvent};
 
 use crate::config::EdgeHubConfig;
 use crate::deliver::{Deliveries, Delivery};
@@ -224,9 +225,17 @@ impl Driver {
             Inbound::Message(generation, message) => {
                 self.session.handle_message(now, generation, message);
             }
-            Inbound::Failed(generation, reason) => {
+            Inbound::Failed(generation, reason, None) => {
                 self.session
                     .handle_event(now, Event::Failed { generation, reason });
+            }
+            Inbound::Failed(generation, reason, Some(code)) => {
+                let closed = Event::ClosedByCloud {
+                    generation,
+                    code,
+                    reason,
+                };
+                self.session.handle_event(now, closed);
             }
             Inbound::Written { id } => self.pump.forget(id),
         }
@@ -245,7 +254,11 @@ impl Driver {
                 if let Some(link) = self.link.take_if(|l| l.generation == generation) {
                     self.writer_blocked = false;
                     let deadline = self.write_deadline();
-                    self.closing.push(link.close(reason.to_string(), deadline));
+                    // An edge going away says so, so the cloud logs a shutdown, not a failure.
+                    let code = (reason == DisconnectReason::Shutdown)
+                        .then_some(SessionCloseCode::Shutdown);
+                    self.closing
+                        .push(link.close(code, reason.to_string(), deadline));
                 }
             }
             Action::Forget { id } => self.pump.forget(id),

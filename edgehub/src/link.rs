@@ -12,8 +12,9 @@ use tokio::task::JoinHandle;
 use tracing::debug;
 
 use proto::Message;
+use proto::close::SessionCloseCode;
 use session::edge::{EdgeSession, Generation, Transmit, TransmitKind};
-use transport::{Connection, DialConfig};
+use transport::{CloseReason, Connection, DialConfig, RecvError, SendError};
 
 use crate::config::EdgeHubConfig;
 use crate::stats::Counters;
@@ -33,8 +34,9 @@ pub(crate) enum Inbound {
     },
     /// The connection received a message.
     Message(Generation, Message),
-    /// The connection failed (or the peer closed it).
-    Failed(Generation, String),
+    /// The connection failed (or the peer closed it), with the cloud's session close code if it
+    /// gave one (PROTOCOL.md Part A item 9).
+    Failed(Generation, String, Option<SessionCloseCode>),
     /// A message the session said to forget once written was written.
     Written { id: String },
 }
@@ -97,11 +99,18 @@ impl Link {
         }
     }
 
-    /// Ends the reader and the writer, then closes the connection within `deadline`.
-    pub(crate) fn close(self, reason: String, deadline: Duration) -> JoinHandle<()> {
+    /// Ends the reader and the writer, then closes the connection within `deadline`, with
+    /// `code` if given.
+    pub(crate) fn close(
+        self,
+        code: Option<SessionCloseCode>,
+        reason: String,
+        deadline: Duration,
+    ) -> JoinHandle<()> {
         spawn_closer(
             Some((self.reader, self.writer)),
             self.conn,
+            code,
             reason,
             deadline,
         )
@@ -114,7 +123,7 @@ pub(crate) fn close_unused(
     reason: String,
     deadline: Duration,
 ) -> JoinHandle<()> {
-    spawn_closer(None, conn, reason, deadline)
+    spawn_closer(None, conn, None, reason, deadline)
 }
 
 /// Dials the cloud once every closer in `closers` has finished, and reports the outcome.
@@ -164,13 +173,26 @@ async fn read_loop(generation: Generation, conn: Arc<dyn Connection>, tx: mpsc::
     loop {
         let inbound = match conn.recv().await {
             Ok(Some(message)) => Inbound::Message(generation, message),
-            Ok(None) => Inbound::Failed(generation, "the cloud closed the connection".into()),
-            Err(e) => Inbound::Failed(generation, e.to_string()),
+            Ok(None) => Inbound::Failed(generation, "the cloud closed the connection".into(), None),
+            Err(e) => match (&e, e.session_code()) {
+                (RecvError::Closed { reason }, Some(code)) => {
+                    Inbound::Failed(generation, peer_text(reason), Some(code))
+                }
+                _ => Inbound::Failed(generation, e.to_string(), None),
+            },
         };
         let last = matches!(inbound, Inbound::Failed(..));
         if tx.send(inbound).await.is_err() || last {
             return;
         }
+    }
+}
+
+/// The reason text the cloud gave with its close (the code is carried separately).
+fn peer_text(reason: &CloseReason) -> String {
+    match reason {
+        CloseReason::PeerAborted { reason, .. } => reason.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -196,7 +218,13 @@ async fn write_loop(
                 }
             }
             Err(e) => {
-                let _ = tx.send(Inbound::Failed(generation, e.to_string())).await;
+                let failed = match (&e, e.session_code()) {
+                    (SendError::Closed { reason }, Some(code)) => {
+                        Inbound::Failed(generation, peer_text(reason), Some(code))
+                    }
+                    _ => Inbound::Failed(generation, e.to_string(), None),
+                };
+                let _ = tx.send(failed).await;
                 return;
             }
         }
@@ -207,6 +235,7 @@ async fn write_loop(
 fn spawn_closer(
     tasks: Option<(JoinHandle<()>, JoinHandle<()>)>,
     conn: Arc<dyn Connection>,
+    code: Option<SessionCloseCode>,
     reason: String,
     deadline: Duration,
 ) -> JoinHandle<()> {
@@ -217,7 +246,7 @@ fn spawn_closer(
             let _ = reader.await;
             let _ = writer.await;
         }
-        match tokio::time::timeout(deadline, conn.close(&reason)).await {
+        match tokio::time::timeout(deadline, conn.close_with(code, &reason)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => debug!(error = %e, "closing the old connection"),
             Err(_) => debug!("closing the old connection timed out; dropped"),

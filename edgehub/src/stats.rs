@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use session::edge::{SessionEvent, TransmitKind};
+use proto::close::Retry;
+use session::edge::{DisconnectReason, SessionEvent, TransmitKind};
 use transport::Protocol;
 
 /// Counters of one EdgeHub, readable while it runs ([`crate::EdgeHub::stats`]).
@@ -236,7 +237,18 @@ pub(crate) fn record_event(
         SessionEvent::Disconnected { generation, reason } => {
             bump(&counters.disconnects, 1);
             counters.set_link(false, Some(reason.to_string()));
-            warn!(generation = generation.get(), %reason, "disconnected from the cloud");
+            match &reason {
+                DisconnectReason::ClosedByCloud { code, .. } if code.retry() == Retry::Longest => {
+                    error!(generation = generation.get(), close = %code.label(), %reason,
+                        "disconnected from the cloud; waiting the longest backoff before trying \
+                         again (another edge with this node id, or a refused identity?)");
+                }
+                DisconnectReason::ClosedByCloud { code, .. } => {
+                    warn!(generation = generation.get(), close = %code.label(), %reason,
+                        "disconnected from the cloud");
+                }
+                _ => warn!(generation = generation.get(), %reason, "disconnected from the cloud"),
+            }
         }
         SessionEvent::ConnectFailed { generation, reason } => {
             bump(&counters.connect_failures, 1);

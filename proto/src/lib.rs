@@ -10,6 +10,8 @@
 //! - [`json`]: the WebSocket form, byte-identical to Go's `encoding/json`.
 //! - [`pb`]: the QUIC form, viaduct's protobuf (and Causeway's extension fields).
 //! - [`frame`]: the 10-byte packer header, a sans-IO decoder with a 32 MiB cap.
+//! - [`close`]: [`close::SessionCloseCode`], why a session was ended on purpose (one code for
+//!   both transports).
 //! - [`error`]: [`DecodeError`] and [`FrameError`], what a peer's bad bytes produce.
 //! - [`rate`]: a token bucket with time passed in, for both session state machines' pacing.
 //!
@@ -20,6 +22,7 @@
 //!             +--------------- Message ---------+
 //! ```
 
+pub mod close;
 pub mod error;
 pub mod frame;
 pub mod json;

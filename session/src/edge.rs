@@ -23,6 +23,7 @@ use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use proto::close::{Retry, SessionCloseCode};
 use proto::message::{OP_KEEPALIVE, UpstreamClass};
 use proto::{Content, Message};
 
@@ -156,6 +157,18 @@ pub enum Event {
         /// What went wrong, for logs.
         reason: String,
     },
+    /// The cloud ended the session on purpose with a session close code (PROTOCOL.md Part A
+    /// item 9): like [`Event::Failed`], but the wait before the next attempt follows the code
+    /// ([`SessionCloseCode::retry`]), so a takeover by another instance of this node is not
+    /// fought in a tight loop.
+    ClosedByCloud {
+        /// The generation of the closed connection.
+        generation: Generation,
+        /// The code the cloud closed with.
+        code: SessionCloseCode,
+        /// The cloud's reason text, for logs.
+        reason: String,
+    },
     /// The transport saw a sign of life from the cloud that is not a message (a pong, a QUIC
     /// acknowledgement): it postpones the dead-cloud deadline like a message does.
     PeerActivity {
@@ -182,6 +195,13 @@ pub enum DisconnectReason {
     },
     /// The transport reported the connection failed.
     Transport(String),
+    /// The cloud closed the session with a session close code.
+    ClosedByCloud {
+        /// The code.
+        code: SessionCloseCode,
+        /// The cloud's reason text.
+        reason: String,
+    },
     /// A reconnect was requested ([`Event::Reconnect`]).
     Requested(String),
     /// The edge is shutting down.
@@ -195,6 +215,9 @@ impl fmt::Display for DisconnectReason {
                 write!(f, "cloud silent for {} ms", silent_for.as_millis())
             }
             Self::Transport(reason) => write!(f, "transport: {reason}"),
+            Self::ClosedByCloud { code, reason } => {
+                write!(f, "closed by the cloud with code {code}: {reason}")
+            }
             Self::Requested(reason) => write!(f, "reconnect requested: {reason}"),
             Self::Shutdown => f.write_str("shutting down"),
         }
@@ -501,6 +524,25 @@ impl EdgeSession {
                     generation: current,
                 } if current == generation => {
                     self.on_connect_failed(now, generation, reason);
+                }
+                _ if generation == self.generation => self.stats.coalesced_failures += 1,
+                _ => self.stats.stale_events += 1,
+            },
+            Event::ClosedByCloud {
+                generation,
+                code,
+                reason,
+            } => match self.state {
+                State::Connected {
+                    generation: current,
+                    ..
+                } if current == generation => {
+                    self.disconnect(now, DisconnectReason::ClosedByCloud { code, reason });
+                }
+                State::Connecting {
+                    generation: current,
+                } if current == generation => {
+                    self.on_connect_failed(now, generation, format!("{code}: {reason}"));
                 }
                 _ if generation == self.generation => self.stats.coalesced_failures += 1,
                 _ => self.stats.stale_events += 1,
@@ -852,11 +894,20 @@ impl EdgeSession {
         else {
             return;
         };
+        let retry = match &reason {
+            DisconnectReason::ClosedByCloud { code, .. } => code.retry(),
+            _ => Retry::Normal,
+        };
         self.stop_connection(generation, reason);
         let lasted = now.saturating_duration_since(since);
         let fixed =
             self.config.reconnect_wait + self.config.reconnect_jitter.mul_f64((self.random)());
-        let wait = if lasted >= self.config.stable_after {
+        let wait = if retry == Retry::Longest {
+            // Something outside this edge must change (another instance holds the node id, the
+            // identity is refused): retrying sooner would only take the session back and forth.
+            self.failures = self.failures.saturating_add(1);
+            self.config.backoff.max.max(fixed)
+        } else if lasted >= self.config.stable_after && retry == Retry::Normal {
             self.failures = 0;
             fixed
         } else {

@@ -52,6 +52,7 @@ macro_rules! all_cases {
                 slow_reader_bounds_sender_memory,
                 write_deadline_fails_a_stalled_send,
                 graceful_close_delivers_what_was_sent,
+                session_close_codes_reach_the_peer,
                 shutdown_stops_accepting_but_keeps_connections,
                 stalled_handshake_does_not_block_others,
                 control_operations_are_acked_not_delivered,

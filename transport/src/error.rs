@@ -7,6 +7,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use proto::close::SessionCloseCode;
+
 use crate::tls::TlsConfigError;
 
 /// Why a connection is no longer open. Cheap to clone: every later call reports the same reason.
@@ -27,8 +29,9 @@ pub enum CloseReason {
         reason: String,
     },
     /// The peer aborted it with an error code (WebSocket close code other than 1000/1001, QUIC
-    /// application code other than 0). Peer's decision; its reason says why.
-    #[error("aborted by peer (code {code}): {reason}")]
+    /// application code other than 0), or ended the session on purpose with a session close
+    /// code ([`CloseReason::session_code`]). Peer's decision; its code and reason say why.
+    #[error("{}", aborted_text(*code, reason))]
     PeerAborted {
         /// WebSocket close code or QUIC application error code.
         code: u64,
@@ -95,6 +98,15 @@ impl CloseReason {
         matches!(self, Self::Local { .. } | Self::Peer { .. })
     }
 
+    /// The session close code the peer ended the connection with, if it gave one of Causeway's
+    /// (PROTOCOL.md Part A item 9): the edge's cue for how to reconnect.
+    pub fn session_code(&self) -> Option<SessionCloseCode> {
+        match self {
+            Self::PeerAborted { code, .. } => SessionCloseCode::from_code(*code),
+            _ => None,
+        }
+    }
+
     pub(crate) fn from_io(err: &io::Error) -> Self {
         if let Some(tls) = err
             .get_ref()
@@ -108,6 +120,14 @@ impl CloseReason {
             kind: err.kind(),
             detail: err.to_string(),
         }
+    }
+}
+
+/// [`CloseReason::PeerAborted`]'s text: a session close code is named, not called an abort.
+fn aborted_text(code: u64, reason: &str) -> String {
+    match SessionCloseCode::from_code(code) {
+        Some(session) => format!("session closed by peer with code {session}: {reason}"),
+        None => format!("aborted by peer (code {code}): {reason}"),
     }
 }
 
@@ -387,6 +407,17 @@ pub enum SendError {
     },
 }
 
+impl SendError {
+    /// The session close code the peer ended the connection with, if any
+    /// ([`CloseReason::session_code`]).
+    pub fn session_code(&self) -> Option<SessionCloseCode> {
+        match self {
+            Self::Closed { reason } => reason.session_code(),
+            _ => None,
+        }
+    }
+}
+
 /// Failure to receive a message ([`crate::Connection::recv`]). Every variant is terminal: the
 /// connection has been closed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -441,6 +472,15 @@ pub enum RecvError {
 }
 
 impl RecvError {
+    /// The session close code the peer ended the connection with, if any
+    /// ([`CloseReason::session_code`]).
+    pub fn session_code(&self) -> Option<SessionCloseCode> {
+        match self {
+            Self::Closed { reason } => reason.session_code(),
+            _ => None,
+        }
+    }
+
     /// What `recv` reports for a connection that ended with `reason`: `None` for a clean close.
     pub(crate) fn from_close(reason: CloseReason) -> Option<Self> {
         Some(match reason {

@@ -46,6 +46,7 @@ use std::str::FromStr;
 
 use certs::NodeId;
 use proto::Message;
+use proto::close::SessionCloseCode;
 use rustls_pki_types::CertificateDer;
 
 pub use config::{DialConfig, ListenConfig};
@@ -235,7 +236,19 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
 
     /// Closes gracefully: flushes what was sent, tells the peer `reason`, and waits (bounded by
     /// the write deadline) for the peer to take it all. Later `send`s fail; `recv` returns `None`.
-    fn close(&self, reason: &str) -> BoxFuture<'_, Result<(), CloseError>>;
+    /// The peer sees WebSocket close code 1000 / QUIC application code 0.
+    fn close(&self, reason: &str) -> BoxFuture<'_, Result<(), CloseError>> {
+        self.close_with(None, reason)
+    }
+
+    /// [`Connection::close`] with a session close code (PROTOCOL.md Part A item 9): the peer sees
+    /// `code` as the WebSocket close code and as the QUIC application error code, and reads it
+    /// back with [`CloseReason::session_code`]. `None` is a plain graceful close.
+    fn close_with(
+        &self,
+        code: Option<SessionCloseCode>,
+        reason: &str,
+    ) -> BoxFuture<'_, Result<(), CloseError>>;
 
     /// The verified identity of the peer.
     fn peer(&self) -> &PeerIdentity;

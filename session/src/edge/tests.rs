@@ -380,6 +380,50 @@ fn reconnect_waits_two_heartbeats_plus_jitter_after_a_loss() {
 }
 
 #[test]
+fn the_wait_after_a_cloud_close_follows_its_code() {
+    let normal = HB * 2 + HB / 4;
+    let longest = BackoffConfig::from_heartbeat(HB).max;
+    for (code, expected) in [
+        (SessionCloseCode::Shutdown, normal),
+        (SessionCloseCode::KeepaliveTimeout, normal),
+        // A takeover by another instance of this node is not fought in a tight loop.
+        (SessionCloseCode::Replaced, longest),
+        (SessionCloseCode::IdentityRefused, longest),
+    ] {
+        let mut h = Harness::new(SessionConfig::new(HB));
+        h.run_until(Duration::from_secs(20));
+        h.inject(Event::ClosedByCloud {
+            generation: Generation(1),
+            code,
+            reason: "why".into(),
+        });
+        let closed_at = h.elapsed();
+        let disconnected = h.events.iter().find_map(|(_, e)| match e {
+            SessionEvent::Disconnected { reason, .. } => Some(reason.clone()),
+            _ => None,
+        });
+        assert_eq!(
+            disconnected,
+            Some(DisconnectReason::ClosedByCloud {
+                code,
+                reason: "why".into()
+            })
+        );
+        h.run_until(Duration::from_secs(400));
+        assert_eq!(h.connects()[1].0 - closed_at, expected, "{code}");
+    }
+    // The node limit counts as a failed attempt: backoff, at least the usual wait.
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.run_until(Duration::from_secs(20));
+    h.inject(Event::ClosedByCloud {
+        generation: Generation(1),
+        code: SessionCloseCode::NodeLimit,
+        reason: "full".into(),
+    });
+    assert_eq!(h.session.failures(), 1);
+}
+
+#[test]
 fn a_fleet_that_lost_its_cloud_together_comes_back_spread_out() {
     // Nodes with different random draws, all losing the link at one instant: each waits at
     // least two heartbeats and the fleet spreads over the jitter, not one burst.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use causeway_tests::transport_harness::{
     self as h, Pki, Relay, TestServer, WAIT, message, raw, within,
 };
+use proto::close::SessionCloseCode;
 use proto::{Content, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use transport::config::{DEFAULT_PROJECT_ID, LinkConfig};
@@ -712,6 +713,41 @@ pub(crate) async fn graceful_close_delivers_what_was_sent(p: Protocol) {
     close_delivers(&*client, &*served).await;
     let Pair { client, served, .. } = pair(p).await;
     close_delivers(&*served, &*client).await;
+}
+
+/// A close with a session close code delivers what was sent before it, then reaches the peer as
+/// that code (WebSocket close code, QUIC application error code), whichever side closes, for every
+/// code of PROTOCOL.md Part A item 9.
+pub(crate) async fn session_close_codes_reach_the_peer(p: Protocol) {
+    for (i, code) in SessionCloseCode::ALL.into_iter().enumerate() {
+        let Pair { client, served, .. } = pair(p).await;
+        let (closer, reader) = if i % 2 == 0 {
+            (&*served, &*client)
+        } else {
+            (&*client, &*served)
+        };
+        let before = message("ns/pod/last", 1, Content::text("before the close"));
+        closer.send(before.clone()).await.expect("send");
+        let (closed, got) = tokio::join!(
+            within("close", closer.close_with(Some(code), "why")),
+            async {
+                h::assert_same(&before, &recv_one(reader).await);
+                within("recv", reader.recv()).await
+            }
+        );
+        closed.expect("close with a code");
+        match got {
+            Err(e) => {
+                assert_eq!(e.session_code(), Some(code), "{code}: {e}");
+                assert!(e.to_string().contains("why"), "{e}");
+            }
+            Ok(other) => panic!("{code}: expected the close code, got {other:?}"),
+        }
+        match reader.send(message("node", 0, Content::text("late"))).await {
+            Err(e) => assert_eq!(e.session_code(), Some(code), "{code}: send: {e}"),
+            Ok(()) => panic!("{code}: send after the peer closed succeeded"),
+        }
+    }
 }
 
 /// After the shutdown signal `accept` ends and new clients are refused; established connections

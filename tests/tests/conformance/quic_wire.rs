@@ -140,16 +140,26 @@ async fn capabilities_follow_the_ack() {
 }
 
 async fn refused_header(content: &[u8]) -> (quinn::ConnectionError, RejectReason) {
+    let (closed, reason, _) = refused_header_answer(content).await;
+    (closed, reason)
+}
+
+/// Sends a control header with `content`; the close, the server's rejection, and what arrived
+/// on the control stream before the close.
+async fn refused_header_answer(
+    content: &[u8],
+) -> (quinn::ConnectionError, RejectReason, Vec<Message>) {
     let pki = Pki::new();
     let mut server = TestServer::start(P, pki.listen_config(h::test_link())).await;
     let (_endpoint, conn) = raw_client(&pki, &server, "edge-1").await;
-    let (mut send, _recv) = conn.open_bi().await.expect("control");
+    let (mut send, mut recv) = conn.open_bi().await.expect("control");
     let header = Message::new("")
         .route("", "", "header", "header")
         .content(Content::Bytes(content.to_vec().into()));
     send.write_all(&raw::frame(&header)).await.expect("write");
+    let answers = within("control answers", read_frames(&mut recv)).await;
     let closed = within("close", conn.closed()).await;
-    (closed, server.rejection().await)
+    (closed, server.rejection().await, answers)
 }
 
 fn app_close(err: &quinn::ConnectionError) -> (quinn::VarInt, String) {
@@ -165,7 +175,11 @@ fn app_close(err: &quinn::ConnectionError) -> (quinn::VarInt, String) {
 /// A header that does not parse is refused (viaduct answers `nack` and serves anyway, W15).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unparsable_header_closes_with_bad_handshake() {
-    let (closed, reason) = refused_header(b"not json").await;
+    let (closed, reason, answers) = refused_header_answer(b"not json").await;
+    // The `nack` arrives before the close (PROTOCOL.md Part A item 3), not lost to it.
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0].route.operation, "response");
+    assert_eq!(answers[0].content.as_text(), Some("nack"));
     let (code, _) = app_close(&closed);
     assert_eq!(code, code::BAD_HANDSHAKE);
     assert_eq!(reason.label(), "bad_handshake");
@@ -213,13 +227,25 @@ async fn unknown_stream_type_is_a_protocol_violation() {
 async fn other_alpn_is_refused() {
     let pki = Pki::new();
     let mut server = TestServer::start(P, pki.listen_config(h::test_link())).await;
-    let tls = raw::client_tls(&pki.anchors(), Some(&pki.node("edge-1")), &[b"h3"]);
-    let outcome = raw::quic_connect(server.addr, tls).await;
-    if let Ok((_endpoint, conn)) = outcome {
-        assert!(raw::quic_handshake(&conn, "edge-1").await.is_err());
+    let offers: [&[&[u8]]; 2] = [&[b"h3"], &[]];
+    for alpn in offers {
+        let tls = raw::client_tls(&pki.anchors(), Some(&pki.node("edge-1")), alpn);
+        // The TLS handshake fails with alert 120 (no_application_protocol, RFC 9001 §8.1): the
+        // client sees CONNECTION_CLOSE with CRYPTO_ERROR 0x178, never an application code.
+        match raw::quic_connect(server.addr, tls).await {
+            Ok(_) => panic!("a connection offering ALPN {alpn:?} was established"),
+            Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+                assert_eq!(
+                    u64::from(close.error_code),
+                    0x100 + 120,
+                    "{alpn:?}: {close}"
+                );
+            }
+            Err(other) => panic!("{alpn:?}: expected CRYPTO_ERROR 0x178, got {other:?}"),
+        }
+        let reason = server.rejection().await;
+        assert_eq!(reason.label(), "tls", "{reason}");
     }
-    let reason = server.rejection().await;
-    assert_eq!(reason.label(), "tls", "{reason}");
 }
 
 /// A stream whose `msg` prefix never completes does not hold a reader forever (W15): the

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use proto::Message;
+use proto::close::SessionCloseCode;
 use quinn::{ConnectionError, VarInt};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
@@ -201,8 +202,8 @@ impl Inner {
     }
 
     /// Graceful close: finish every message stream, wait until the peer has acknowledged all
-    /// their data, then close the connection with code 0 and `reason`.
-    async fn close(&self, reason: &str) -> Result<(), CloseError> {
+    /// their data, then close the connection with code 0 (or the session `code`) and `reason`.
+    async fn close(&self, code: Option<SessionCloseCode>, reason: &str) -> Result<(), CloseError> {
         if let Some(ended) = self.reason.get() {
             return match ended {
                 CloseReason::Local { .. } => Ok(()),
@@ -244,10 +245,11 @@ impl Inner {
         };
         if self.reason.set(local).is_ok() {
             // Code 0 promises the peer it has everything; say otherwise if we could not confirm.
-            let code = if result.is_ok() {
-                code::NO_ERROR
-            } else {
-                code::ABORTED
+            // A session code says why the session ended, which matters more to the peer.
+            let code = match code {
+                Some(session) => VarInt::from(session.code()),
+                None if result.is_ok() => code::NO_ERROR,
+                None => code::ABORTED,
             };
             self.conn.close(code, truncate(reason));
         }
@@ -436,9 +438,13 @@ impl Connection for QuicConnection {
         Box::pin(self.recv_impl())
     }
 
-    fn close(&self, reason: &str) -> BoxFuture<'_, Result<(), CloseError>> {
+    fn close_with(
+        &self,
+        code: Option<SessionCloseCode>,
+        reason: &str,
+    ) -> BoxFuture<'_, Result<(), CloseError>> {
         let reason = reason.to_owned();
-        Box::pin(async move { self.inner.close(&reason).await })
+        Box::pin(async move { self.inner.close(code, &reason).await })
     }
 
     fn peer(&self) -> &PeerIdentity {

@@ -59,7 +59,8 @@ pub mod code {
     pub const NO_ERROR: VarInt = VarInt::from_u32(0);
     /// The server refused the client's identity (certificate / `Node_id` mismatch).
     pub const REJECTED: VarInt = VarInt::from_u32(0x10);
-    /// The control-stream exchange was not the protocol (bad header, no ack, wrong ALPN).
+    /// The control-stream exchange was not the protocol (bad header, no ack). A wrong or missing
+    /// ALPN never gets here: TLS fails first with alert 120 (CRYPTO_ERROR `0x178`).
     pub const BAD_HANDSHAKE: VarInt = VarInt::from_u32(0x11);
     /// The peer sent bytes that do not decode (frame or protobuf).
     pub const MALFORMED: VarInt = VarInt::from_u32(0x12);
@@ -400,6 +401,10 @@ fn reject_reason(err: ConnectionError) -> RejectReason {
     }
 }
 
+/// Longest the server waits for a client to acknowledge the `nack` to an unparsable header
+/// before closing the connection.
+const NACK_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Refuses an established connection: closes it with `code` and the reason as text.
 fn refuse(conn: &quinn::Connection, code: VarInt, reason: RejectReason) -> RejectReason {
     conn.close(code, reason.to_string().as_bytes());
@@ -459,8 +464,15 @@ async fn server_handshake(
         Ok(parsed) => parsed,
         Err(detail) => {
             // viaduct answers `nack` (and then serves anyway, W15); we answer and refuse.
+            // The close would discard stream data not yet acknowledged: finish the stream and
+            // wait (briefly) until the client has acknowledged the nack, then close.
             let nack = Message::response_to(&header, proto::Content::text("nack"));
-            let _ = send.write_chunk(encode_frame(&nack)).await;
+            let delivered = async {
+                send.write_chunk(encode_frame(&nack)).await.ok()?;
+                send.finish().ok()?;
+                send.stopped().await.ok()
+            };
+            let _ = timeout(NACK_LINGER, delivered).await;
             return Err(refuse(
                 &conn,
                 code::BAD_HANDSHAKE,

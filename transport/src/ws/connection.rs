@@ -20,6 +20,7 @@ use std::time::Duration;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use proto::Message;
+use proto::close::SessionCloseCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -56,6 +57,7 @@ enum Outbound {
     Frame(WsMessage),
     /// Graceful close: everything queued before has been written; send the close frame.
     Close {
+        code: CloseCode,
         reason: String,
         done: oneshot::Sender<()>,
     },
@@ -205,7 +207,11 @@ impl WsConnection {
         }
     }
 
-    async fn close_impl(&self, reason: &str) -> Result<(), CloseError> {
+    async fn close_impl(
+        &self,
+        code: Option<SessionCloseCode>,
+        reason: &str,
+    ) -> Result<(), CloseError> {
         if let Some(ended) = self.shared.reason.get() {
             return match ended {
                 CloseReason::Local { .. } => Ok(()),
@@ -220,6 +226,7 @@ impl WsConnection {
                 let _ = self.shared.local_reason.set(reason.to_owned());
                 let (done_tx, done_rx) = oneshot::channel();
                 let close = Outbound::Close {
+                    code: code.map_or(CloseCode::Normal, |c| CloseCode::from(c.code())),
                     reason: reason.to_owned(),
                     done: done_tx,
                 };
@@ -282,9 +289,13 @@ impl Connection for WsConnection {
         Box::pin(self.recv_impl())
     }
 
-    fn close(&self, reason: &str) -> BoxFuture<'_, Result<(), CloseError>> {
+    fn close_with(
+        &self,
+        code: Option<SessionCloseCode>,
+        reason: &str,
+    ) -> BoxFuture<'_, Result<(), CloseError>> {
         let reason = reason.to_owned();
-        Box::pin(async move { self.close_impl(&reason).await })
+        Box::pin(async move { self.close_impl(code, &reason).await })
     }
 
     fn peer(&self) -> &PeerIdentity {
@@ -375,9 +386,8 @@ async fn writer(
                     loop {
                         match item {
                             Outbound::Frame(frame) => feed(&mut sink, frame, deadline).await?,
-                            Outbound::Close { reason, done } => {
-                                feed(&mut sink, close_frame(CloseCode::Normal, &reason), deadline)
-                                    .await?;
+                            Outbound::Close { code, reason, done } => {
+                                feed(&mut sink, close_frame(code, &reason), deadline).await?;
                                 flush(&mut sink, deadline).await?;
                                 let _ = done.send(());
                                 return Ok(None);
