@@ -290,10 +290,14 @@ fn identity_rules(protocol: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let cloud = start_cloud(root, [0; 4]);
-    // A 10 s heartbeat: the replaced edgecore waits two heartbeats before redialling.
-    let config = edge_config(root, protocol, &cloud, 10);
-    let edge = start_edge(&config);
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // A 3 s heartbeat: the replaced edgecore, closed with the takeover's code, waits the longest
+    // backoff (eight heartbeats, PROTOCOL.md Part A item 9) before redialling, not two.
+    let config = edge_config(root, protocol, &cloud, 3);
+    let mut edge = start_edge(&config);
+    // A worker thread keeps the test's connection served between `block_on` calls (its ACK is
+    // written by a task of this runtime).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
@@ -306,6 +310,9 @@ fn identity_rules(protocol: &str) {
         ))
         .expect("second connection of the node");
     edge.wait_cloud(false);
+    // The edge read the close code and says so (not just the reason text).
+    let line = edge.daemon.logged("disconnected from the cloud");
+    assert!(line.contains("close=replaced"), "{line}");
     let node = cloud.node();
     assert_eq!(node["connected"], true, "the node stays connected: {node}");
     // The newest connection is the one served.
