@@ -182,7 +182,7 @@ pub async fn serve_tls(
     options: ApiOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = TlsListener::new(listener, tls, handshake_timeout)?;
+    let listener = TlsListener::named(listener, tls, handshake_timeout, "cloud API")?;
     let app = router_with_options(hub, options).into_make_service_with_connect_info::<PeerInfo>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -145,6 +145,16 @@ impl TlsListener {
         tls: Arc<rustls::ServerConfig>,
         handshake_timeout: Duration,
     ) -> io::Result<Self> {
+        Self::named(listener, tls, handshake_timeout, "bootstrap")
+    }
+
+    /// [`TlsListener::new`] for the server `what` (named in its log lines).
+    pub fn named(
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        handshake_timeout: Duration,
+        what: &'static str,
+    ) -> io::Result<Self> {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(tls);
@@ -153,7 +163,7 @@ impl TlsListener {
                 let (tcp, remote) = match listener.accept().await {
                     Ok(pair) => pair,
                     Err(e) => {
-                        tracing::warn!(error = %e, "bootstrap accept failed");
+                        tracing::warn!(error = %e, server = what, "accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -166,9 +176,11 @@ impl TlsListener {
                             let _ = tx.send((stream, remote)).await;
                         }
                         Ok(Err(e)) => {
-                            tracing::info!(%remote, error = %e, "bootstrap TLS handshake failed");
+                            tracing::info!(%remote, error = %e, server = what, "TLS handshake failed");
                         }
-                        Err(_) => tracing::info!(%remote, "bootstrap TLS handshake timed out"),
+                        Err(_) => {
+                            tracing::info!(%remote, server = what, "TLS handshake timed out");
+                        }
                     }
                 });
             }

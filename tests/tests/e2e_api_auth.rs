@@ -5,12 +5,16 @@
 //! API that leaves loopback is HTTPS and always needs credentials (a token or an API client
 //! certificate), and `tls: never` off loopback is refused at start.
 
-use std::net::SocketAddr;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use causeway_tests::daemon::{CloudCore, binary, http, http_with, json_of};
+use causeway_tests::daemon::{
+    CloudCore, Daemon, binary, fields, http, http_with, json_of, parse_response,
+};
 use serde_json::Value;
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -275,4 +279,170 @@ fn an_exposed_api_without_tls_is_refused_at_start() {
         !dir.path().join("pki").exists(),
         "refused before creating anything"
     );
+}
+
+/// One HTTPS/1.1 exchange with `tls` (the cloud CA, maybe a client certificate) to `addr`
+/// (the server is dialled as `localhost`); (status, head, body), status 0 if TLS failed.
+fn https(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let conn = rustls::ClientConnection::new(Arc::clone(tls), name).expect("client");
+    let tcp = TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         {extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if stream.write_all(request.as_bytes()).is_err() {
+        return (0, String::new(), String::new());
+    }
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    parse_response(&String::from_utf8_lossy(&out))
+}
+
+#[test]
+fn an_exposed_api_is_https_and_always_needs_credentials() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path().display();
+    let config = dir.path().join("cloudcore.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "cloudhub:
+  websocket: {{ enable: false }}
+  quic: {{ enable: false }}
+  https: {{ enable: false }}
+  api: {{ address: 0.0.0.0, port: 0 }}
+  tls: {{ cert-dir: {d}/pki }}
+  queue: {{ path: {d}/cloudcore.db }}
+"
+        ),
+    )
+    .expect("config");
+    let mut daemon = Daemon::start("cloudcore", &config, PATIENCE);
+    let line = daemon.logged("cloudcore listening");
+    let port: SocketAddr = fields(&line)["api"].parse().expect("api address");
+    let api = SocketAddr::from(([127, 0, 0, 1], port.port()));
+    let pki = dir.path().join("pki");
+    let cert_dir = certs::files::CertDir::new(&pki);
+    let anchors = cert_dir.trust_anchors().expect("the cloud made its CA");
+    let plain_tls =
+        Arc::new(transport::tls::api_client_config(&anchors, None).expect("client config"));
+
+    // Plain HTTP on the HTTPS port gets no answer from the API.
+    let (status, _, _) = http_with(api, "GET", "/healthz", &[], "");
+    assert_ne!(status, 200, "plain HTTP is not served");
+    // HTTPS, no token exists yet: credentials are required anyway.
+    assert_eq!(https(api, &plain_tls, "GET", "/healthz", &[], "").0, 200);
+    let (status, head, body) = https(api, &plain_tls, "GET", "/v1/nodes", &[], "");
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{head}"
+    );
+
+    // A token works over HTTPS, and so does the CLI with --api-ca.
+    let token = create_offline(&pki, "ops", "admin");
+    let auth = bearer(&token);
+    let with_token = [("Authorization", auth.as_str())];
+    assert_eq!(
+        https(api, &plain_tls, "GET", "/v1/nodes", &with_token, "").0,
+        200
+    );
+    let url = format!("https://localhost:{}", api.port());
+    let ca = pki.join("ca.crt");
+    let ca = ca.to_str().expect("path");
+    let (ok, _, err) = causeway(
+        &["nodes", "--api", &url, "--api-ca", ca],
+        &[("CAUSEWAY_API_TOKEN", token.as_str())],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = causeway(
+        &["nodes", "--api", &url],
+        &[("CAUSEWAY_API_TOKEN", token.as_str())],
+    );
+    assert!(!ok && err.contains("--api-ca"), "{err}");
+
+    // An API client certificate with scope read: reads, cannot send.
+    let pki_s = pki.to_str().expect("path");
+    let (ok, _, err) = causeway(
+        &[
+            "certs",
+            "api-client",
+            "--dir",
+            pki_s,
+            "--name",
+            "dash",
+            "--scope",
+            "read",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let dash = certs::Identity::load(
+        pki.join("api-clients/dash.crt"),
+        pki.join("api-clients/dash.key"),
+    )
+    .expect("identity");
+    let dash_tls = Arc::new(transport::tls::api_client_config(&anchors, Some(&dash)).expect("tls"));
+    assert_eq!(https(api, &dash_tls, "GET", "/v1/nodes", &[], "").0, 200);
+    let msg =
+        r#"{"route":{"source":"t","group":"user","operation":"op","resource":"r"},"content":"x"}"#;
+    let (status, _, body) = https(
+        api,
+        &dash_tls,
+        "POST",
+        "/v1/nodes/edge-x/messages",
+        &[],
+        msg,
+    );
+    assert_eq!(status, 403, "{body}");
+    let apic = pki.join("api-clients");
+    let (ok, _, err) = causeway(
+        &[
+            "nodes",
+            "--api",
+            &url,
+            "--api-ca",
+            ca,
+            "--api-cert",
+            apic.join("dash.crt").to_str().expect("path"),
+            "--api-key",
+            apic.join("dash.key").to_str().expect("path"),
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+
+    // A node's certificate from the same CA grants nothing.
+    let node = certs::NodeId::new("edge-1").expect("id");
+    let issued = cert_dir
+        .load_ca()
+        .expect("ca")
+        .issue_node(
+            &node,
+            certs::Validity::days_from(time::OffsetDateTime::now_utc(), 1),
+        )
+        .expect("node cert");
+    let node_tls =
+        Arc::new(transport::tls::api_client_config(&anchors, Some(&issued.identity)).expect("tls"));
+    let (status, _, body) = https(api, &node_tls, "GET", "/v1/nodes", &[], "");
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("not an API client"), "{body}");
+    assert!(!daemon.log_so_far().contains(&token), "no token in the log");
+    assert_eq!(daemon.stop(), Some(0));
 }

@@ -33,6 +33,22 @@ pub(crate) struct ApiArgs {
     /// cloud's `ca.crt`.
     #[arg(long, env = "CAUSEWAY_API_CA", value_name = "FILE")]
     api_ca: Option<PathBuf>,
+    /// API client certificate (PEM, `causeway certs api-client`) for https, instead of a token.
+    #[arg(
+        long,
+        env = "CAUSEWAY_API_CERT",
+        value_name = "FILE",
+        requires = "api_key"
+    )]
+    api_cert: Option<PathBuf>,
+    /// The key of `--api-cert`.
+    #[arg(
+        long,
+        env = "CAUSEWAY_API_KEY",
+        value_name = "FILE",
+        requires = "api_cert"
+    )]
+    api_key: Option<PathBuf>,
 }
 
 impl ApiArgs {
@@ -50,7 +66,14 @@ impl ApiArgs {
         if let Some(ca) = &self.api_ca {
             let anchors = ::certs::TrustAnchors::load(ca)
                 .with_context(|| format!("loading the API's CA from {}", ca.display()))?;
-            let tls = transport::tls::api_client_config(&anchors, None)
+            let identity = match (&self.api_cert, &self.api_key) {
+                (Some(cert), Some(key)) => Some(
+                    ::certs::Identity::load(cert, key)
+                        .with_context(|| format!("loading {}", cert.display()))?,
+                ),
+                _ => None,
+            };
+            let tls = transport::tls::api_client_config(&anchors, identity.as_ref())
                 .context("building the API's TLS configuration")?;
             builder = builder.use_preconfigured_tls(tls);
         } else if self.base().starts_with("https:") {

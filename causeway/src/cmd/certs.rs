@@ -38,6 +38,41 @@ Example:
 Writes DIR/nodes/<id>.crt and DIR/nodes/<id>.key (mode 0600), CN system:node:<id>,
 O system:nodes, EKU clientAuth. Copy them with DIR/ca.crt to the edge.")]
     Node(NodeArgs),
+    /// Issue a client certificate for an application of the cloud API (an alternative to an
+    /// API token on the API's HTTPS listener).
+    #[command(
+        name = "api-client",
+        after_help = "\
+Example:
+  causeway certs api-client --dir /etc/causeway/pki --name dashboard --scope read
+  causeway nodes --api https://cloud:10003 --api-ca /etc/causeway/pki/ca.crt \\
+      --api-cert /etc/causeway/pki/api-clients/dashboard.crt \\
+      --api-key /etc/causeway/pki/api-clients/dashboard.key
+
+Writes DIR/api-clients/<name>.crt and DIR/api-clients/<name>.key (mode 0600), CN
+causeway-api:<scope>:<name>, O causeway:api-clients, EKU clientAuth. Scopes: read, send, admin.
+It cannot be revoked before it expires (short --days, or API tokens, if that matters)."
+    )]
+    ApiClient(ApiClientArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ApiClientArgs {
+    /// Certificate directory holding ca.crt and ca.key.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The client's name (A-Z a-z 0-9 . _ -), shown in the cloud's log.
+    #[arg(long)]
+    name: String,
+    /// read, send or admin.
+    #[arg(long)]
+    scope: String,
+    /// Validity in days.
+    #[arg(long, default_value_t = 90)]
+    days: u32,
+    /// Replace an existing certificate of this name.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,7 +118,40 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Init(a) => init(a),
         Command::Node(a) => node(a),
+        Command::ApiClient(a) => api_client(a),
     }
+}
+
+fn api_client(args: ApiClientArgs) -> anyhow::Result<()> {
+    let scope: cloudhub::auth::Scope = args.scope.parse()?;
+    cloudhub::auth::check_name(&args.name)?;
+    let dir = CertDir::new(&args.dir);
+    let ca = dir
+        .load_ca()
+        .context("loading the CA (run `causeway certs init` first)")?;
+    let out = args.dir.join("api-clients");
+    let (cert_path, key_path) = (
+        out.join(format!("{}.crt", args.name)),
+        out.join(format!("{}.key", args.name)),
+    );
+    if (cert_path.exists() || key_path.exists()) && !args.force {
+        bail!(
+            "{} already exists; pass --force to replace it",
+            cert_path.display()
+        );
+    }
+    let cn = format!("{}{scope}:{}", cloudhub::auth::CERT_CN_PREFIX, args.name);
+    let validity = Validity::days_from(OffsetDateTime::now_utc(), args.days);
+    let issued = ca
+        .issue_api_client(&cn, validity)
+        .context("issuing the API client certificate")?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    ::certs::files::write_key(&key_path, &issued.key_pem)?;
+    ::certs::files::write_cert(&cert_path, &issued.cert_pem)?;
+    println!("wrote {}", cert_path.display());
+    println!("wrote {} (mode 0600)", key_path.display());
+    println!("CN {cn}, valid for {} days", args.days);
+    Ok(())
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
