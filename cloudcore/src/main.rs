@@ -112,8 +112,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ApiServing {
             options: ApiOptions {
                 tokens: Some(Arc::new(tokens)),
-                require_credentials: hub_config.api_is_exposed(),
-                ..ApiOptions::default()
+                ..hub_config.api_options()
             },
             tls: if api_tls {
                 Some(transport::tls::api_server_config(

@@ -41,12 +41,13 @@ use futures_util::Stream;
 use proto::Message;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 
 use crate::auth::{
     AuthStoreError, Principal, Scope, TokenStore, TokenVerdict, principal_from_cert,
 };
 use crate::bootstrap::{PeerInfo, TlsListener};
+use crate::conn_limit::ConnLimit;
 use crate::hub::{Hub, SendError};
 use crate::store::{MessageState, MessageStore, UpstreamRecord};
 use session::node::delivery::needs_ack;
@@ -69,6 +70,15 @@ pub struct ApiOptions {
     pub require_credentials: bool,
     /// Largest accepted POST body (larger gets 413 with a JSON error).
     pub max_body: usize,
+    /// Most connections held open (SSE streams included); at the bound, new connections wait
+    /// in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Most requests handled at once (SSE streams, `/healthz` and the wait for an ACK not
+    /// counted); a request beyond it waits for its turn.
+    pub max_concurrent_requests: usize,
+    /// How long a request waits for its turn before it is refused with 503 `overloaded` and
+    /// `Retry-After`.
+    pub request_wait: Duration,
 }
 
 impl Default for ApiOptions {
@@ -77,6 +87,9 @@ impl Default for ApiOptions {
             tokens: None,
             require_credentials: false,
             max_body: MAX_BODY_BYTES,
+            max_connections: 1024,
+            max_concurrent_requests: 64,
+            request_wait: Duration::from_secs(5),
         }
     }
 }
@@ -86,6 +99,68 @@ impl Default for ApiOptions {
 struct ApiState {
     hub: Hub,
     auth: Arc<ApiAuth>,
+    turns: Arc<Turns>,
+}
+
+/// The bound on requests handled at once.
+#[derive(Debug)]
+struct Turns {
+    slots: Arc<Semaphore>,
+    wait: Duration,
+}
+
+impl FromRef<ApiState> for Arc<Turns> {
+    fn from_ref(state: &ApiState) -> Self {
+        Self::clone(&state.turns)
+    }
+}
+
+/// A request's turn, handed to the handler so it can give it back early (before waiting for an
+/// ACK, which costs nothing but time).
+#[derive(Debug, Clone)]
+struct Turn(Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl Turn {
+    fn release(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+    }
+}
+
+/// Routes that do not take a turn: they hold nothing (`/healthz`) or are long-lived streams
+/// (bounded by the connection limit instead).
+fn takes_no_turn(path: &str) -> bool {
+    matches!(path, "/healthz" | "/v1/messages")
+}
+
+/// Waits for a turn (at most [`ApiOptions::request_wait`]), or refuses with 503.
+async fn take_turn(
+    State(turns): State<Arc<Turns>>,
+    matched: Option<MatchedPath>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if matched.as_ref().is_some_and(|m| takes_no_turn(m.as_str())) {
+        return next.run(req).await;
+    }
+    let slot = tokio::time::timeout(turns.wait, Arc::clone(&turns.slots).acquire_owned()).await;
+    let Ok(Ok(slot)) = slot else {
+        let mut resp = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the cloud API is handling as many requests as it may; retry later",
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return resp;
+    };
+    let turn = Turn(Arc::new(std::sync::Mutex::new(Some(slot))));
+    req.extensions_mut().insert(turn.clone());
+    let resp = next.run(req).await;
+    turn.release();
+    resp
 }
 
 impl FromRef<ApiState> for Hub {
@@ -132,6 +207,10 @@ pub fn router_with_options(hub: Hub, options: ApiOptions) -> Router {
             tokens: options.tokens,
             require_credentials: options.require_credentials,
         }),
+        turns: Arc::new(Turns {
+            slots: Arc::new(Semaphore::new(options.max_concurrent_requests.max(1))),
+            wait: options.request_wait,
+        }),
     };
     Router::new()
         .route("/v1/nodes", get(list_nodes))
@@ -143,6 +222,8 @@ pub fn router_with_options(hub: Hub, options: ApiOptions) -> Router {
         .route("/v1/api-tokens/{name}", delete(revoke_token))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
+        // Layers run outside in: credentials first (cheap, and a stranger takes no turn).
+        .route_layer(middleware::from_fn_with_state(state.clone(), take_turn))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(DefaultBodyLimit::max(options.max_body))
@@ -165,6 +246,7 @@ pub async fn serve_with_options(
     options: ApiOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let listener = ConnLimit::new(listener, options.max_connections);
     let app = router_with_options(hub, options).into_make_service_with_connect_info::<PeerInfo>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -182,17 +264,23 @@ pub async fn serve_tls(
     options: ApiOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = TlsListener::named(listener, tls, handshake_timeout, "cloud API")?;
+    let listener = TlsListener::named(
+        listener,
+        tls,
+        handshake_timeout,
+        "cloud API",
+        Some(options.max_connections),
+    )?;
     let app = router_with_options(hub, options).into_make_service_with_connect_info::<PeerInfo>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-impl axum::extract::connect_info::Connected<IncomingStream<'_, tokio::net::TcpListener>>
+impl axum::extract::connect_info::Connected<IncomingStream<'_, ConnLimit<tokio::net::TcpListener>>>
     for PeerInfo
 {
-    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+    fn connect_info(stream: IncomingStream<'_, ConnLimit<tokio::net::TcpListener>>) -> Self {
         Self {
             remote: *stream.remote_addr(),
             client_cert: None,
@@ -458,6 +546,7 @@ struct PostQuery {
 
 async fn post_message(
     State(hub): State<Hub>,
+    turn: Option<Extension<Turn>>,
     Path(node): Path<String>,
     query: Result<Query<PostQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
@@ -577,6 +666,10 @@ async fn post_message(
             out["acked_at_ms"] = json!(at_ms);
             return (StatusCode::OK, axum::Json(out)).into_response();
         }
+    }
+    // Queued: waiting for the edge holds no turn from other requests.
+    if let Some(Extension(turn)) = &turn {
+        turn.release();
     }
     match waiter.wait(timeout).await {
         Some(info) => {

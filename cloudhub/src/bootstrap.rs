@@ -31,6 +31,8 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::conn_limit::Counted;
+
 /// KubeEdge's limit on the CSR body.
 pub const MAX_CSR_BYTES: usize = 1024 * 1024;
 
@@ -84,7 +86,7 @@ pub struct PeerInfo {
 
 impl axum::extract::connect_info::Connected<IncomingStream<'_, TlsListener>> for PeerInfo {
     fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        let (_, tls) = stream.io().get_ref();
+        let (_, tls) = stream.io().get_ref().get_ref();
         Self {
             remote: *stream.remote_addr(),
             client_cert: tls
@@ -133,7 +135,7 @@ pub async fn serve(
 /// handshake in its own task (bounded by a timeout), so a slow client never delays others.
 #[derive(Debug)]
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(Counted<TlsStream<TcpStream>>, SocketAddr)>,
     local: SocketAddr,
     acceptor_task: tokio::task::JoinHandle<()>,
 }
@@ -145,21 +147,29 @@ impl TlsListener {
         tls: Arc<rustls::ServerConfig>,
         handshake_timeout: Duration,
     ) -> io::Result<Self> {
-        Self::named(listener, tls, handshake_timeout, "bootstrap")
+        Self::named(listener, tls, handshake_timeout, "bootstrap", None)
     }
 
-    /// [`TlsListener::new`] for the server `what` (named in its log lines).
+    /// [`TlsListener::new`] for the server `what` (named in its log lines), holding at most
+    /// `max_connections` open (counting those in their handshake) if given: at the bound it
+    /// stops accepting, and further connections wait in the kernel's accept queue.
     pub fn named(
         listener: TcpListener,
         tls: Arc<rustls::ServerConfig>,
         handshake_timeout: Duration,
         what: &'static str,
+        max_connections: Option<usize>,
     ) -> io::Result<Self> {
+        let slots = max_connections.map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1))));
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(tls);
         let acceptor_task = tokio::spawn(async move {
             loop {
+                let slot = match &slots {
+                    Some(slots) => Arc::clone(slots).acquire_owned().await.ok(),
+                    None => None,
+                };
                 let (tcp, remote) = match listener.accept().await {
                     Ok(pair) => pair,
                     Err(e) => {
@@ -173,7 +183,7 @@ impl TlsListener {
                 tokio::spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            let _ = tx.send((stream, remote)).await;
+                            let _ = tx.send((Counted::new(stream, slot), remote)).await;
                         }
                         Ok(Err(e)) => {
                             tracing::info!(%remote, error = %e, server = what, "TLS handshake failed");
@@ -200,7 +210,7 @@ impl Drop for TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Counted<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -198,7 +198,7 @@ struct EndpointKeys {
 }
 
 /// `cloudhub.api-server`: how the cloud API protects itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ApiServerSection {
     /// HTTPS with the cloud's server certificate: `auto` (default: when `api.address` is not
@@ -208,6 +208,39 @@ pub struct ApiServerSection {
     /// The API token file (SQLite, hashed tokens). Default `<cert-dir>/api-tokens.db`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// Most connections held open (SSE streams included); more wait in the kernel's accept
+    /// queue. Default 1024.
+    #[serde(default = "default_api_connections")]
+    pub max_connections: NonZeroU32,
+    /// Most requests handled at once (SSE streams and ACK waits not counted). Default 64.
+    #[serde(default = "default_api_requests")]
+    pub max_concurrent_requests: NonZeroU32,
+    /// Seconds a request waits for its turn before 503 `overloaded` with Retry-After.
+    /// Default 5.
+    #[serde(default = "default_request_wait")]
+    pub request_wait: Seconds,
+}
+
+impl Default for ApiServerSection {
+    fn default() -> Self {
+        Self {
+            tls: ApiTls::default(),
+            token_file: None,
+            max_connections: default_api_connections(),
+            max_concurrent_requests: default_api_requests(),
+            request_wait: default_request_wait(),
+        }
+    }
+}
+
+fn default_api_connections() -> NonZeroU32 {
+    nz32(1024)
+}
+fn default_api_requests() -> NonZeroU32 {
+    nz32(64)
+}
+fn default_request_wait() -> Seconds {
+    secs(5)
 }
 
 /// `cloudhub.api-server.tls`.
@@ -514,6 +547,18 @@ impl CloudHubConfig {
         }
     }
 
+    /// The API's serving options (without the token file, which the daemon opens).
+    pub fn api_options(&self) -> crate::api::ApiOptions {
+        let n = |v: NonZeroU32| usize::try_from(v.get()).unwrap_or(usize::MAX);
+        crate::api::ApiOptions {
+            require_credentials: self.api_is_exposed(),
+            max_connections: n(self.api_server.max_connections),
+            max_concurrent_requests: n(self.api_server.max_concurrent_requests),
+            request_wait: self.api_server.request_wait.duration(),
+            ..crate::api::ApiOptions::default()
+        }
+    }
+
     /// The API token file.
     pub fn api_token_path(&self) -> PathBuf {
         self.api_server
@@ -604,6 +649,12 @@ cloudhub:
     # API tokens (`causeway api-token create`) live hashed in <cert-dir>/api-tokens.db unless
     # token-file names another file. Once a token exists, every endpoint but /healthz and
     # /v1/openapi.json needs one.
+    # Flood bounds: open connections (more wait in the kernel's accept queue), requests
+    # handled at once (event streams and ACK waits not counted), and the seconds a request
+    # waits for its turn before 503 overloaded with Retry-After.
+    max-connections: 1024
+    max-concurrent-requests: 64
+    request-wait: 5
   # A node silent (no keepalive) this many seconds is disconnected: two 15 s edge heartbeats.
   keepalive-interval: 30
   # Most connected nodes; more are refused and closed.

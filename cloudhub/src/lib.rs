@@ -33,6 +33,7 @@ pub mod api;
 pub mod auth;
 pub mod bootstrap;
 pub mod config;
+pub mod conn_limit;
 mod driver;
 pub mod hub;
 pub mod metrics;
