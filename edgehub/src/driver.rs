@@ -216,24 +216,24 @@ impl Driver {
             }
             Inbound::Dialed {
                 generation,
-                result: Err(reason),
+                result: Err(fault),
             } => {
                 self.dialing = None;
-                let failed = Event::ConnectFailed { generation, reason };
+                let failed = Event::ConnectFailed { generation, fault };
                 self.session.handle_event(now, failed);
             }
             Inbound::Message(generation, message) => {
                 self.session.handle_message(now, generation, message);
             }
-            Inbound::Failed(generation, reason, None) => {
+            Inbound::Failed(generation, fault, None) => {
                 self.session
-                    .handle_event(now, Event::Failed { generation, reason });
+                    .handle_event(now, Event::Failed { generation, fault });
             }
-            Inbound::Failed(generation, reason, Some(code)) => {
+            Inbound::Failed(generation, fault, Some(code)) => {
                 let closed = Event::ClosedByCloud {
                     generation,
                     code,
-                    reason,
+                    reason: fault.reason,
                 };
                 self.session.handle_event(now, closed);
             }

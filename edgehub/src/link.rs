@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use proto::Message;
 use proto::close::SessionCloseCode;
+use proto::{Fault, Message};
 use session::edge::{EdgeSession, Generation, Transmit, TransmitKind};
 use transport::{CloseReason, Connection, DialConfig, RecvError, SendError};
 
@@ -30,13 +30,13 @@ pub(crate) enum Inbound {
     /// A dial finished.
     Dialed {
         generation: Generation,
-        result: Result<Box<dyn Connection>, String>,
+        result: Result<Box<dyn Connection>, Fault>,
     },
     /// The connection received a message.
     Message(Generation, Message),
     /// The connection failed (or the peer closed it), with the cloud's session close code if it
     /// gave one (PROTOCOL.md Part A item 9).
-    Failed(Generation, String, Option<SessionCloseCode>),
+    Failed(Generation, Fault, Option<SessionCloseCode>),
     /// A message the session said to forget once written was written.
     Written { id: String },
 }
@@ -143,19 +143,20 @@ pub(crate) fn dial(
         let result = match dial {
             Ok(dial) => transport::connect(protocol, &dial)
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(|e| e.fault()),
             Err(e) => Err(e),
         };
         let _ = inbound.send(Inbound::Dialed { generation, result }).await;
     })
 }
 
-fn dial_config(config: &EdgeHubConfig) -> Result<DialConfig, String> {
+/// What to dial with; certificate files that cannot be loaded are a configuration fault.
+fn dial_config(config: &EdgeHubConfig) -> Result<DialConfig, Fault> {
     let tls = &config.tls;
     let identity = certs::Identity::load(&tls.cert_file, &tls.key_file)
-        .map_err(|e| format!("loading the node certificate: {e}"))?;
+        .map_err(|e| Fault::configuration(format!("loading the node certificate: {e}")))?;
     let anchors = certs::TrustAnchors::load(&tls.ca_file)
-        .map_err(|e| format!("loading the CA certificate: {e}"))?;
+        .map_err(|e| Fault::configuration(format!("loading the CA certificate: {e}")))?;
     let mut dial = DialConfig::new(
         config.endpoint().server.as_str(),
         config.controller.node_id.clone(),
@@ -173,12 +174,16 @@ async fn read_loop(generation: Generation, conn: Arc<dyn Connection>, tx: mpsc::
     loop {
         let inbound = match conn.recv().await {
             Ok(Some(message)) => Inbound::Message(generation, message),
-            Ok(None) => Inbound::Failed(generation, "the cloud closed the connection".into(), None),
+            Ok(None) => Inbound::Failed(
+                generation,
+                Fault::network("the cloud closed the connection"),
+                None,
+            ),
             Err(e) => match (&e, e.session_code()) {
                 (RecvError::Closed { reason }, Some(code)) => {
-                    Inbound::Failed(generation, peer_text(reason), Some(code))
+                    Inbound::Failed(generation, Fault::network(peer_text(reason)), Some(code))
                 }
-                _ => Inbound::Failed(generation, e.to_string(), None),
+                _ => Inbound::Failed(generation, e.fault(), None),
             },
         };
         let last = matches!(inbound, Inbound::Failed(..));
@@ -220,9 +225,9 @@ async fn write_loop(
             Err(e) => {
                 let failed = match (&e, e.session_code()) {
                     (SendError::Closed { reason }, Some(code)) => {
-                        Inbound::Failed(generation, peer_text(reason), Some(code))
+                        Inbound::Failed(generation, Fault::network(peer_text(reason)), Some(code))
                     }
-                    _ => Inbound::Failed(generation, e.to_string(), None),
+                    _ => Inbound::Failed(generation, e.fault(), None),
                 };
                 let _ = tx.send(failed).await;
                 return;

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
+use proto::FaultClass;
 use proto::close::Retry;
 use session::edge::{DisconnectReason, SessionEvent, TransmitKind};
 use transport::Protocol;
@@ -237,23 +238,53 @@ pub(crate) fn record_event(
         SessionEvent::Disconnected { generation, reason } => {
             bump(&counters.disconnects, 1);
             counters.set_link(false, Some(reason.to_string()));
+            let class = match &reason {
+                DisconnectReason::Transport(fault) => fault.class.label(),
+                DisconnectReason::ClosedByCloud { code, .. } if code.retry() == Retry::Longest => {
+                    FaultClass::Configuration.label()
+                }
+                DisconnectReason::DeadPeer { .. } | DisconnectReason::ClosedByCloud { .. } => {
+                    FaultClass::Network.label()
+                }
+                _ => "none",
+            };
             match &reason {
                 DisconnectReason::ClosedByCloud { code, .. } if code.retry() == Retry::Longest => {
-                    error!(generation = generation.get(), close = %code.label(), %reason,
+                    error!(generation = generation.get(), close = %code.label(), %reason, class,
                         "disconnected from the cloud; waiting the longest backoff before trying \
                          again (another edge with this node id, or a refused identity?)");
                 }
                 DisconnectReason::ClosedByCloud { code, .. } => {
-                    warn!(generation = generation.get(), close = %code.label(), %reason,
+                    warn!(generation = generation.get(), close = %code.label(), %reason, class,
                         "disconnected from the cloud");
                 }
-                _ => warn!(generation = generation.get(), %reason, "disconnected from the cloud"),
+                _ => warn!(generation = generation.get(), %reason, class,
+                    "disconnected from the cloud"),
             }
         }
-        SessionEvent::ConnectFailed { generation, reason } => {
+        SessionEvent::ConnectFailed {
+            generation,
+            fault,
+            repeated,
+        } => {
             bump(&counters.connect_failures, 1);
-            counters.set_link(false, Some(reason.clone()));
-            warn!(generation = generation.get(), %reason, "connect attempt failed");
+            counters.set_link(false, Some(fault.to_string()));
+            let generation = generation.get();
+            let class = fault.class.label();
+            let reason = &fault.reason;
+            match fault.class {
+                // Said once: it repeats until someone fixes it, and the edge retries slowly.
+                FaultClass::Configuration if *repeated => {
+                    debug!(generation, class, reason, "connect attempt failed again");
+                }
+                FaultClass::Configuration => error!(
+                    generation,
+                    class,
+                    reason,
+                    "connect attempt failed: fix the configuration; retrying slowly until then"
+                ),
+                _ => warn!(generation, class, reason, "connect attempt failed"),
+            }
         }
         SessionEvent::ReconnectScheduled {
             generation,

@@ -13,6 +13,7 @@
 //! - [`close`]: [`close::SessionCloseCode`], why a session was ended on purpose (one code for
 //!   both transports).
 //! - [`error`]: [`DecodeError`] and [`FrameError`], what a peer's bad bytes produce.
+//! - [`fault`]: [`Fault`] and [`FaultClass`], whose fault a failure is (for every layer's errors).
 //! - [`rate`]: a token bucket with time passed in, for both session state machines' pacing.
 //!
 //! ```text
@@ -24,6 +25,7 @@
 
 pub mod close;
 pub mod error;
+pub mod fault;
 pub mod frame;
 pub mod json;
 pub mod message;
@@ -31,4 +33,5 @@ pub mod pb;
 pub mod rate;
 
 pub use error::{DecodeError, FrameError};
+pub use fault::{Fault, FaultClass};
 pub use message::{Content, Header, Message, Route, new_id, now_millis};

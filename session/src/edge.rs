@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use proto::close::{Retry, SessionCloseCode};
 use proto::message::{OP_KEEPALIVE, UpstreamClass};
-use proto::{Content, Message};
+use proto::{Content, Fault, FaultClass, Message};
 
 use self::route::{
     CONNECTION_EVENT_GROUPS, Destination, GROUP_RESOURCE, MODULE_EDGEHUB, Routing, Unroutable,
@@ -141,12 +141,13 @@ pub enum Event {
         /// messages are forgotten once written (KubeEdge semantics).
         upstream_ack: bool,
     },
-    /// The connect attempt failed (dial, TLS, handshake, timeout).
+    /// The connect attempt failed (dial, TLS, handshake, timeout). A configuration fault is
+    /// retried slowly ([`BackoffConfig::max`]); any other with the backoff.
     ConnectFailed {
         /// The generation of the [`Action::Connect`].
         generation: Generation,
-        /// What went wrong, for logs.
-        reason: String,
+        /// What went wrong and whose fault it is.
+        fault: Fault,
     },
     /// The connection failed: a receive or send error, the peer closed it, or the transport's
     /// own read deadline or idle timeout expired. Any number of these may arrive for one
@@ -154,8 +155,8 @@ pub enum Event {
     Failed {
         /// The generation of the failed connection.
         generation: Generation,
-        /// What went wrong, for logs.
-        reason: String,
+        /// What went wrong and whose fault it is.
+        fault: Fault,
     },
     /// The cloud ended the session on purpose with a session close code (PROTOCOL.md Part A
     /// item 9): like [`Event::Failed`], but the wait before the next attempt follows the code
@@ -194,7 +195,7 @@ pub enum DisconnectReason {
         silent_for: Duration,
     },
     /// The transport reported the connection failed.
-    Transport(String),
+    Transport(Fault),
     /// The cloud closed the session with a session close code.
     ClosedByCloud {
         /// The code.
@@ -227,7 +228,8 @@ impl fmt::Display for DisconnectReason {
 /// I/O the driver must perform.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Dial the cloud; report [`Event::Connected`] or [`Event::ConnectFailed`] with this generation.
+    /// Dial the cloud; report [`Event::Connected`] or [`Event::ConnectFailed`] with this
+    /// generation.
     Connect {
         /// Identifies this attempt.
         generation: Generation,
@@ -265,12 +267,15 @@ pub enum SessionEvent {
         /// Why.
         reason: DisconnectReason,
     },
-    /// A connect attempt failed (log one line).
+    /// A connect attempt failed (log one line; if `repeated`, it failed like the attempt before
+    /// it, and a configuration fault has been said once already).
     ConnectFailed {
         /// The attempt.
         generation: Generation,
-        /// Why.
-        reason: String,
+        /// Why, and whose fault it is.
+        fault: Fault,
+        /// The previous attempt failed with the same fault.
+        repeated: bool,
     },
     /// The next attempt is scheduled (log one line).
     ReconnectScheduled {
@@ -420,8 +425,12 @@ pub struct EdgeSession {
     bucket: TokenBucket,
     /// Uniform draws from `[0, 1)` for the backoff jitter (injected, so tests are exact).
     random: Box<dyn FnMut() -> f64 + Send>,
-    /// Consecutive failed attempts (reset by a connection that lasted [`SessionConfig::stable_after`]).
+    /// Consecutive failed attempts (reset by a connection that lasted
+    /// [`SessionConfig::stable_after`]).
     failures: u32,
+    /// The fault of the last failed connect attempt since the last connection, so one that
+    /// repeats is reported as such (and a configuration fault said once).
+    last_connect_fault: Option<Fault>,
     /// When the current connection last showed a sign of life.
     last_heard: Instant,
     keepalives: VecDeque<Transmit>,
@@ -483,6 +492,7 @@ impl EdgeSession {
             bucket,
             random: Box::new(random),
             failures: 0,
+            last_connect_fault: None,
             last_heard: now,
             keepalives: VecDeque::new(),
             answers: VecDeque::new(),
@@ -510,20 +520,20 @@ impl EdgeSession {
                 generation,
                 upstream_ack,
             } => self.on_connected(now, generation, upstream_ack),
-            Event::ConnectFailed { generation, reason } => {
-                self.on_connect_failed(now, generation, reason)
+            Event::ConnectFailed { generation, fault } => {
+                self.on_connect_failed(now, generation, fault)
             }
-            Event::Failed { generation, reason } => match self.state {
+            Event::Failed { generation, fault } => match self.state {
                 State::Connected {
                     generation: current,
                     ..
                 } if current == generation => {
-                    self.disconnect(now, DisconnectReason::Transport(reason));
+                    self.disconnect(now, DisconnectReason::Transport(fault));
                 }
                 State::Connecting {
                     generation: current,
                 } if current == generation => {
-                    self.on_connect_failed(now, generation, reason);
+                    self.on_connect_failed(now, generation, fault);
                 }
                 _ if generation == self.generation => self.stats.coalesced_failures += 1,
                 _ => self.stats.stale_events += 1,
@@ -542,7 +552,15 @@ impl EdgeSession {
                 State::Connecting {
                     generation: current,
                 } if current == generation => {
-                    self.on_connect_failed(now, generation, format!("{code}: {reason}"));
+                    // Refused before the session began: a code that needs something outside this
+                    // edge to change is a configuration fault (retried slowly, said once).
+                    let class = if code.retry() == Retry::Longest {
+                        FaultClass::Configuration
+                    } else {
+                        FaultClass::Network
+                    };
+                    let fault = Fault::new(class, format!("{code}: {reason}"));
+                    self.on_connect_failed(now, generation, fault);
                 }
                 _ if generation == self.generation => self.stats.coalesced_failures += 1,
                 _ => self.stats.stale_events += 1,
@@ -826,6 +844,7 @@ impl EdgeSession {
             since: now,
             upstream_ack,
         };
+        self.last_connect_fault = None;
         self.stats.connects += 1;
         self.last_heard = now;
         self.bucket = TokenBucket::new(self.config.message_qps, self.config.message_burst, now);
@@ -843,7 +862,7 @@ impl EdgeSession {
         }
     }
 
-    fn on_connect_failed(&mut self, now: Instant, generation: Generation, reason: String) {
+    fn on_connect_failed(&mut self, now: Instant, generation: Generation, fault: Fault) {
         match self.state {
             State::Connecting {
                 generation: current,
@@ -855,9 +874,21 @@ impl EdgeSession {
         }
         self.stats.connect_failures += 1;
         self.failures = self.failures.saturating_add(1);
-        self.events
-            .push_back(SessionEvent::ConnectFailed { generation, reason });
-        let delay = self.config.backoff.delay(self.failures, (self.random)());
+        let delay = if fault.class == FaultClass::Configuration {
+            // Retrying soon cannot help until someone fixes it: the longest wait, jittered in
+            // its upper half so a fleet with the same mistake does not retry in step.
+            let max = self.config.backoff.max.max(self.config.backoff.min);
+            max.mul_f64(0.5 + 0.5 * (self.random)().clamp(0.0, 1.0))
+        } else {
+            self.config.backoff.delay(self.failures, (self.random)())
+        };
+        let repeated = self.last_connect_fault.as_ref() == Some(&fault);
+        self.last_connect_fault = Some(fault.clone());
+        self.events.push_back(SessionEvent::ConnectFailed {
+            generation,
+            fault,
+            repeated,
+        });
         self.schedule(now, Timer::Backoff, delay);
     }
 

@@ -20,7 +20,7 @@ use causeway_session::edge::{
     self, Action, DisconnectReason, EdgeSession, Generation, SessionEvent,
 };
 use causeway_session::node::{self, CloseReason, Downstream, NodeSession, TransmitKind};
-use proto::{Content, Message};
+use proto::{Content, Fault, Message};
 
 const HEARTBEAT: Duration = Duration::from_secs(15);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -385,7 +385,10 @@ impl Pair {
             Arrival::DialTimeout(generation) => {
                 if self.edge.dialing.remove(&generation) {
                     let reason = "handshake timed out".to_owned();
-                    let failed = edge::Event::ConnectFailed { generation, reason };
+                    let failed = edge::Event::ConnectFailed {
+                        generation,
+                        fault: Fault::network(reason),
+                    };
                     self.edge.session.handle_event(now, failed);
                 }
             }
@@ -584,7 +587,7 @@ impl Pair {
             let reason = format!("closed by the cloud: {reason:?}");
             self.signal(Arrival::EdgeEvent(edge::Event::Failed {
                 generation,
-                reason,
+                fault: Fault::network(reason),
             }));
         }
         progress

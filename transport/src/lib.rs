@@ -10,7 +10,8 @@
 //! - [`Adapter`], [`Connection`], [`Listener`], [`PeerIdentity`], [`Capabilities`], [`Protocol`]
 //!   (this file): the API, chosen at run time by [`Protocol`] (`"websocket"` / `"quic"`).
 //! - [`config`]: [`DialConfig`] and [`ListenConfig`], with KubeEdge's defaults.
-//! - [`error`]: one error enum per operation, classified by who is at fault.
+//! - [`error`]: one error enum per operation, classified by who is at fault; `fault.rs` says
+//!   which [`proto::FaultClass`] each is (`fault_class()`, `fault()` on the error types).
 //! - [`tls`]: the only place rustls configurations are built, for both adapters.
 //! - [`ws`]: KubeEdge's WebSocket wire, byte for byte (PROTOCOL.md B§4, Part C).
 //! - [`quic`]: the Causeway QUIC profile (PROTOCOL.md Part A item 3, B§5).
@@ -36,6 +37,7 @@ pub mod tls;
 pub mod ws;
 
 mod accept;
+mod fault;
 mod queue;
 
 use std::fmt;

@@ -355,7 +355,7 @@ async fn run_node(
                                 now(),
                                 Event::ConnectFailed {
                                     generation,
-                                    reason: e.to_string(),
+                                    fault: e.fault(),
                                 },
                             ),
                         }
@@ -386,7 +386,7 @@ async fn run_node(
                         now(),
                         Event::Failed {
                             generation: *generation,
-                            reason: e.to_string(),
+                            fault: e.fault(),
                         },
                     );
                 }
@@ -415,11 +415,11 @@ async fn run_node(
                 Ok(Some(message)) => session.handle_message(now(), generation, message),
                 Ok(None) => session.handle_event(now(), Event::Failed {
                     generation,
-                    reason: "closed by the cloud".into(),
+                    fault: proto::Fault::network("closed by the cloud"),
                 }),
                 Err(e) => session.handle_event(now(), Event::Failed {
                     generation,
-                    reason: e.to_string(),
+                    fault: e.fault(),
                 }),
             },
             () = tokio::time::sleep_until(deadline) => session.handle_timeout(now()),

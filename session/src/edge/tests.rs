@@ -6,6 +6,8 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+use proto::Fault;
+
 use super::*;
 
 const HB: Duration = Duration::from_secs(15);
@@ -125,14 +127,14 @@ impl Harness {
                             self.latency,
                             Delivery::ToSession(Event::ConnectFailed {
                                 generation,
-                                reason: "connection refused".into(),
+                                fault: Fault::network("connection refused"),
                             }),
                         ),
                         Link::Blackhole => self.schedule(
                             self.handshake_timeout,
                             Delivery::ToSession(Event::ConnectFailed {
                                 generation,
-                                reason: "handshake timed out".into(),
+                                fault: Fault::network("handshake timed out"),
                             }),
                         ),
                     }
@@ -348,7 +350,7 @@ fn connection_events_are_published_to_the_four_groups() {
     assert_eq!(h.published("cloud_connected"), 4);
     h.inject(Event::Failed {
         generation: Generation(1),
-        reason: "reset".into(),
+        fault: Fault::network("reset"),
     });
     assert_eq!(h.published("cloud_disconnected"), 4);
 }
@@ -361,7 +363,7 @@ fn reconnect_waits_two_heartbeats_plus_jitter_after_a_loss() {
     h.run_until(Duration::from_secs(20));
     h.inject(Event::Failed {
         generation: Generation(1),
-        reason: "connection reset".into(),
+        fault: Fault::network("connection reset"),
     });
     let lost_at = h.elapsed();
     assert_eq!(h.session.state(), SessionState::Waiting);
@@ -433,7 +435,7 @@ fn a_fleet_that_lost_its_cloud_together_comes_back_spread_out() {
         h.run_until(Duration::from_secs(20));
         h.inject(Event::Failed {
             generation: Generation(1),
-            reason: "cloud restarted".into(),
+            fault: Fault::network("cloud restarted"),
         });
         let lost_at = h.elapsed();
         h.run_until(Duration::from_secs(120));
@@ -503,13 +505,13 @@ fn concurrent_failures_of_one_connection_cause_one_reconnect() {
     for reason in ["recv: reset", "send: broken pipe", "read deadline"] {
         h.inject(Event::Failed {
             generation: Generation(1),
-            reason: reason.into(),
+            fault: Fault::network(reason),
         });
     }
     h.now += ms(10);
     h.inject(Event::Failed {
         generation: Generation(1),
-        reason: "late".into(),
+        fault: Fault::network("late"),
     });
     h.run_until(Duration::from_secs(100));
     assert_eq!(h.closes().len(), 1);
@@ -525,7 +527,7 @@ fn stale_generation_events_never_touch_the_new_connection() {
     h.run_until(Duration::from_secs(20));
     h.inject(Event::Failed {
         generation: Generation(1),
-        reason: "reset".into(),
+        fault: Fault::network("reset"),
     });
     h.run_until(Duration::from_secs(60));
     assert_eq!(h.session.state(), SessionState::Connected(Generation(2)));
@@ -533,11 +535,11 @@ fn stale_generation_events_never_touch_the_new_connection() {
     // Late signals from generation 1 arrive while generation 2 is healthy.
     h.inject(Event::Failed {
         generation: Generation(1),
-        reason: "late read error".into(),
+        fault: Fault::network("late read error"),
     });
     h.inject(Event::ConnectFailed {
         generation: Generation(1),
-        reason: "late".into(),
+        fault: Fault::network("late"),
     });
     h.inject(Event::PeerActivity {
         generation: Generation(1),
@@ -634,7 +636,7 @@ fn success_resets_the_backoff_but_a_short_lived_connection_does_not() {
     // plus the jitter (a quarter heartbeat with the harness's draw of 0.5).
     h.inject(Event::Failed {
         generation: h.session.connected_generation().unwrap(),
-        reason: "x".into(),
+        fault: Fault::network("x"),
     });
     assert_eq!(h.session.failures(), 0);
     assert!(failures_before > 0);
@@ -643,7 +645,7 @@ fn success_resets_the_backoff_but_a_short_lived_connection_does_not() {
     let generation = h.session.connected_generation().expect("reconnected");
     h.inject(Event::Failed {
         generation,
-        reason: "accepted then closed".into(),
+        fault: Fault::network("accepted then closed"),
     });
     assert_eq!(h.session.failures(), 1);
     let wait = h.session.timer(Timer::ReconnectWait).unwrap() - h.now;
@@ -747,7 +749,7 @@ fn acknowledged_upstream_is_forgotten_and_unacknowledged_survives_a_reconnect() 
     assert_eq!(h.session.in_flight(), 1);
     h.inject(Event::Failed {
         generation: Generation(1),
-        reason: "reset".into(),
+        fault: Fault::network("reset"),
     });
     assert_eq!(
         h.session.in_flight(),
@@ -1059,7 +1061,7 @@ fn answers_are_dropped_without_a_connection_and_the_queue_is_bounded() {
     // A disconnect empties the queue: those answers are owed again to the cloud's resends.
     h.inject(Event::Failed {
         generation: Generation(1),
-        reason: "reset".into(),
+        fault: Fault::network("reset"),
     });
     assert_eq!(h.session.stats().answers_dropped, 6);
     assert!(h.session.poll_transmit(h.now).is_none());
@@ -1092,4 +1094,59 @@ fn a_resent_message_that_was_answered_is_answered_again_from_the_session() {
     assert_eq!(answer.route.operation, "response");
     assert_eq!(answer.content.as_text(), Some("OK"));
     assert_eq!(h.session.stats().answers_rate_limited, 0);
+}
+
+#[test]
+fn a_configuration_fault_is_retried_slowly_and_reported_as_repeated() {
+    // A wrong certificate file does not fix itself: no fast retries, one report, then quiet.
+    let config = SessionConfig::new(HB);
+    let max = config.backoff.max;
+    let mut h = Harness::new(config);
+    let mut waits = Vec::new();
+    let mut repeated = Vec::new();
+    for attempt in 1..=3 {
+        let generation = Generation(attempt);
+        h.inject(Event::ConnectFailed {
+            generation,
+            fault: Fault::configuration("loading the CA certificate: no such file"),
+        });
+        let wait = h.session.timer(Timer::Backoff).expect("retry scheduled") - h.now;
+        waits.push(wait);
+        repeated.extend(h.events.iter().filter_map(|(_, e)| match e {
+            SessionEvent::ConnectFailed {
+                generation: g,
+                repeated,
+                fault,
+            } if *g == generation => Some((*repeated, fault.class)),
+            _ => None,
+        }));
+        h.now += wait;
+        h.session.handle_timeout(h.now);
+        h.drain();
+        assert_eq!(
+            h.session.state(),
+            SessionState::Connecting(generation.next())
+        );
+    }
+    for wait in &waits {
+        assert!(
+            *wait >= max / 2 && *wait <= max,
+            "{wait:?} outside [max/2, max]"
+        );
+    }
+    let class = FaultClass::Configuration;
+    assert_eq!(repeated, [(false, class), (true, class), (true, class)]);
+    // A network fault after it is new again, and backs off from the failure count as before.
+    h.inject(Event::ConnectFailed {
+        generation: Generation(4),
+        fault: Fault::network("connection refused"),
+    });
+    let last = h.events.iter().rev().find_map(|(_, e)| match e {
+        SessionEvent::ConnectFailed { repeated, .. } => Some(*repeated),
+        _ => None,
+    });
+    assert_eq!(last, Some(false));
+    let config = h.session.config().clone();
+    let wait = h.session.timer(Timer::Backoff).unwrap() - h.now;
+    assert!(wait <= config.backoff.ceiling(4), "{wait:?}");
 }
