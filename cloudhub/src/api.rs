@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `GET /v1/nodes` | read | every known node: id, project, connected, protocol, since, remote address, last keepalive, queue depths |
 //! | `GET /v1/nodes/{id}` | read | one node (404 if unknown) |
-//! | `POST /v1/nodes/{id}/messages` | send | queue a KubeEdge JSON message for the node (id and timestamp filled in if absent); `?ack=true\|false` overrides the ACK classification, `?wait=ack&timeout=10s` waits for the edge's ACK |
+//! | `POST /v1/nodes/{id}/messages` | send | queue a KubeEdge JSON message for the node (id and timestamp filled in if absent); `?ack=true\|false` overrides the ACK classification, `?wait=ack&timeout=10s` waits for the edge's ACK; 503 `queue_full` or 507 `insufficient_storage` (the store's disk is full) with `Retry-After` when nothing was queued |
 //! | `GET /v1/nodes/{id}/messages/{msg_id}` | read | where a queued message stands (pending, in flight, acked) |
 //! | `GET /v1/messages?node=&group=&since=` | read | upstream messages as Server-Sent Events (`id:` = log sequence; resume with `Last-Event-ID` or `since`) |
 //! | `GET /v1/api-tokens` | admin | the API tokens (names, scopes, times; never the tokens) |
@@ -643,6 +643,13 @@ async fn post_message(
         }
         Err(SendError::QueueFull(e)) => {
             let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "queue_full", e);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            return resp;
+        }
+        // Nothing was stored; the store logs the episode once.
+        Err(SendError::Store(e)) if e.is_disk_full() => {
+            let mut resp = error(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", e);
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
             return resp;

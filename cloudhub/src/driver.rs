@@ -7,6 +7,11 @@
 //! them in call order) and their results are awaited concurrently, so a slow fsync delays acks,
 //! not the reading of the connection. A separate task reads the connection, so `recv` is never
 //! cancelled halfway.
+//!
+//! A store write that fails (a full disk) is tried again every [`STORE_RETRY`] until it works,
+//! rather than closing the session: an upstream message is acknowledged once it is stored (the
+//! edge keeps it until then), an ACK or a send is recorded late, and reading the queue resumes,
+//! so the node recovers without a reconnect once space returns. The store logs the episode once.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -34,6 +39,31 @@ const READ_AHEAD: usize = 256;
 type Received = Result<Option<Box<Message>>, Box<RecvError>>;
 /// How long the driver waits for store results still pending when its session ends.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often failed store operations are tried again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+/// Most upstream messages held for a retry; beyond them the oldest are left to the edge, which
+/// keeps them and resends them after its next reconnect (more than an edge's upstream window).
+const MAX_HELD_UPSTREAM: usize = 1024;
+
+/// A store operation to try again.
+enum Retry {
+    /// Accept this upstream message (its ACK waits for it).
+    Accept(Box<Message>),
+    /// Record what happened to a downstream message.
+    Record(Record),
+    /// Read the queue again.
+    Refill,
+}
+
+/// A downstream message's progress, as the store records it.
+enum Record {
+    /// Message `seq` was sent (`attempt`) and waits for its ACK.
+    InFlight { seq: u64, attempt: u32 },
+    /// No-ACK message `seq` was written: forget it.
+    Remove(u64),
+    /// Message `id` was acknowledged.
+    Ack(String),
+}
 
 /// A store result the driver acts on.
 enum Done {
@@ -42,15 +72,17 @@ enum Done {
         result: Result<Vec<Downstream>, StoreError>,
     },
     Accepted {
-        id: String,
+        msg: Box<Message>,
         result: Result<Accepted, StoreError>,
     },
     AckMarked {
-        info: Box<AckInfo>,
+        info: Option<Box<AckInfo>>,
+        id: String,
         result: Result<Option<u64>, StoreError>,
     },
     Recorded {
         what: &'static str,
+        record: Record,
         result: Result<(), StoreError>,
     },
 }
@@ -87,7 +119,10 @@ impl Driver {
         // them so ACK waiters hear about every recorded ACK.
         let drain = async {
             while let Some(done) = ops.next().await {
-                if let Done::AckMarked { info, .. } = done {
+                if let Done::AckMarked {
+                    info: Some(info), ..
+                } = done
+                {
                     hub.notify_ack(&self.node, &info);
                 }
             }
@@ -130,8 +165,13 @@ impl Driver {
             first_seen_ms: now_ms,
             last_seen_ms: now_ms,
         };
-        if let Err(e) = store.register_node(record).await {
-            return CloseCause::StoreFailed(e.to_string());
+        match store.register_node(record).await {
+            Ok(()) => {}
+            // A known node is served anyway; its record is written again when the session ends.
+            Err(e) if e.is_disk_full() => {
+                tracing::debug!(node = %self.node, error = %e, "node record not updated");
+            }
+            Err(e) => return CloseCause::StoreFailed(e.to_string()),
         }
         let config = SessionConfig {
             upstream_ack: peer.capabilities.upstream_ack,
@@ -145,10 +185,32 @@ impl Driver {
         let mut maybe_more = true;
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(sleep);
+        // Store operations that failed, tried again at `retry_at`.
+        let mut retries: Vec<Retry> = Vec::new();
+        let mut retry_at: Option<Instant> = None;
 
         let cause = loop {
             if let Err(cause) = self.flush(&mut session, ops).await {
                 break cause;
+            }
+            if !retries.is_empty() && retry_at.is_none() {
+                retry_at = Some(Instant::now() + STORE_RETRY);
+                let held = retries
+                    .iter()
+                    .filter(|r| matches!(r, Retry::Accept(_)))
+                    .count();
+                if held > MAX_HELD_UPSTREAM {
+                    // The oldest are left to the edge, which resends them after a reconnect.
+                    let mut excess = held - MAX_HELD_UPSTREAM;
+                    retries.retain(|r| match r {
+                        Retry::Accept(msg) if excess > 0 => {
+                            excess -= 1;
+                            session.upstream_failed(&msg.header.id);
+                            false
+                        }
+                        _ => true,
+                    });
+                }
             }
             if let Some(reason) = session.close_reason() {
                 break match reason {
@@ -202,33 +264,53 @@ impl Driver {
                                 }
                                 session.queue(Instant::now().into_std(), downs);
                             }
+                            Err(e) if retryable(&e) => {
+                                maybe_more = false;
+                                retries.push(Retry::Refill);
+                            }
                             Err(e) => break CloseCause::StoreFailed(e.to_string()),
                         }
                     }
-                    Done::Accepted { id, result } => match result {
+                    Done::Accepted { msg, result } => match result {
                         Ok(accepted) => {
                             hub.metrics.upstream(matches!(accepted, Accepted::Duplicate(_)));
-                            session.upstream_accepted(&id);
+                            session.upstream_accepted(&msg.header.id);
+                        }
+                        // Held and stored later; its ACK waits until then.
+                        Err(e) if retryable(&e) => {
+                            tracing::debug!(node = %self.node, id = %msg.header.id, error = %e,
+                                "upstream message not accepted yet; retrying");
+                            retries.push(Retry::Accept(msg));
                         }
                         Err(e) => {
-                            tracing::warn!(node = %self.node, %id, error = %e,
+                            tracing::warn!(node = %self.node, id = %msg.header.id, error = %e,
                                 "upstream message not accepted; the edge will resend it");
-                            session.upstream_failed(&id);
+                            session.upstream_failed(&msg.header.id);
                         }
                     },
-                    Done::AckMarked { info, result } => {
-                        if let Err(e) = result {
-                            tracing::warn!(node = %self.node, id = %info.id, error = %e,
-                                "ACK not recorded; the message will be resent");
+                    Done::AckMarked { info, id, result } => {
+                        match result {
+                            Ok(_) => {}
+                            Err(e) if retryable(&e) => retries.push(Retry::Record(Record::Ack(id))),
+                            Err(e) => tracing::warn!(node = %self.node, %id, error = %e,
+                                "ACK not recorded; the message will be resent"),
                         }
-                        hub.notify_ack(&self.node, &info);
+                        if let Some(info) = info {
+                            hub.notify_ack(&self.node, &info);
+                        }
                     }
-                    Done::Recorded { what, result } => {
-                        if let Err(e) = result {
+                    Done::Recorded { what, record, result } => match result {
+                        Ok(()) => {}
+                        Err(e) if retryable(&e) => retries.push(Retry::Record(record)),
+                        Err(e) => {
                             tracing::warn!(node = %self.node, what, error = %e, "store update failed");
                         }
-                    }
+                    },
                 },
+                () = until(retry_at), if retry_at.is_some() => {
+                    retry_at = None;
+                    self.retry(std::mem::take(&mut retries), ops, &mut maybe_more);
+                }
                 () = self.wake.notified() => maybe_more = true,
                 () = &mut sleep, if timeout.is_some() => {
                     session.handle_timeout(Instant::now().into_std());
@@ -252,40 +334,23 @@ impl Driver {
                 return Err(CloseCause::SendFailed(e.to_string()));
             }
             self.hub.metrics.sent(self.info.protocol);
-            let (what, fut) = match transmit.kind {
+            let record = match transmit.kind {
                 TransmitKind::Delivery {
                     seq,
                     needs_ack: false,
                     ..
                 } => {
                     self.hub.metrics.unconfirmed();
-                    ("remove", store.remove(&self.node, seq))
+                    Record::Remove(seq)
                 }
-                TransmitKind::Delivery { seq, attempt, .. } => (
-                    "mark_in_flight",
-                    store.mark_in_flight(&self.node, seq, attempt),
-                ),
+                TransmitKind::Delivery { seq, attempt, .. } => Record::InFlight { seq, attempt },
                 TransmitKind::UpstreamAck => continue,
             };
-            ops.push(Box::pin(async move {
-                Done::Recorded {
-                    what,
-                    result: fut.await,
-                }
-            }));
+            ops.push(self.record(record));
         }
         while let Some(event) = session.poll_event() {
             match event {
-                SessionEvent::Upstream(msg) => {
-                    let id = msg.header.id.clone();
-                    let fut = store.accept_upstream(&self.node, msg);
-                    ops.push(Box::pin(async move {
-                        Done::Accepted {
-                            id,
-                            result: fut.await,
-                        }
-                    }));
-                }
+                SessionEvent::Upstream(msg) => ops.push(self.accept(Box::new(msg))),
                 SessionEvent::Acked {
                     id,
                     latency,
@@ -295,13 +360,14 @@ impl Driver {
                     self.hub.metrics.ack(latency);
                     let fut = store.mark_acked(&self.node, &id);
                     let info = Box::new(AckInfo {
-                        id,
+                        id: id.clone(),
                         latency,
                         response: Some(response),
                     });
                     ops.push(Box::pin(async move {
                         Done::AckMarked {
-                            info,
+                            info: Some(info),
+                            id,
                             result: fut.await,
                         }
                     }));
@@ -311,6 +377,74 @@ impl Driver {
             }
         }
         Ok(())
+    }
+}
+
+impl Driver {
+    /// Stores an upstream message; the message comes back with a failure, to be tried again.
+    fn accept(&self, msg: Box<Message>) -> StoreFuture<'static, Done> {
+        // The store takes its own copy: a failed attempt needs the message again.
+        let fut = self.hub.store.accept_upstream(&self.node, (*msg).clone());
+        Box::pin(async move {
+            Done::Accepted {
+                msg,
+                result: fut.await,
+            }
+        })
+    }
+
+    /// Records a downstream message's progress.
+    fn record(&self, record: Record) -> StoreFuture<'static, Done> {
+        let store = &self.hub.store;
+        let (what, fut) = match &record {
+            Record::InFlight { seq, attempt } => (
+                "mark_in_flight",
+                store.mark_in_flight(&self.node, *seq, *attempt),
+            ),
+            Record::Remove(seq) => ("remove", store.remove(&self.node, *seq)),
+            Record::Ack(id) => {
+                let fut = store.mark_acked(&self.node, id);
+                let fut: StoreFuture<'static, _> = Box::pin(async move { fut.await.map(|_| ()) });
+                ("mark_acked", fut)
+            }
+        };
+        Box::pin(async move {
+            Done::Recorded {
+                what,
+                record,
+                result: fut.await,
+            }
+        })
+    }
+
+    /// Submits the failed operations again; `maybe_more` lets the queue be read again.
+    fn retry(
+        &self,
+        retries: Vec<Retry>,
+        ops: &mut FuturesUnordered<StoreFuture<'static, Done>>,
+        maybe_more: &mut bool,
+    ) {
+        for retry in retries {
+            match retry {
+                Retry::Accept(msg) => ops.push(self.accept(msg)),
+                Retry::Refill => *maybe_more = true,
+                Retry::Record(record) => ops.push(self.record(record)),
+            }
+        }
+    }
+}
+
+/// Whether a failed store operation is worth trying again: the disk was full or a commit failed
+/// (not a closed store or an unreadable row).
+fn retryable(e: &StoreError) -> bool {
+    e.is_disk_full() || matches!(e, StoreError::Commit(_) | StoreError::Database(_))
+}
+
+/// Completes at `deadline`, or never without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

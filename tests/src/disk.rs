@@ -66,6 +66,17 @@ impl SmallDisk {
         let _ = file.sync_all();
     }
 
+    /// After [`SmallDisk::fill`]: frees `bytes` again, so writes run out of space part way.
+    pub fn leave_free(&self, bytes: u64) {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.filler)
+            .expect("filler file");
+        let len = file.metadata().expect("filler size").len();
+        file.set_len(len.saturating_sub(bytes))
+            .expect("shrink the filler");
+    }
+
     /// Removes the filler: the space is back.
     pub fn free(&self) {
         std::fs::remove_file(&self.filler).expect("remove the filler");

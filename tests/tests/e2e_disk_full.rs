@@ -7,16 +7,26 @@
 //! message), what was accepted (202: committed) is kept, a cloud message that cannot be stored is not
 //! acknowledged; once the filler is removed the node recovers by itself: everything accepted
 //! reaches the cloud exactly once, the cloud message is stored once, and every queue drains.
+//!
+//! Cloud: its message store lives on the small disk. Driven directly, every operation in a
+//! group commit either happened or reported failure (SQLite may roll back the statement or the
+//! whole transaction on `SQLITE_FULL`), the writer thread survives and works again once space
+//! returns. With the daemons: the API answers 507 with `Retry-After`, the store logs the episode
+//! once, what was queued before is delivered, upstream messages the edge sent meanwhile are
+//! stored and acknowledged once space returns (no reconnect, no restart), and every queue drains.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, http_with, json_of,
-    outbox_rows, wait_until,
+    CloudCore as Cloud, Daemon, EdgeCore as Edge, Sse, bootstrap_token, fields, http, http_with,
+    json_of, outbox_rows, wait_until,
 };
 use causeway_tests::disk::SmallDisk;
+use cloudhub::store::MessageStore;
+use cloudhub::store::sqlite::{SqliteConfig, SqliteStore};
 use serde_json::{Value, json};
 
 /// Bound on each wait; generous, since the suite runs beside builds on two cores.
@@ -223,6 +233,137 @@ fn edge_disk_full(protocol: &str) {
     drop(disk);
 }
 
+/// The cloud's store on a full disk, driven directly: many operations submitted together (one
+/// group commit), so a failure in the middle of a batch is exercised. Whatever each operation
+/// reported is what the database holds afterwards.
+#[test]
+fn cloud_store_on_a_full_disk_keeps_what_it_reported() {
+    let Some(disk) = small_disk("cloud_store_on_a_full_disk_keeps_what_it_reported") else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let store = SqliteStore::open(SqliteConfig::new(disk.path().join("cloud.db"))).expect("open");
+    let node = "edge-store";
+    let record = cloudhub::store::NodeRecord {
+        id: node.into(),
+        project: "e632aba927ea4ac2b575ec1603d56f10".into(),
+        first_seen_ms: 1,
+        last_seen_ms: 1,
+    };
+    runtime
+        .block_on(store.register_node(record))
+        .expect("register");
+    let message = |id: &str| {
+        proto::Message::with_header(id, "", 1)
+            .route("test", "resource", "default/configmap/c", "update")
+            .content(proto::Content::Json(json!({"pad": "y".repeat(48 * 1024)})))
+    };
+    let mut stored = Vec::new();
+    runtime.block_on(async {
+        for id in ["a", "b", "c"] {
+            store
+                .enqueue(node, message(id), true)
+                .await
+                .expect("enqueue");
+            stored.push(id.to_owned());
+        }
+    });
+    disk.fill();
+    // Room for some of the first round: its transaction (larger than SQLite's page cache, so
+    // pages spill to the WAL before the commit) runs out of space part way.
+    disk.leave_free(1024 * 1024);
+    // Rounds of 64 operations submitted at once, until a whole round fails.
+    let mut refused = Vec::new();
+    let mut upstream_refused = 0;
+    for round in 0..50 {
+        let ops: Vec<_> = (0..64)
+            .map(|n| {
+                let id = format!("r{round}-{n}");
+                (id.clone(), store.enqueue(node, message(&id), true))
+            })
+            .collect();
+        let up = store.accept_upstream(node, message(&format!("up-{round}")));
+        let mut failed = 0;
+        runtime.block_on(async {
+            for (id, op) in ops {
+                match op.await {
+                    Ok(q) => {
+                        assert!(!q.duplicate);
+                        stored.push(id);
+                    }
+                    Err(e) => {
+                        let cloudhub::store::EnqueueError::Store(e) = e else {
+                            panic!("{id}: {e}");
+                        };
+                        assert!(e.is_disk_full(), "{id}: {e}");
+                        refused.push(id);
+                        failed += 1;
+                    }
+                }
+            }
+            if up.await.is_err() {
+                upstream_refused += 1;
+            }
+        });
+        if failed == 64 {
+            break;
+        }
+    }
+    assert!(!refused.is_empty(), "a full disk refused nothing");
+    assert!(
+        upstream_refused > 0,
+        "a full disk accepted every upstream message"
+    );
+    // Still alive, and its counters match what it reported.
+    let depth = runtime.block_on(store.queue_depths()).expect("depths");
+    assert_eq!(
+        depth,
+        vec![(
+            node.to_owned(),
+            cloudhub::store::QueueDepth {
+                pending: stored.len() as u64,
+                in_flight: 0,
+            }
+        )]
+    );
+
+    disk.free();
+    runtime.block_on(async {
+        store
+            .enqueue(node, message("after"), true)
+            .await
+            .expect("enqueue after");
+        stored.push("after".into());
+        let pending = store.pending(node, 0, 100_000).await.expect("pending");
+        let ids: Vec<String> = pending
+            .iter()
+            .map(|d| d.message.header.id.clone())
+            .collect();
+        assert_eq!(ids, stored, "exactly what was reported stored, in order");
+        for id in &refused {
+            assert!(
+                store
+                    .message_state(node, id)
+                    .await
+                    .expect("state")
+                    .is_none(),
+                "{id}"
+            );
+        }
+    });
+    println!(
+        "cloud store on a full disk: {} enqueues stored, {} refused (disk full), {upstream_refused} \
+         upstream refused; all consistent",
+        stored.len(),
+        refused.len()
+    );
+    drop(store);
+    drop(disk);
+}
+
 #[test]
 fn websocket_edge_disk_full() {
     edge_disk_full("websocket");
@@ -231,4 +372,196 @@ fn websocket_edge_disk_full() {
 #[test]
 fn quic_edge_disk_full() {
     edge_disk_full("quic");
+}
+
+/// cloudcore with its message store on `data`; returns the daemon, the API and the edges'
+/// server address for `protocol`.
+fn start_cloud_on(dir: &Path, data: &Path, protocol: &str) -> (Daemon, SocketAddr, SocketAddr) {
+    let d = dir.display();
+    let data = data.display();
+    let config = dir.join("cloudcore.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "cloudhub:
+  websocket: {{ address: 127.0.0.1, port: 0 }}
+  quic: {{ address: 127.0.0.1, port: 0 }}
+  https: {{ address: 127.0.0.1, port: 0 }}
+  api: {{ port: 0 }}
+  tls: {{ cert-dir: {d}/pki }}
+  advertise-address: [127.0.0.1]
+  queue: {{ path: {data}/cloudcore.db }}
+  delivery: {{ ack-timeout: 1, max-ack-timeout: 2 }}
+"
+        ),
+    )
+    .expect("config");
+    let mut cloud = Daemon::start("cloudcore", &config, PATIENCE);
+    let line = cloud.logged("cloudcore listening");
+    let f = fields(&line);
+    let addr = |k: &str| -> SocketAddr { f[k].parse().expect("address") };
+    let (api, server) = (addr("api"), addr(protocol));
+    (cloud, api, server)
+}
+
+fn cloud_disk_full(protocol: &str) {
+    let test = format!("{protocol}_cloud_disk_full");
+    let Some(disk) = small_disk(&test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let node = format!("cloud-full-{protocol}");
+    let (mut cloud, api, server) = start_cloud_on(root, disk.path(), protocol);
+    // The edge's certificate, issued from the cloud's CA (its disk is not the full one).
+    let ca = certs::files::CertDir::new(root.join("pki"))
+        .load_ca()
+        .expect("the cloud's CA");
+    let issued = ca
+        .issue_node(
+            &certs::NodeId::new(node.as_str()).expect("node id"),
+            certs::Validity::days_from(time::OffsetDateTime::now_utc(), 1),
+        )
+        .expect("node certificate");
+    let edge_dir = root.join("edge");
+    std::fs::create_dir_all(&edge_dir).expect("edge dir");
+    std::fs::write(edge_dir.join("ca.crt"), ca.cert_pem()).expect("ca");
+    certs::files::write_cert(&edge_dir.join("node.crt"), &issued.cert_pem).expect("crt");
+    certs::files::write_key(&edge_dir.join("node.key"), &issued.key_pem).expect("key");
+    let e = edge_dir.display();
+    let config = root.join("edgecore.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "edgehub:
+  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {node} }}
+  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
+  tls: {{ ca-file: {e}/ca.crt, cert-file: {e}/node.crt, key-file: {e}/node.key }}
+  outbox: {{ path: {e}/outbox.db }}
+modules:
+  local-store: {{ path: {e}/local.db, listen: '127.0.0.1:0' }}
+"
+        ),
+    )
+    .expect("edge config");
+    let mut edge = Edge::start(&config, PATIENCE);
+    edge.wait_connected();
+    let mut sse = Sse::open(api, PATIENCE, &format!("node={node}&since=0"));
+    let post = |id: &str| -> (u16, String, String) {
+        let msg = json!({
+            "header": {"msg_id": id},
+            "route": {"source": "disk", "group": "resource", "operation": "update",
+                      "resource": "default/configmap/cloud-full"},
+            "content": {"id": id, "pad": "z".repeat(2048)}
+        });
+        http_with(
+            api,
+            "POST",
+            &format!("/v1/nodes/{node}/messages?ack=true"),
+            &[],
+            &msg.to_string(),
+        )
+    };
+    let mut down: Vec<String> = Vec::new();
+    let mut up: Vec<String> = Vec::new();
+    for n in 0..5 {
+        let id = format!("down-{n}");
+        assert_eq!(post(&id).0, 202);
+        down.push(id);
+        up.push(edge.send(n));
+    }
+
+    disk.fill();
+    // The API refuses once the store cannot write; nothing it refused is stored.
+    let mut refused = None;
+    for n in 5..5 + MAX_ACCEPTED_WHILE_FULL {
+        let id = format!("down-{n}");
+        let (code, head, body) = post(&id);
+        match code {
+            202 => down.push(id),
+            507 => {
+                refused = Some((id, head, body));
+                break;
+            }
+            _ => panic!("POST on a full disk: {code} {body}"),
+        }
+    }
+    let (refused_id, head, body) = refused.unwrap_or_else(|| {
+        panic!("{MAX_ACCEPTED_WHILE_FULL} POSTs accepted on a full disk, none refused")
+    });
+    assert_eq!(json_of(&body)["code"], "insufficient_storage", "{body}");
+    assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+    // The edge keeps sending; the cloud cannot store these yet, so it does not acknowledge them.
+    for n in 100..110 {
+        up.push(edge.send(n));
+    }
+    for _ in 0..5 {
+        assert_eq!(post("refused-again").0, 507);
+    }
+    println!(
+        "{protocol}: {} downstream messages queued after the fill (slack in the files), then 507",
+        down.len() - 5
+    );
+
+    disk.free();
+    // Without a restart or a reconnect: new messages are taken again, everything queued is
+    // delivered and acknowledged, everything the edge sent is stored once.
+    wait_until("the cloud API accepts again", PATIENCE, || {
+        let (code, _, body) = post(&refused_id);
+        if code == 202 {
+            Ok(())
+        } else {
+            Err(format!("{code} {body}"))
+        }
+    });
+    down.push(refused_id);
+    assert_once(&sse.until_all(&up), &up);
+    wait_until("every downstream message delivered", PATIENCE, || {
+        let received = edge.received();
+        if down.iter().all(|id| received.contains_key(id)) {
+            Ok(())
+        } else {
+            Err(format!("{} of {}", received.len(), down.len()))
+        }
+    });
+    assert_once(&edge.received(), &down);
+    assert!(
+        !edge.received().contains_key("refused-again"),
+        "a refused POST was delivered"
+    );
+    wait_until("every queue drained", PATIENCE, || {
+        let rows = outbox_rows(&root.join("edge/outbox.db"));
+        let (_, body) = http(api, "GET", &format!("/v1/nodes/{node}"), "");
+        let view = json_of(&body);
+        let queue = &view["queue"];
+        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
+            Ok(())
+        } else {
+            Err(format!("outbox {rows} rows, cloud queue {queue}"))
+        }
+    });
+    let status = edge.status();
+    assert_eq!(status["cloud"], "connected", "{status}");
+    assert_eq!(
+        edge.daemon.count_logged("connected to the cloud"),
+        1,
+        "no reconnect"
+    );
+    assert_eq!(cloud.count_logged("message store: the disk is full"), 1);
+    assert_eq!(cloud.count_logged("message store: writes succeed again"), 1);
+
+    drop(sse);
+    assert_eq!(edge.daemon.stop(), Some(0), "edgecore exits 0 on SIGTERM");
+    assert_eq!(cloud.stop(), Some(0), "cloudcore exits 0 on SIGTERM");
+    drop(disk);
+}
+
+#[test]
+fn websocket_cloud_disk_full() {
+    cloud_disk_full("websocket");
+}
+
+#[test]
+fn quic_cloud_disk_full() {
+    cloud_disk_full("quic");
 }

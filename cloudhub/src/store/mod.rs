@@ -198,14 +198,30 @@ pub enum StoreError {
     /// version). Move the file aside.
     #[error("message store holds an unreadable row: {0}")]
     Corrupt(String),
-    /// The batch this operation was committed with failed (I/O, disk full); the operation
-    /// did not happen. A local fault: retry.
+    /// The batch this operation was committed with failed (I/O); the operation did not
+    /// happen. A local fault: retry.
     #[error("message store commit failed: {0}")]
     Commit(String),
+    /// The disk holding the store is full: the operation did not happen (it was rolled back
+    /// whole). Retry once space is freed; the API answers 507 meanwhile.
+    #[error("message store: the disk is full: {0}")]
+    DiskFull(String),
     /// The store has shut down (the process is stopping), or its writer could not start a
     /// transaction for this operation.
     #[error("message store is closed")]
     Closed,
+}
+
+impl StoreError {
+    /// The disk holding the store is full (`SQLITE_FULL`), whether the failing statement or the
+    /// commit said so.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::DiskFull(_) => true,
+            Self::Database(e) => e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
+            _ => false,
+        }
+    }
 }
 
 /// Why [`MessageStore::enqueue`] refused a message.

@@ -7,6 +7,15 @@
 //! no `COUNT(*)`; acked rows are kept for `acked_retention` (for status queries and duplicate
 //! POSTs) and then pruned; the upstream log keeps the newest `upstream_window` records per node,
 //! which is both what SSE consumers can resume from and the deduplication window.
+//!
+//! **A full disk.** On `SQLITE_FULL` SQLite may undo only the failing statement or the whole
+//! transaction. The writer checks after every job whether its transaction is still open: if
+//! SQLite rolled it back, the jobs that ran in it are undone and fail, and the rest of the batch
+//! runs in a fresh transaction (without that check they would run in autocommit mode and be
+//! stored while reported failed). A failed commit fails every job of its batch. Either way the
+//! in-memory counters are read back from the database, the caller sees
+//! [`StoreError::DiskFull`], the writer thread carries on, and the episode and its end are
+//! logged once each. The WAL keeps the size it grew to, so later batches reuse its pages.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -84,7 +93,14 @@ pub struct SqliteStore {
 }
 
 type Job = Box<dyn FnOnce(&mut Batch<'_, '_>) + Send>;
-type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
+type Completion = Box<dyn FnOnce(Result<(), &Failure>) + Send>;
+
+/// Why a batch (or the part of it that ran before SQLite rolled it back) did not commit.
+#[derive(Debug, Clone)]
+struct Failure {
+    text: String,
+    disk_full: bool,
+}
 
 /// What one job sees while its batch runs.
 struct Batch<'c, 's> {
@@ -94,6 +110,8 @@ struct Batch<'c, 's> {
     now_ms: i64,
     completions: Vec<Completion>,
     published: Vec<Arc<UpstreamRecord>>,
+    /// The storage error of the last job that failed with one.
+    failure: Option<Failure>,
 }
 
 /// Writer-thread memory mirrored from the database.
@@ -141,16 +159,21 @@ impl SqliteStore {
     fn submit<T, E, F>(&self, f: F) -> StoreFuture<'static, Result<T, E>>
     where
         T: Send + 'static,
-        E: From<StoreError> + Send + 'static,
+        E: From<StoreError> + AsStoreError + Send + 'static,
         F: FnOnce(&mut Batch<'_, '_>) -> Result<T, E> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel::<Result<T, E>>();
         let job: Job = Box::new(move |batch: &mut Batch<'_, '_>| {
             let result = batch.isolated(f);
+            if let Err(e) = &result
+                && let Some(StoreError::Database(e)) = e.as_store_error()
+            {
+                batch.failure = Some(Failure::of(e));
+            }
             batch.completions.push(Box::new(move |commit| {
                 let result = match commit {
                     Ok(()) => result,
-                    Err(why) => Err(E::from(StoreError::Commit(why.to_owned()))),
+                    Err(why) => Err(E::from(why.to_store_error())),
                 };
                 let _ = reply.send(result);
             }));
@@ -192,6 +215,18 @@ impl Batch<'_, '_> {
     }
 }
 
+/// What one transaction of the writer did.
+enum Outcome {
+    /// Every job ran and the transaction committed.
+    Committed,
+    /// SQLite rolled the transaction back by itself after a job's error (`SQLITE_FULL` and I/O
+    /// errors may do that rather than undo only the failed statement): the jobs that ran are
+    /// undone and fail; the rest wait in `jobs` for a fresh transaction.
+    RolledBack(Failure),
+    /// The transaction could not begin or commit: every job that ran fails.
+    Failed(Failure),
+}
+
 fn run_writer(
     mut conn: Connection,
     rx: mpsc::Receiver<Job>,
@@ -200,56 +235,64 @@ fn run_writer(
     publish: broadcast::Sender<Arc<UpstreamRecord>>,
 ) {
     let mut last_prune = Instant::now();
+    // A storage failure (a full disk) was logged and no write has succeeded since.
+    let mut failing = false;
     while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
+        let mut jobs = std::collections::VecDeque::from([first]);
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(job) => jobs.push_back(job),
                 Err(_) => break,
             }
         }
-        let now_ms = proto::now_millis();
-        let mut completions = Vec::with_capacity(jobs.len());
-        let mut published = Vec::new();
-        let outcome = (|| -> Result<(), rusqlite::Error> {
-            let mut tx =
-                conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let mut batch = Batch {
-                tx: &mut tx,
-                state: &mut state,
-                config: &config,
-                now_ms,
-                completions: Vec::new(),
-                published: Vec::new(),
-            };
-            for job in jobs.drain(..) {
-                job(&mut batch);
-            }
-            completions = std::mem::take(&mut batch.completions);
-            published = std::mem::take(&mut batch.published);
-            tx.commit()
-        })();
-        match outcome {
-            Ok(()) => {
-                for done in completions {
-                    done(Ok(()));
+        while !jobs.is_empty() {
+            let changes_before = conn.total_changes();
+            let mut completions = Vec::with_capacity(jobs.len());
+            let mut published = Vec::new();
+            let mut job_failure = None;
+            let outcome = run_batch(
+                &mut conn,
+                &mut jobs,
+                &mut state,
+                &config,
+                (&mut completions, &mut published, &mut job_failure),
+            );
+            let rolled_back = matches!(outcome, Outcome::RolledBack(_));
+            match outcome {
+                Outcome::Committed => {
+                    let wrote = conn.total_changes() > changes_before;
+                    for done in completions {
+                        done(Ok(()));
+                    }
+                    for record in published {
+                        // No subscriber is fine: the record is in the table.
+                        let _ = publish.send(record);
+                    }
+                    match job_failure {
+                        Some(failure) => note_failure(&mut failing, &failure),
+                        None if wrote && failing => {
+                            tracing::info!("message store: writes succeed again");
+                            failing = false;
+                        }
+                        None => {}
+                    }
                 }
-                for record in published {
-                    // No subscriber is fine: the record is in the table.
-                    let _ = publish.send(record);
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "message store batch failed to commit");
-                let why = e.to_string();
-                for done in completions {
-                    done(Err(&why));
-                }
-                // Jobs that never ran (transaction did not start) drop their reply: Closed.
-                drop(jobs);
-                match State::load(&conn) {
-                    Ok(fresh) => state = fresh,
-                    Err(e) => tracing::error!(error = %e, "cannot reload store counters"),
+                Outcome::RolledBack(failure) | Outcome::Failed(failure) => {
+                    note_failure(&mut failing, &failure);
+                    for done in completions {
+                        done(Err(&failure));
+                    }
+                    // The counters saw the undone jobs; read them back from the database.
+                    match State::load(&conn) {
+                        Ok(fresh) => state = fresh,
+                        Err(e) => tracing::error!(error = %e, "cannot reload store counters"),
+                    }
+                    if !rolled_back {
+                        // Commit failed (nothing is left), or the transaction could not even
+                        // begin: the waiting jobs drop their replies (Closed) rather than spin
+                        // on a broken database.
+                        jobs.clear();
+                    }
                 }
             }
         }
@@ -263,6 +306,119 @@ fn run_writer(
             ) {
                 tracing::warn!(error = %e, "pruning acked messages failed");
             }
+        }
+    }
+}
+
+/// Runs jobs from the front of `jobs` in one transaction until they are done or SQLite rolls
+/// the transaction back; the jobs that ran leave their completions, published records and last
+/// storage failure in `out`.
+fn run_batch(
+    conn: &mut Connection,
+    jobs: &mut std::collections::VecDeque<Job>,
+    state: &mut State,
+    config: &SqliteConfig,
+    out: (
+        &mut Vec<Completion>,
+        &mut Vec<Arc<UpstreamRecord>>,
+        &mut Option<Failure>,
+    ),
+) -> Outcome {
+    let (completions, published, job_failure) = out;
+    let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return Outcome::Failed(Failure::of(&e)),
+    };
+    let mut batch = Batch {
+        tx: &mut tx,
+        state,
+        config,
+        now_ms: proto::now_millis(),
+        completions: Vec::new(),
+        published: Vec::new(),
+        failure: None,
+    };
+    let mut rolled_back = None;
+    while let Some(job) = jobs.pop_front() {
+        job(&mut batch);
+        if batch.tx.is_autocommit() {
+            // Everything this transaction did is undone; `failure` says why.
+            rolled_back = Some(batch.failure.take().unwrap_or_else(|| Failure {
+                text: "SQLite rolled the transaction back".into(),
+                disk_full: false,
+            }));
+            break;
+        }
+    }
+    *completions = std::mem::take(&mut batch.completions);
+    *published = std::mem::take(&mut batch.published);
+    *job_failure = batch.failure.take();
+    if let Some(failure) = rolled_back {
+        published.clear();
+        return Outcome::RolledBack(failure);
+    }
+    match tx.commit() {
+        Ok(()) => Outcome::Committed,
+        Err(e) => {
+            published.clear();
+            Outcome::Failed(Failure::of(&e))
+        }
+    }
+}
+
+/// Logs a storage failure once per episode: a full disk would otherwise log every operation.
+fn note_failure(failing: &mut bool, failure: &Failure) {
+    if *failing {
+        tracing::debug!(error = %failure.text, "message store write failed");
+        return;
+    }
+    *failing = true;
+    if failure.disk_full {
+        tracing::error!(
+            error = %failure.text,
+            "message store: the disk is full; new messages are refused (the API answers 507), \
+             queued ones are kept and delivered, and writes are retried as they come"
+        );
+    } else {
+        tracing::error!(error = %failure.text, "message store: writes fail");
+    }
+}
+
+impl Failure {
+    fn of(e: &rusqlite::Error) -> Self {
+        Self {
+            text: e.to_string(),
+            disk_full: e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
+        }
+    }
+
+    fn to_store_error(&self) -> StoreError {
+        if self.disk_full {
+            StoreError::DiskFull(self.text.clone())
+        } else {
+            StoreError::Commit(self.text.clone())
+        }
+    }
+}
+
+/// The store's own error inside an operation's error type, so the writer can tell a failed
+/// job's storage failure from its refusals.
+pub(crate) trait AsStoreError {
+    /// The store error, if this is one.
+    fn as_store_error(&self) -> Option<&StoreError>;
+}
+
+impl AsStoreError for StoreError {
+    fn as_store_error(&self) -> Option<&StoreError> {
+        Some(self)
+    }
+}
+
+impl AsStoreError for EnqueueError {
+    fn as_store_error(&self) -> Option<&StoreError> {
+        match self {
+            Self::Store(e) => Some(e),
+            _ => None,
         }
     }
 }
