@@ -47,6 +47,14 @@ pub enum DecodeError {
         /// prost's description, naming the field where it knows it.
         detail: String,
     },
+    /// The protobuf content does not match the kind the sender marked it with (Causeway's
+    /// `content_kind`, PROTOCOL.md Part A item 3): JSON that does not parse, a string that is
+    /// not UTF-8.
+    #[error("protobuf content does not match its kind: {detail}")]
+    ContentKind {
+        /// What is wrong.
+        detail: String,
+    },
     /// The protobuf has no header sub-message (field 1), as in a 0-byte payload. KubeEdge's own
     /// decoder crashes on this (W1); ours refuses it.
     #[error("protobuf message has no header (field 1)")]

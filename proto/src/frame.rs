@@ -247,10 +247,14 @@ mod tests {
     fn keepalive_frame_matches_protocol_md() {
         let mut buf = BytesMut::new();
         encode_message(&keepalive(), &mut buf).unwrap();
-        assert_eq!(buf.len(), 103);
-        assert_eq!(&buf[..10], &[1, 1, 1, 0, 1, 0, 0, 0, 0, 0x5d]);
+        // viaduct's 93-byte payload, plus the content kind (field 100 = 2, a string).
+        assert_eq!(buf.len(), 106);
+        assert_eq!(&buf[..10], &[1, 1, 1, 0, 1, 0, 0, 0, 0, 0x60]);
+        let mut viaduct = pb::encode_kubeedge(&keepalive());
+        assert_eq!(viaduct.len(), 0x5d);
+        viaduct.extend([0xa0, 0x06, 0x02]);
         let mut plain = BytesMut::new();
-        encode(&pb::encode_kubeedge(&keepalive()), &mut plain).unwrap();
+        encode(&viaduct, &mut plain).unwrap();
         assert_eq!(buf, plain);
         let frame = decode(&mut buf).unwrap().unwrap();
         assert!(buf.is_empty());
@@ -365,12 +369,12 @@ mod tests {
             decoder.decode_eof(&mut partial),
             Err(FrameError::Truncated {
                 have: 50,
-                need: 103
+                need: 106
             })
         );
         let mut empty = BytesMut::new();
         assert_eq!(decoder.decode_eof(&mut empty), Ok(None));
-        let mut whole = BytesMut::from(&bytes[..103]);
+        let mut whole = BytesMut::from(&bytes[..106]);
         assert!(decoder.decode_eof(&mut whole).unwrap().is_some());
     }
 

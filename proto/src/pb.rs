@@ -4,9 +4,15 @@
 //! Two encodings exist. [`encode`] is Causeway's: viaduct's bytes for every field viaduct carries,
 //! then `MessageHeader.MessageType` (field 5, KubeEdge's own schema field that its translator never
 //! fills), `MessageHeader.resource_version` (field 100) and `MessageRouter.destination` (field 100)
-//! when they are not empty. KubeEdge decoders skip fields they do not use, so a stock peer reads
-//! it as viaduct's. [`encode_kubeedge`] is exactly viaduct's output, without those three fields.
-//! When the three are empty the two are identical.
+//! when they are not empty, and `Message.content_kind` (field 100, [`ContentKind`]) when the
+//! content is JSON. KubeEdge decoders skip fields they do not use, so a stock peer reads it as
+//! viaduct's. [`encode_kubeedge`] is exactly viaduct's output, without those four fields. When
+//! they are empty (bytes or nil content) the two are identical.
+//!
+//! The content kind is what lets the receiver give back the content the sender had, as a
+//! WebSocket peer does from the JSON document: viaduct's protobuf content is bare bytes (a JSON
+//! object as its JSON text, a string as its UTF-8), so without it an object sent over QUIC
+//! would reach cloud applications as base64 bytes and over WebSocket as an object.
 //!
 //! Encoding writes straight from a borrowed [`Message`] (no intermediate protobuf struct, so no
 //! string copies); the derived [`schema`] types define the format and decoding, and the tests check
@@ -48,10 +54,12 @@ pub fn encode_kubeedge(msg: &Message) -> Vec<u8> {
     out
 }
 
-/// Decodes a protobuf payload. Content comes back as [`Content::Bytes`] whatever it held on the
-/// sending side (B§1.5), except that absent or empty content, which protobuf cannot tell apart
-/// from nil, is [`Content::Json`]`(Null)`: Go's nil, printed `"content":null` by [`crate::json`].
-/// A missing header or router is an error, not an empty one: only a broken peer omits them.
+/// Decodes a protobuf payload. Content comes back as [`Content::Bytes`] (B§1.5) unless the
+/// sender marked its kind ([`ContentKind`]): JSON content is parsed back into the value it was
+/// ([`DecodeError::ContentKind`] if it does not parse), string content into a JSON string.
+/// Unmarked absent or empty content, which protobuf cannot tell apart from nil, is
+/// [`Content::Json`]`(Null)`: Go's nil, printed `"content":null` by [`crate::json`]. A missing
+/// header or router is an error, not an empty one: only a broken peer omits them.
 pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     decode_buf(bytes)
 }
@@ -60,6 +68,49 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
 /// copied.
 pub fn decode_bytes(bytes: Bytes) -> Result<Message, DecodeError> {
     decode_buf(bytes)
+}
+
+/// How the content bytes of a protobuf message are to be read: Causeway's extension field
+/// `Message.content_kind` (number 100, varint; PROTOCOL.md Part A item 3). Written by [`encode`]
+/// for JSON content only, so bytes and nil content keep viaduct's exact bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentKind {
+    /// 0 (absent): bytes, as viaduct has them. Also what a decoder assumes for values it does not
+    /// know, so that later kinds degrade to bytes.
+    Bytes,
+    /// 1: a JSON value other than a string; the bytes are its JSON text as Go writes it.
+    Json,
+    /// 2: a JSON string; the bytes are its UTF-8 (as viaduct writes a string), possibly none.
+    String,
+}
+
+impl ContentKind {
+    /// The kind [`encode`] marks `content` with.
+    pub fn of(content: &Content) -> Self {
+        match content {
+            Content::Bytes(_) | Content::Json(serde_json::Value::Null) => Self::Bytes,
+            Content::Json(serde_json::Value::String(_)) => Self::String,
+            Content::Json(_) => Self::Json,
+        }
+    }
+
+    /// The number on the wire.
+    pub fn number(self) -> u64 {
+        match self {
+            Self::Bytes => 0,
+            Self::Json => 1,
+            Self::String => 2,
+        }
+    }
+
+    /// The kind for a number read off the wire (unknown numbers read as bytes).
+    pub fn from_number(n: u64) -> Self {
+        match n {
+            1 => Self::Json,
+            2 => Self::String,
+            _ => Self::Bytes,
+        }
+    }
 }
 
 fn decode_buf(buf: impl Buf) -> Result<Message, DecodeError> {
@@ -86,6 +137,9 @@ pub mod schema {
         /// Field 3: the content as bytes; empty when the content is nil or empty.
         #[prost(bytes = "bytes", tag = "3")]
         pub content: Bytes,
+        /// Field 100, Causeway extension: how to read the content ([`super::ContentKind`]).
+        #[prost(uint64, tag = "100")]
+        pub content_kind: u64,
     }
 
     /// `message.MessageHeader`.
@@ -154,6 +208,7 @@ pub mod schema {
                     destination: r.destination.clone(),
                 }),
                 content: Bytes::copy_from_slice(&msg.content.to_bytes()),
+                content_kind: super::ContentKind::of(&msg.content).number(),
             }
         }
     }
@@ -181,12 +236,30 @@ impl TryFrom<schema::Message> for Message {
                 operation: r.operation,
                 resource: r.resource,
             },
-            content: if pb.content.is_empty() {
-                Content::default()
-            } else {
-                Content::Bytes(pb.content)
-            },
+            content: content_of(pb.content, ContentKind::from_number(pb.content_kind))?,
         })
+    }
+}
+
+/// The content `bytes` of `kind` stand for.
+fn content_of(bytes: Bytes, kind: ContentKind) -> Result<Content, DecodeError> {
+    match kind {
+        ContentKind::Bytes if bytes.is_empty() => Ok(Content::default()),
+        ContentKind::Bytes => Ok(Content::Bytes(bytes)),
+        ContentKind::String => match String::from_utf8(bytes.to_vec()) {
+            Ok(text) => Ok(Content::text(text)),
+            Err(e) => Err(DecodeError::ContentKind {
+                detail: format!("string content is not UTF-8: {e}"),
+            }),
+        },
+        // serde_json refuses trailing data, invalid UTF-8, lone surrogates and nesting beyond
+        // 128, as the WebSocket decoder does.
+        ContentKind::Json => match serde_json::from_slice(&bytes) {
+            Ok(value) => Ok(Content::Json(value)),
+            Err(e) => Err(DecodeError::ContentKind {
+                detail: format!("JSON content does not parse: {e}"),
+            }),
+        },
     }
 }
 
@@ -203,8 +276,8 @@ enum Form {
 const LEN: u32 = 2;
 /// Wire type of varint fields.
 const VARINT: u32 = 0;
-/// Field number of Causeway's extension fields in the header (resource version) and the router
-/// (destination).
+/// Field number of Causeway's extension fields in the header (resource version), the router
+/// (destination) and the message (content kind).
 const EXTENSION_TAG: u32 = 100;
 
 /// One message measured for encoding: lengths are needed before the bytes (sub-messages are
@@ -213,6 +286,8 @@ pub(crate) struct Encoder<'a> {
     msg: &'a Message,
     form: Form,
     content: Cow<'a, [u8]>,
+    /// The content kind to write (Causeway's form only; [`ContentKind::Bytes`] is not written).
+    kind: ContentKind,
     header_len: usize,
     router_len: usize,
     /// Total encoded length.
@@ -249,17 +324,24 @@ impl<'a> Encoder<'a> {
             router_len += bytes_len(EXTENSION_TAG, &r.destination);
         }
         let content = msg.content.to_bytes();
+        let kind = if ext {
+            ContentKind::of(&msg.content)
+        } else {
+            ContentKind::Bytes
+        };
         let len = 1
             + varint_len(header_len as u64)
             + header_len
             + 1
             + varint_len(router_len as u64)
             + router_len
-            + bytes_len(3, &content);
+            + bytes_len(3, &content)
+            + varint_field_len(EXTENSION_TAG, kind.number());
         Self {
             msg,
             form,
             content,
+            kind,
             header_len,
             router_len,
             len,
@@ -297,6 +379,19 @@ impl<'a> Encoder<'a> {
             put_bytes(dst, EXTENSION_TAG, r.destination.as_bytes());
         }
         put_bytes(dst, 3, &self.content);
+        if self.kind != ContentKind::Bytes {
+            put_key(dst, EXTENSION_TAG, VARINT);
+            put_varint(dst, self.kind.number());
+        }
+    }
+}
+
+/// Length of a varint field; proto3 omits zero.
+fn varint_field_len(tag: u32, value: u64) -> usize {
+    if value == 0 {
+        0
+    } else {
+        varint_len(u64::from(tag << 3)) + varint_len(value)
     }
 }
 
@@ -376,7 +471,16 @@ mod tests {
             .content(Content::text("c"));
         let want = hex("0a 05 0a 01 61 18 02 12 0c 0a 01 73 12 01 67 1a 01 6f 22 01 72 1a 01 63");
         assert_eq!(encode_kubeedge(&msg), want);
-        assert_eq!(encode(&msg), want);
+        // Causeway's form adds the content kind: field 100 (key a0 06), 2 = string.
+        let mut ours = want.clone();
+        ours.extend(hex("a0 06 02"));
+        assert_eq!(encode(&msg), ours);
+        assert_eq!(decode(&ours).unwrap(), msg);
+        // viaduct's form of the same message reads back as bytes, as in KubeEdge.
+        assert_eq!(
+            decode(&want).unwrap().content,
+            Content::Bytes(Bytes::from_static(b"c"))
+        );
     }
 
     #[test]
@@ -418,7 +522,60 @@ mod tests {
         msg.header.resource_version.clear();
         msg.header.message_type.clear();
         msg.route.destination.clear();
+        assert_ne!(
+            encode(&msg),
+            encode_kubeedge(&msg),
+            "string content is marked"
+        );
+        msg.content = Content::Bytes(Bytes::from_static(b"with-rv"));
         assert_eq!(encode(&msg), encode_kubeedge(&msg));
+        msg.content = Content::default();
+        assert_eq!(encode(&msg), encode_kubeedge(&msg));
+    }
+
+    #[test]
+    fn content_kind_gives_back_the_content_sent() {
+        for content in [
+            Content::Json(json!({"n": 1, "s": "<x>", "a": [1.5, null, true]})),
+            Content::Json(json!([])),
+            Content::Json(json!(42)),
+            Content::Json(json!(false)),
+            Content::text("hello"),
+            Content::text(""),
+            Content::Bytes(Bytes::from_static(b"\x00\xffraw")),
+            Content::default(),
+        ] {
+            let msg = Message::with_header("id", "", 1).content(content.clone());
+            assert_eq!(
+                decode(&encode(&msg)).unwrap().content,
+                content,
+                "{content:?}"
+            );
+            let mut framed = bytes::BytesMut::new();
+            crate::frame::encode_message(&msg, &mut framed).unwrap();
+            assert_eq!(framed.len(), 10 + encoded_len(&msg));
+        }
+    }
+
+    #[test]
+    fn content_not_matching_its_kind_is_refused() {
+        // Header 0a 00, router 12 00, content "{", kind 1 (JSON).
+        assert!(matches!(
+            decode(&hex("0a 00 12 00 1a 01 7b a0 06 01")),
+            Err(DecodeError::ContentKind { .. })
+        ));
+        // Content ff, kind 2 (string).
+        assert!(matches!(
+            decode(&hex("0a 00 12 00 1a 01 ff a0 06 02")),
+            Err(DecodeError::ContentKind { .. })
+        ));
+        // An unknown kind reads as bytes.
+        assert_eq!(
+            decode(&hex("0a 00 12 00 1a 01 ff a0 06 07"))
+                .unwrap()
+                .content,
+            Content::Bytes(Bytes::from_static(b"\xff"))
+        );
     }
 
     #[test]
@@ -462,17 +619,20 @@ mod tests {
     #[test]
     fn every_prefix_is_handled() {
         let bytes = encode(&full_message());
-        // The content field is last: 1 key byte, 1 length byte, 7 bytes of "with-rv".
-        let without_content = bytes.len() - 9;
+        // The content kind is last (2 key bytes, 1 value byte), after the content: 1 key byte,
+        // 1 length byte, 7 bytes of "with-rv".
+        let without_kind = bytes.len() - 3;
+        let without_content = without_kind - 9;
         for cut in 0..bytes.len() {
-            // Every strict prefix is malformed or lacks a part, except the one that ends just
-            // before the content; none panics.
+            // Every strict prefix is malformed or lacks a part, except those that end just
+            // before the content (no content) or before the kind (bytes); none panics.
             match decode(&bytes[..cut]) {
-                Ok(msg) => assert!(
-                    cut == without_content && msg.content.is_empty(),
-                    "cut {cut}"
-                ),
-                Err(_) => assert_ne!(cut, without_content),
+                Ok(msg) if cut == without_content => assert!(msg.content.is_empty()),
+                Ok(msg) if cut == without_kind => {
+                    assert_eq!(msg.content, Content::Bytes(Bytes::from_static(b"with-rv")));
+                }
+                Ok(msg) => panic!("cut {cut} decoded: {msg:?}"),
+                Err(_) => assert!(cut != without_content && cut != without_kind, "cut {cut}"),
             }
         }
         assert_eq!(decode(&bytes).unwrap().header.id, "id-1");

@@ -317,6 +317,18 @@ impl CloudCore {
     /// listening on `ports` (websocket, quic, https, api; 0 = any) so a restart can reuse the
     /// previous run's ports. Returns once it logged where it listens.
     pub fn start(dir: &Path, ports: [u16; 4], keepalive_interval: u64, patience: Duration) -> Self {
+        Self::start_with(dir, ports, keepalive_interval, "", patience)
+    }
+
+    /// [`CloudCore::start`] with `extra` lines appended to the `cloudhub:` section (indented by
+    /// two spaces, such as `"  node-limit: 3\n"`).
+    pub fn start_with(
+        dir: &Path,
+        ports: [u16; 4],
+        keepalive_interval: u64,
+        extra: &str,
+        patience: Duration,
+    ) -> Self {
         let d = dir.display();
         let [ws, quic, https, api] = ports;
         let config = dir.join("cloudcore.yaml");
@@ -334,7 +346,7 @@ impl CloudCore {
   queue: {{ path: {d}/cloudcore.db }}
   delivery: {{ ack-timeout: 1, max-ack-timeout: 2 }}
   link: {{ handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
-"
+{extra}"
             ),
         )
         .expect("write config");
@@ -433,11 +445,27 @@ impl EdgeCore {
     /// Sends an upstream message through the local store (group `user`); once this returns
     /// the edge has it durably. Returns its id.
     pub fn send(&self, n: usize) -> String {
+        self.send_content(&serde_json::json!({ "n": n }))
+    }
+
+    /// [`EdgeCore::send`] with the given content.
+    pub fn send_content(&self, content: &Value) -> String {
         let body = serde_json::json!({"group": "user", "resource": "sensors/t1",
-                                      "operation": "upload", "content": {"n": n}});
+                                      "operation": "upload", "content": content});
         let (code, body) = http(self.local, "POST", "/v1/upstream", &body.to_string());
         assert_eq!(code, 202, "{body}");
         json_of(&body)["id"].as_str().expect("id").to_owned()
+    }
+
+    /// The cloud message `id` as the edge's local store holds it (KubeEdge JSON).
+    pub fn stored(&self, id: &str) -> Option<Value> {
+        let (code, body) = http(self.local, "GET", "/v1/messages?after=0&limit=1000", "");
+        assert_eq!(code, 200, "{body}");
+        json_of(&body)["messages"]
+            .as_array()?
+            .iter()
+            .map(|m| m["message"].clone())
+            .find(|m| m["header"]["msg_id"] == id)
     }
 
     /// How often each cloud message id is stored at the edge's local store.
@@ -527,6 +555,29 @@ impl Sse {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) => {}
             Err(e) => panic!("reading the event stream: {e}"),
+        }
+    }
+
+    /// Reads until the message `id` appeared; its event's `message` (KubeEdge JSON), as cloud
+    /// applications see it.
+    pub fn message(&mut self, id: &str) -> Value {
+        let needle = format!("\"msg_id\":\"{id}\"");
+        let deadline = Instant::now() + self.patience;
+        loop {
+            if let Some(line) = self
+                .text
+                .lines()
+                .find(|l| l.starts_with("data:") && l.contains(&needle))
+            {
+                let event: Value = serde_json::from_str(line["data:".len()..].trim())
+                    .unwrap_or_else(|e| panic!("event is not JSON ({e}): {line}"));
+                return event["message"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never reached the event stream"
+            );
+            self.read_some();
         }
     }
 

@@ -135,6 +135,27 @@ fn end_to_end(protocol: &str) {
     let counts = upstream_ids(cloud.api, "edge-e2e", std::slice::from_ref(&up1));
     assert_eq!(counts[&up1], 1);
 
+    // One shape of content for applications, whichever transport carried it (PROTOCOL.md Part A
+    // item 3, content kind): an object stays that object, a string that string, both ways.
+    let text = edge.send_content(&json!("plain text <&>"));
+    let mut events = Sse::open(cloud.api, PATIENCE, "node=edge-e2e&since=0");
+    assert_eq!(
+        events.message(&up1)["content"],
+        json!({"n": 1}),
+        "{protocol}"
+    );
+    assert_eq!(
+        events.message(&text)["content"],
+        json!("plain text <&>"),
+        "{protocol}"
+    );
+    let stored = edge.stored("down-1").expect("down-1 stored at the edge");
+    assert_eq!(
+        stored["content"],
+        json!({"data": {"k": "down-1"}}),
+        "{protocol}"
+    );
+
     // The cloud dies without warning; the edge notices and keeps what applications send.
     cloud.daemon.kill();
     let killed = Instant::now();
@@ -165,7 +186,7 @@ fn end_to_end(protocol: &str) {
         "{protocol}: edge reconnected {:?} after the cloud restarted",
         restarted.elapsed()
     );
-    let mut all = vec![up1.clone()];
+    let mut all = vec![up1.clone(), text.clone()];
     all.extend(offline.iter().cloned());
     let counts = upstream_ids(cloud.api, "edge-e2e", &all);
     for id in &all {

@@ -181,16 +181,11 @@ impl Inner {
 
     /// Answers a control operation on the control stream, as viaduct's control lane does.
     async fn ack_control(&self, msg: &Message) -> Result<(), CloseReason> {
-        let mut frame = BytesMut::new();
-        proto::frame::encode_message(&control::ack_for(msg), &mut frame).map_err(|e| {
-            CloseReason::PeerMisbehaved {
-                detail: e.to_string(),
-            }
-        })?;
+        let frame = control::frame(&control::ack_for(msg));
         let write = async {
             let mut control = self.control.lock().await;
             control
-                .write_chunk(frame.freeze())
+                .write_chunk(frame)
                 .await
                 .map_err(|e| self.write_error(e))
         };

@@ -59,6 +59,15 @@ fn header_message(map: serde_json::Map<String, Value>) -> Message {
         .content(Content::Bytes(content.into()))
 }
 
+/// One control-stream frame holding `msg` in viaduct's protobuf form, without Causeway's
+/// extension fields: the control stream carries exactly viaduct's exchange (vectors 14 and 15).
+pub(crate) fn frame(msg: &Message) -> bytes::Bytes {
+    let mut frame = bytes::BytesMut::new();
+    // Control messages are a few hundred bytes, far below the frame cap.
+    let _ = proto::frame::encode(&proto::pb::encode_kubeedge(msg), &mut frame);
+    frame.freeze()
+}
+
 /// viaduct's answer to a header or control message: `NewRespByMessage(msg, "ack")`.
 pub(crate) fn ack_for(msg: &Message) -> Message {
     Message::response_to(msg, Content::text(ACK))
@@ -132,9 +141,7 @@ mod tests {
         );
         ours.header.id = golden.header.id.clone();
         ours.header.timestamp = golden.header.timestamp;
-        let mut frame = BytesMut::new();
-        proto::frame::encode_message(&ours, &mut frame).unwrap();
-        assert_eq!(&frame[..], &vector("14_quic_ctrl_header.frame")[..]);
+        assert_eq!(&frame(&ours)[..], &vector("14_quic_ctrl_header.frame")[..]);
     }
 
     #[test]
@@ -147,9 +154,7 @@ mod tests {
             golden.header.id.clone(),
             golden.header.timestamp,
         );
-        let mut frame = BytesMut::new();
-        proto::frame::encode_message(&ours, &mut frame).unwrap();
-        assert_eq!(&frame[..], &vector("15_quic_ctrl_ack.frame")[..]);
+        assert_eq!(&frame(&ours)[..], &vector("15_quic_ctrl_ack.frame")[..]);
         assert!(is_ack_of(&golden, &header));
         assert!(is_ack_of(&ack_for(&header), &header));
     }

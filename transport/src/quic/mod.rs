@@ -24,7 +24,6 @@ mod stream;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use proto::Message;
 use quinn::{ConnectionError, IdleTimeout, TransportConfig, VarInt};
 use rustls_pki_types::CertificateDer;
@@ -248,13 +247,6 @@ fn read_end_to_connect(end: ReadEnd, conn: &quinn::Connection, link: &LinkConfig
     }
 }
 
-fn encode_frame(msg: &Message) -> bytes::Bytes {
-    let mut frame = BytesMut::new();
-    // Control messages are a few hundred bytes, far below the frame cap.
-    let _ = proto::frame::encode_message(msg, &mut frame);
-    frame.freeze()
-}
-
 async fn dial(
     config: &DialConfig,
     host: String,
@@ -295,7 +287,7 @@ async fn dial(
         &config.project_id,
         config.capabilities,
     );
-    if let Err(e) = send.write_chunk(encode_frame(&header)).await {
+    if let Err(e) = send.write_chunk(control::frame(&header)).await {
         return Err(match e {
             quinn::WriteError::ConnectionLost(e) => connect_error(e, link),
             other => ConnectError::PeerMisbehaved {
@@ -468,7 +460,7 @@ async fn server_handshake(
             // wait (briefly) until the client has acknowledged the nack, then close.
             let nack = Message::response_to(&header, proto::Content::text("nack"));
             let delivered = async {
-                send.write_chunk(encode_frame(&nack)).await.ok()?;
+                send.write_chunk(control::frame(&nack)).await.ok()?;
                 send.finish().ok()?;
                 send.stopped().await.ok()
             };
@@ -487,9 +479,9 @@ async fn server_handshake(
     let accepted = parsed
         .capabilities
         .map(|offered| offered.intersection(ctx.capabilities));
-    let mut answer = vec![encode_frame(&control::ack_for(&header))];
+    let mut answer = vec![control::frame(&control::ack_for(&header))];
     if let Some(accepted) = accepted {
-        answer.push(encode_frame(&control::server_header(accepted)));
+        answer.push(control::frame(&control::server_header(accepted)));
     }
     send.write_all_chunks(&mut answer)
         .await
