@@ -75,6 +75,16 @@ Examples:
     /// Create, list and revoke the cloud API's bearer tokens (offline with --dir, or via the API).
     #[command(name = "api-token")]
     ApiToken(cmd::api_token::Args),
+    /// Check another edge or cloud against PROTOCOL.md Part A: PASS / FAIL per case.
+    #[command(after_help = "\
+Examples:
+  causeway conformance --role edge --protocol quic --server 10.0.0.5:10001 \\
+      --ca ca.crt --cert node.crt --key node.key --api http://10.0.0.5:10003
+  causeway conformance --role cloud --protocol websocket --listen 0.0.0.0:10000 \\
+      --ca ca.crt --cert server.crt --key server.key --heartbeat 15s
+
+Exit codes: 0 every case passed or was skipped, 1 a case failed, 2 bad usage.")]
+    Conformance(cmd::conformance::Args),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +97,7 @@ fn main() -> ExitCode {
         Command::Send(args) => cmd::api::run_send(args),
         Command::Tail(args) => cmd::api::run_tail(args),
         Command::ApiToken(args) => cmd::api_token::run(args),
+        Command::Conformance(args) => cmd::conformance::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@
 pub(crate) mod api;
 pub(crate) mod api_token;
 pub(crate) mod certs;
+pub(crate) mod conformance;
 pub(crate) mod frame;
 pub(crate) mod token;
 
