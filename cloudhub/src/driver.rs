@@ -19,14 +19,15 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
-use proto::Message;
 use proto::close::SessionCloseCode;
-use tokio::sync::{Notify, mpsc, oneshot};
+use proto::{Fault, FaultClass, Message};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use transport::{Connection, RecvError};
 
-use crate::hub::{AckInfo, CloseCause, Inner, LiveInfo};
-use crate::store::{Accepted, NodeRecord, StoreError, StoreFuture};
+use crate::metrics::Metrics;
+use crate::registry::{AckInfo, Entry, Registry, Stop};
+use crate::store::{Accepted, MessageStore, NodeRecord, StoreError, StoreFuture};
 use session::node::{
     CloseReason, Downstream, NodeSession, SessionConfig, SessionEvent, TransmitKind,
 };
@@ -87,29 +88,108 @@ enum Done {
     },
 }
 
-/// Everything one connection's driver owns.
+/// Why a session ended, as logged and counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CloseCause {
+    /// A newer connection of the same node took over.
+    Replaced,
+    /// The cloud is stopping.
+    Shutdown,
+    /// No keepalive within the keepalive interval.
+    KeepaliveTimeout,
+    /// The node closed the connection cleanly.
+    PeerClosed,
+    /// The transport reported an error while reading.
+    Transport(Fault),
+    /// Writing to the node failed.
+    SendFailed(Fault),
+    /// The store failed; the node will reconnect and start over from what is durable.
+    StoreFailed(String),
+}
+
+impl CloseCause {
+    /// Stable metric label.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Self::Replaced => "replaced",
+            Self::Shutdown => "shutdown",
+            Self::KeepaliveTimeout => "keepalive_timeout",
+            Self::PeerClosed => "peer_closed",
+            Self::Transport(_) => "transport_error",
+            Self::SendFailed(_) => "send_failed",
+            Self::StoreFailed(_) => "store_failed",
+        }
+    }
+
+    /// Whose fault the end was, for the log line; `None` for a session ended on purpose.
+    pub(crate) fn fault_class(&self) -> Option<FaultClass> {
+        match self {
+            Self::Replaced | Self::Shutdown | Self::PeerClosed => None,
+            Self::KeepaliveTimeout => Some(FaultClass::Network),
+            Self::Transport(fault) | Self::SendFailed(fault) => Some(fault.class),
+            Self::StoreFailed(_) => Some(FaultClass::Local),
+        }
+    }
+
+    /// The session close code sent with the close (PROTOCOL.md Part A item 9); `None` where the
+    /// connection already failed and a plain close is all that is left to send.
+    pub(crate) fn session_code(&self) -> Option<SessionCloseCode> {
+        match self {
+            Self::Replaced => Some(SessionCloseCode::Replaced),
+            Self::Shutdown => Some(SessionCloseCode::Shutdown),
+            Self::KeepaliveTimeout => Some(SessionCloseCode::KeepaliveTimeout),
+            Self::StoreFailed(_) => Some(SessionCloseCode::InternalError),
+            Self::PeerClosed | Self::Transport(_) | Self::SendFailed(_) => None,
+        }
+    }
+
+    /// The reason text sent to the node with the close.
+    pub(crate) fn text(&self) -> String {
+        match self {
+            Self::Replaced => "replaced by a newer connection of this node".into(),
+            Self::Shutdown => "cloud is shutting down".into(),
+            Self::KeepaliveTimeout => "no keepalive within the keepalive interval".into(),
+            Self::PeerClosed => "closed by the node".into(),
+            Self::Transport(e) => format!("transport error: {}", e.reason),
+            Self::SendFailed(e) => format!("send failed: {}", e.reason),
+            Self::StoreFailed(e) => format!("cloud store failure: {e}"),
+        }
+    }
+}
+
+impl From<Stop> for CloseCause {
+    fn from(stop: Stop) -> Self {
+        match stop {
+            Stop::Replaced => Self::Replaced,
+            Stop::Shutdown => Self::Shutdown,
+        }
+    }
+}
+
+/// Everything one connection's driver owns: the connection, its registry entry, and what it
+/// shares with every driver (the registry's driver end, the store, the counters, the settings).
 pub(crate) struct Driver {
-    pub(crate) hub: Arc<Inner>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) store: Arc<dyn MessageStore>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) session: SessionConfig,
+    pub(crate) close_timeout: Duration,
     pub(crate) conn: Arc<dyn Connection>,
     pub(crate) node: String,
-    pub(crate) generation: u64,
-    pub(crate) info: Arc<LiveInfo>,
-    pub(crate) wake: Arc<Notify>,
-    pub(crate) close: oneshot::Receiver<CloseCause>,
+    pub(crate) entry: Entry,
 }
 
 impl Driver {
     /// Runs the session to its end, then tears down: closes the connection, finishes pending
     /// store work and removes the registry entry if it is still this session's.
     pub(crate) async fn run(mut self) {
-        let hub = Arc::clone(&self.hub);
         let (tx, rx) = mpsc::channel(READ_AHEAD);
         let reader = tokio::spawn(read_loop(Arc::clone(&self.conn), tx));
         let mut ops: FuturesUnordered<StoreFuture<'static, Done>> = FuturesUnordered::new();
         let cause = self.drive(rx, &mut ops).await;
 
-        let protocol = self.info.protocol;
-        let timeout = hub.config.close_timeout;
+        let protocol = self.entry.info.protocol;
+        let timeout = self.close_timeout;
         if cause != CloseCause::PeerClosed {
             let closing = self.conn.close_with(cause.session_code(), &cause.text());
             let _ = tokio::time::timeout(timeout, closing).await;
@@ -123,31 +203,33 @@ impl Driver {
                     info: Some(info), ..
                 } = done
                 {
-                    hub.notify_ack(&self.node, &info);
+                    self.registry.notify_ack(&self.node, &info);
                 }
             }
         };
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
         // The node record keeps when the node was last heard from, for the node list.
-        let last_frame_ms = self.info.last_frame_ms.load(Ordering::Relaxed);
+        let last_frame_ms = self.entry.info.last_frame_ms.load(Ordering::Relaxed);
         if last_frame_ms > 0 {
             let record = NodeRecord {
                 id: self.node.clone(),
-                project: self.info.project.clone(),
+                project: self.entry.info.project.clone(),
                 first_seen_ms: last_frame_ms,
                 last_seen_ms: last_frame_ms,
             };
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, hub.store.register_node(record)).await;
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.store.register_node(record)).await;
         }
-        if hub.remove_if_current(&self.node, self.generation) {
-            hub.metrics.disconnected(cause.label());
-            tracing::info!(node = %self.node, %protocol, reason = %cause.text(),
-                generation = self.generation, "node disconnected");
+        let class = cause.fault_class().map_or("none", FaultClass::label);
+        let generation = self.entry.generation;
+        if self.registry.remove_if_current(&self.node, generation) {
+            self.metrics.disconnected(cause.label());
+            tracing::info!(node = %self.node, %protocol, reason = %cause.text(), class,
+                generation, "node disconnected");
         } else {
-            tracing::debug!(node = %self.node, %protocol, reason = %cause.text(),
-                generation = self.generation, "superseded session ended");
+            tracing::debug!(node = %self.node, %protocol, reason = %cause.text(), class,
+                generation, "superseded session ended");
         }
-        hub.driver_done();
+        self.registry.driver_done();
     }
 
     async fn drive(
@@ -155,13 +237,12 @@ impl Driver {
         mut incoming: mpsc::Receiver<Received>,
         ops: &mut FuturesUnordered<StoreFuture<'static, Done>>,
     ) -> CloseCause {
-        let hub = Arc::clone(&self.hub);
-        let store = Arc::clone(&hub.store);
+        let store = Arc::clone(&self.store);
         let peer = self.conn.peer().clone();
         let now_ms = proto::now_millis();
         let record = NodeRecord {
             id: self.node.clone(),
-            project: self.info.project.clone(),
+            project: self.entry.info.project.clone(),
             first_seen_ms: now_ms,
             last_seen_ms: now_ms,
         };
@@ -175,7 +256,7 @@ impl Driver {
         }
         let config = SessionConfig {
             upstream_ack: peer.capabilities.upstream_ack,
-            ..hub.config.session.clone()
+            ..self.session.clone()
         };
         let mut session = NodeSession::new(config, Instant::now().into_std());
         let mut last_keepalive = session.last_keepalive();
@@ -235,15 +316,15 @@ impl Driver {
             }
             tokio::select! {
                 biased;
-                cause = &mut self.close => break cause.unwrap_or(CloseCause::Shutdown),
+                stop = &mut self.entry.stop => break stop.map_or(CloseCause::Shutdown, CloseCause::from),
                 received = incoming.recv() => match received {
                     Some(Ok(Some(msg))) => {
-                        hub.metrics.received(self.info.protocol);
-                        self.info.last_frame_ms.store(proto::now_millis(), Ordering::Relaxed);
+                        self.metrics.received(self.entry.info.protocol);
+                        self.entry.info.last_frame_ms.store(proto::now_millis(), Ordering::Relaxed);
                         session.handle_message(Instant::now().into_std(), *msg);
                         if session.last_keepalive() != last_keepalive {
                             last_keepalive = session.last_keepalive();
-                            self.info.last_keepalive_ms.store(proto::now_millis(), Ordering::Relaxed);
+                            self.entry.info.last_keepalive_ms.store(proto::now_millis(), Ordering::Relaxed);
                         }
                     }
                     Some(Ok(None)) | None => break CloseCause::PeerClosed,
@@ -251,7 +332,7 @@ impl Driver {
                     Some(Err(e)) if e.session_code() == Some(SessionCloseCode::Shutdown) => {
                         break CloseCause::PeerClosed;
                     }
-                    Some(Err(e)) => break CloseCause::Transport(e.to_string()),
+                    Some(Err(e)) => break CloseCause::Transport(e.fault()),
                 },
                 Some(done) = ops.next(), if !ops.is_empty() => match done {
                     Done::Refill { asked, result } => {
@@ -273,7 +354,7 @@ impl Driver {
                     }
                     Done::Accepted { msg, result } => match result {
                         Ok(accepted) => {
-                            hub.metrics.upstream(matches!(accepted, Accepted::Duplicate(_)));
+                            self.metrics.upstream(matches!(accepted, Accepted::Duplicate(_)));
                             session.upstream_accepted(&msg.header.id);
                         }
                         // Held and stored later; its ACK waits until then.
@@ -296,7 +377,7 @@ impl Driver {
                                 "ACK not recorded; the message will be resent"),
                         }
                         if let Some(info) = info {
-                            hub.notify_ack(&self.node, &info);
+                            self.registry.notify_ack(&self.node, &info);
                         }
                     }
                     Done::Recorded { what, record, result } => match result {
@@ -311,14 +392,14 @@ impl Driver {
                     retry_at = None;
                     self.retry(std::mem::take(&mut retries), ops, &mut maybe_more);
                 }
-                () = self.wake.notified() => maybe_more = true,
+                () = self.entry.wake.notified() => maybe_more = true,
                 () = &mut sleep, if timeout.is_some() => {
                     session.handle_timeout(Instant::now().into_std());
                 }
             }
         };
         session.close();
-        hub.metrics.resends(session.stats().resent);
+        self.metrics.resends(session.stats().resent);
         cause
     }
 
@@ -328,19 +409,19 @@ impl Driver {
         session: &mut NodeSession,
         ops: &mut FuturesUnordered<StoreFuture<'static, Done>>,
     ) -> Result<(), CloseCause> {
-        let store = &self.hub.store;
+        let store = &self.store;
         while let Some(transmit) = session.poll_transmit() {
             if let Err(e) = self.conn.send(transmit.message).await {
-                return Err(CloseCause::SendFailed(e.to_string()));
+                return Err(CloseCause::SendFailed(e.fault()));
             }
-            self.hub.metrics.sent(self.info.protocol);
+            self.metrics.sent(self.entry.info.protocol);
             let record = match transmit.kind {
                 TransmitKind::Delivery {
                     seq,
                     needs_ack: false,
                     ..
                 } => {
-                    self.hub.metrics.unconfirmed();
+                    self.metrics.unconfirmed();
                     Record::Remove(seq)
                 }
                 TransmitKind::Delivery { seq, attempt, .. } => Record::InFlight { seq, attempt },
@@ -357,7 +438,7 @@ impl Driver {
                     response,
                     ..
                 } => {
-                    self.hub.metrics.ack(latency);
+                    self.metrics.ack(latency);
                     let fut = store.mark_acked(&self.node, &id);
                     let info = Box::new(AckInfo {
                         id: id.clone(),
@@ -384,7 +465,7 @@ impl Driver {
     /// Stores an upstream message; the message comes back with a failure, to be tried again.
     fn accept(&self, msg: Box<Message>) -> StoreFuture<'static, Done> {
         // The store takes its own copy: a failed attempt needs the message again.
-        let fut = self.hub.store.accept_upstream(&self.node, (*msg).clone());
+        let fut = self.store.accept_upstream(&self.node, (*msg).clone());
         Box::pin(async move {
             Done::Accepted {
                 msg,
@@ -395,7 +476,7 @@ impl Driver {
 
     /// Records a downstream message's progress.
     fn record(&self, record: Record) -> StoreFuture<'static, Done> {
-        let store = &self.hub.store;
+        let store = &self.store;
         let (what, fut) = match &record {
             Record::InFlight { seq, attempt } => (
                 "mark_in_flight",

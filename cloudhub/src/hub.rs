@@ -1,27 +1,23 @@
-//! The session manager: admits authenticated connections from the transport listeners (one live
-//! session per node id, a node limit), runs one driver (`driver.rs`) per connection, and offers the
-//! operations the cloud API needs (node views, queueing a message, waiting for its ACK, metrics).
-//!
-//! Reconnect safety (fixes KubeEdge's W9): every admitted connection gets a fresh *generation*.
-//! A newer connection of the same node replaces the entry and tells the old driver to close;
-//! a driver removes the entry only if it still holds its own generation (compare-and-remove),
-//! so an old session's teardown can neither end the new session nor publish a late
-//! "disconnected". Refused connections (node limit, identity) are closed with a reason and never
-//! served (fixes W8).
+//! The session manager: admits authenticated connections from the transport listeners into the
+//! per-node registry (`registry.rs`: one live session per node id, the newest wins, a node
+//! limit), runs one driver (`driver.rs`) per connection, and offers the operations the cloud API
+//! needs (node views, queueing a message, waiting for its ACK, metrics). Refused connections
+//! (node limit, identity) are closed with a reason and a close code and never served (fixes W8).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use proto::Message;
 use proto::close::SessionCloseCode;
 use serde::Serialize;
-use tokio::sync::{Notify, oneshot};
 use transport::{AcceptError, Connection, Listener, Protocol};
 
+use crate::driver::Driver;
 use crate::metrics::{Gauges, Metrics};
+pub use crate::registry::{AckInfo, AckWaiter};
+use crate::registry::{Admission, LiveInfo, Registry};
 use crate::store::{EnqueueError, Enqueued, MessageState, MessageStore, QueueDepth, StoreError};
 use session::node::SessionConfig;
 
@@ -54,114 +50,13 @@ pub struct Hub {
     pub(crate) inner: Arc<Inner>,
 }
 
-/// State shared by the hub's handles and its drivers.
+/// State shared by the hub's handles; drivers get what they need of it, not the hub.
 #[derive(Debug)]
 pub(crate) struct Inner {
-    pub(crate) config: HubConfig,
-    pub(crate) store: Arc<dyn MessageStore>,
-    pub(crate) metrics: Metrics,
-    nodes: Mutex<HashMap<String, Live>>,
-    next_generation: AtomicU64,
-    waiters: Mutex<HashMap<(String, String), Waiters>>,
-    drivers: AtomicUsize,
-    drivers_done: Notify,
-    shutting_down: AtomicBool,
-}
-
-/// Everyone waiting for one message's ACK.
-type Waiters = Vec<oneshot::Sender<AckInfo>>;
-
-/// The registry entry of a node's current session.
-#[derive(Debug)]
-struct Live {
-    generation: u64,
-    info: Arc<LiveInfo>,
-    wake: Arc<Notify>,
-    /// Taken to tell the driver to stop (replacement, shutdown).
-    close: Option<oneshot::Sender<CloseCause>>,
-}
-
-/// What the API shows about a live session; the driver updates the keepalive time.
-#[derive(Debug)]
-pub(crate) struct LiveInfo {
-    pub(crate) protocol: Protocol,
-    pub(crate) project: String,
-    pub(crate) remote: SocketAddr,
-    pub(crate) connected_since_ms: i64,
-    pub(crate) last_keepalive_ms: AtomicI64,
-    /// When the last message (keepalives included) arrived: the node's `last_seen_ms` while live.
-    pub(crate) last_frame_ms: AtomicI64,
-}
-
-/// Why a session ended, as logged and counted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum CloseCause {
-    /// A newer connection of the same node took over.
-    Replaced,
-    /// The cloud is stopping.
-    Shutdown,
-    /// No keepalive within the keepalive interval.
-    KeepaliveTimeout,
-    /// The node closed the connection cleanly.
-    PeerClosed,
-    /// The transport reported an error while reading.
-    Transport(String),
-    /// Writing to the node failed.
-    SendFailed(String),
-    /// The store failed; the node will reconnect and start over from what is durable.
-    StoreFailed(String),
-}
-
-impl CloseCause {
-    /// Stable metric label.
-    pub(crate) fn label(&self) -> &'static str {
-        match self {
-            Self::Replaced => "replaced",
-            Self::Shutdown => "shutdown",
-            Self::KeepaliveTimeout => "keepalive_timeout",
-            Self::PeerClosed => "peer_closed",
-            Self::Transport(_) => "transport_error",
-            Self::SendFailed(_) => "send_failed",
-            Self::StoreFailed(_) => "store_failed",
-        }
-    }
-
-    /// The session close code sent with the close (PROTOCOL.md Part A item 9); `None` where the
-    /// connection already failed and a plain close is all that is left to send.
-    pub(crate) fn session_code(&self) -> Option<SessionCloseCode> {
-        match self {
-            Self::Replaced => Some(SessionCloseCode::Replaced),
-            Self::Shutdown => Some(SessionCloseCode::Shutdown),
-            Self::KeepaliveTimeout => Some(SessionCloseCode::KeepaliveTimeout),
-            Self::StoreFailed(_) => Some(SessionCloseCode::InternalError),
-            Self::PeerClosed | Self::Transport(_) | Self::SendFailed(_) => None,
-        }
-    }
-
-    /// The reason text sent to the node with the close.
-    pub(crate) fn text(&self) -> String {
-        match self {
-            Self::Replaced => "replaced by a newer connection of this node".into(),
-            Self::Shutdown => "cloud is shutting down".into(),
-            Self::KeepaliveTimeout => "no keepalive within the keepalive interval".into(),
-            Self::PeerClosed => "closed by the node".into(),
-            Self::Transport(e) => format!("transport error: {e}"),
-            Self::SendFailed(e) => format!("send failed: {e}"),
-            Self::StoreFailed(e) => format!("cloud store failure: {e}"),
-        }
-    }
-}
-
-/// What the edge answered to a message it acknowledged.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AckInfo {
-    /// The acknowledged message id.
-    pub id: String,
-    /// From its first send in the acking session to the ACK, when it was sent in that session.
-    pub latency: Option<Duration>,
-    /// The edge's response (op `response`); its content may carry a reply. `None` when the
-    /// message was already acked before the wait began.
-    pub response: Option<Message>,
+    config: HubConfig,
+    store: Arc<dyn MessageStore>,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
 }
 
 /// A node as the API shows it.
@@ -225,35 +120,6 @@ pub enum SendError {
     Store(#[from] StoreError),
 }
 
-/// A registered interest in one message's ACK; see [`Hub::ack_waiter`].
-#[derive(Debug)]
-pub struct AckWaiter {
-    rx: Option<oneshot::Receiver<AckInfo>>,
-    key: (String, String),
-    hub: Arc<Inner>,
-}
-
-impl AckWaiter {
-    /// Waits up to `timeout` for the ACK; `None` on timeout (the message stays queued and will
-    /// still be delivered).
-    pub async fn wait(mut self, timeout: Duration) -> Option<AckInfo> {
-        let rx = self.rx.take()?;
-        tokio::time::timeout(timeout, rx).await.ok()?.ok()
-    }
-}
-
-impl Drop for AckWaiter {
-    fn drop(&mut self) {
-        let mut waiters = lock(&self.hub.waiters);
-        if let Some(list) = waiters.get_mut(&self.key) {
-            list.retain(|tx| !tx.is_closed());
-            if list.is_empty() {
-                waiters.remove(&self.key);
-            }
-        }
-    }
-}
-
 impl Hub {
     /// A hub over `store`. Start serving with [`Hub::serve`].
     pub fn new(config: HubConfig, store: Arc<dyn MessageStore>) -> Self {
@@ -261,13 +127,8 @@ impl Hub {
             inner: Arc::new(Inner {
                 config,
                 store,
-                metrics: Metrics::default(),
-                nodes: Mutex::new(HashMap::new()),
-                next_generation: AtomicU64::new(1),
-                waiters: Mutex::new(HashMap::new()),
-                drivers: AtomicUsize::new(0),
-                drivers_done: Notify::new(),
-                shutting_down: AtomicBool::new(false),
+                metrics: Arc::default(),
+                registry: Arc::default(),
             }),
         }
     }
@@ -310,64 +171,47 @@ impl Hub {
                 return;
             }
         }
-        if self.inner.shutting_down.load(Ordering::Acquire) {
+        let registry = &self.inner.registry;
+        if registry.is_shutting_down() {
             self.refuse(conn, Refusal::ShuttingDown, "cloud is shutting down".into());
             return;
         }
-        let generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
-        let (close_tx, close_rx) = oneshot::channel();
-        let wake = Arc::new(Notify::new());
-        let info = Arc::new(LiveInfo {
+        let info = LiveInfo {
             protocol: peer.protocol,
             project: peer.project_id.clone().unwrap_or_default(),
             remote: peer.remote_addr,
             connected_since_ms: proto::now_millis(),
             last_keepalive_ms: AtomicI64::new(0),
             last_frame_ms: AtomicI64::new(0),
-        });
-        let replaced = {
-            let mut nodes = lock(&self.inner.nodes);
-            let limit = self.inner.config.node_limit;
-            if !nodes.contains_key(&node) && nodes.len() >= limit {
-                drop(nodes);
-                self.refuse(
-                    conn,
-                    Refusal::NodeLimit,
-                    format!("node limit of {limit} reached"),
-                );
+        };
+        let limit = self.inner.config.node_limit;
+        let (entry, replaced) = match registry.admit(&node, info, limit) {
+            Admission::Entered { entry, replaced } => (entry, replaced),
+            Admission::LimitReached => {
+                let why = format!("node limit of {limit} reached");
+                self.refuse(conn, Refusal::NodeLimit, why);
                 return;
             }
-            nodes.insert(
-                node.clone(),
-                Live {
-                    generation,
-                    info: Arc::clone(&info),
-                    wake: Arc::clone(&wake),
-                    close: Some(close_tx),
-                },
-            )
         };
+        let generation = entry.generation;
         self.inner.metrics.session_started(peer.protocol);
-        if let Some(mut old) = replaced {
+        if let Some(old_generation) = replaced {
             self.inner.metrics.reconnect();
-            if let Some(tx) = old.close.take() {
-                let _ = tx.send(CloseCause::Replaced);
-            }
             tracing::info!(%node, protocol = %peer.protocol, remote = %peer.remote_addr,
-                old_generation = old.generation, generation, "node reconnected; replacing its previous session");
+                old_generation, generation, "node reconnected; replacing its previous session");
         } else {
             tracing::info!(%node, protocol = %peer.protocol, remote = %peer.remote_addr,
                 upstream_ack = peer.capabilities.upstream_ack, generation, "node connected");
         }
-        self.inner.drivers.fetch_add(1, Ordering::AcqRel);
-        let driver = crate::driver::Driver {
-            hub: Arc::clone(&self.inner),
+        let driver = Driver {
+            registry: Arc::clone(registry),
+            store: Arc::clone(&self.inner.store),
+            metrics: Arc::clone(&self.inner.metrics),
+            session: self.inner.config.session.clone(),
+            close_timeout: self.inner.config.close_timeout,
             conn,
             node,
-            generation,
-            info,
-            wake,
-            close: close_rx,
+            entry,
         };
         tokio::spawn(driver.run());
     }
@@ -388,26 +232,14 @@ impl Hub {
             Err(e @ EnqueueError::QueueFull { .. }) => return Err(SendError::QueueFull(e)),
             Err(EnqueueError::Store(e)) => return Err(SendError::Store(e)),
         };
-        if let Some(live) = lock(&self.inner.nodes).get(node) {
-            live.wake.notify_one();
-        }
+        self.inner.registry.wake(node);
         Ok(queued)
     }
 
     /// Registers interest in the ACK of message `id` for `node`. Register *before* queueing the
     /// message so an immediate ACK cannot be missed.
     pub fn ack_waiter(&self, node: &str, id: &str) -> AckWaiter {
-        let (tx, rx) = oneshot::channel();
-        let key = (node.to_owned(), id.to_owned());
-        lock(&self.inner.waiters)
-            .entry(key.clone())
-            .or_default()
-            .push(tx);
-        AckWaiter {
-            rx: Some(rx),
-            key,
-            hub: Arc::clone(&self.inner),
-        }
+        self.inner.registry.ack_waiter(node, id)
     }
 
     /// Where message `id` for `node` stands in the store.
@@ -424,7 +256,8 @@ impl Hub {
         let known = self.inner.store.nodes().await?;
         let depths: HashMap<String, QueueDepth> =
             self.inner.store.queue_depths().await?.into_iter().collect();
-        let mut live: HashMap<String, Arc<LiveInfo>> = self.live_snapshot().into_iter().collect();
+        let mut live: HashMap<String, Arc<LiveInfo>> =
+            self.inner.registry.live().into_iter().collect();
         let mut views: Vec<NodeView> = known
             .into_iter()
             .map(|rec| {
@@ -445,7 +278,7 @@ impl Hub {
     /// One node, or `None` if it is unknown.
     pub async fn node(&self, id: &str) -> Result<Option<NodeView>, StoreError> {
         let rec = self.inner.store.node(id).await?;
-        let info = lock(&self.inner.nodes).get(id).map(|l| Arc::clone(&l.info));
+        let info = self.inner.registry.info(id);
         if rec.is_none() && info.is_none() {
             return Ok(None);
         }
@@ -462,19 +295,12 @@ impl Hub {
 
     /// Nodes with a live session, per protocol.
     pub fn connected(&self) -> Vec<(Protocol, u64)> {
-        let nodes = lock(&self.inner.nodes);
-        Protocol::ALL
-            .iter()
-            .map(|p| {
-                let n = nodes.values().filter(|l| l.info.protocol == *p).count();
-                (*p, u64::try_from(n).unwrap_or(u64::MAX))
-            })
-            .collect()
+        self.inner.registry.connected()
     }
 
     /// Whether `node` has a live session.
     pub fn is_connected(&self, node: &str) -> bool {
-        lock(&self.inner.nodes).contains_key(node)
+        self.inner.registry.is_connected(node)
     }
 
     /// The hub's counters.
@@ -500,14 +326,7 @@ impl Hub {
     /// Refuses new connections, closes every session and waits up to `grace` for the drivers
     /// to finish (their queued messages stay in the store).
     pub async fn shutdown(&self, grace: Duration) {
-        self.inner.shutting_down.store(true, Ordering::Release);
-        let closers: Vec<oneshot::Sender<CloseCause>> = lock(&self.inner.nodes)
-            .values_mut()
-            .filter_map(|l| l.close.take())
-            .collect();
-        for tx in closers {
-            let _ = tx.send(CloseCause::Shutdown);
-        }
+        self.inner.registry.shut_down();
         if tokio::time::timeout(grace, self.wait_sessions_at_most(0))
             .await
             .is_err()
@@ -519,27 +338,14 @@ impl Hub {
     /// Waits until at most `n` sessions (drivers, including replaced ones still closing) run:
     /// after it returns, every teardown beyond them has finished.
     pub async fn wait_sessions_at_most(&self, n: usize) {
-        loop {
-            let done = self.inner.drivers_done.notified();
-            if self.inner.drivers.load(Ordering::Acquire) <= n {
-                return;
-            }
-            done.await;
-        }
+        self.inner.registry.wait_drivers_at_most(n).await;
     }
 
     async fn is_known(&self, node: &str) -> Result<bool, StoreError> {
-        if lock(&self.inner.nodes).contains_key(node) {
+        if self.inner.registry.is_connected(node) {
             return Ok(true);
         }
         Ok(self.inner.store.node(node).await?.is_some())
-    }
-
-    fn live_snapshot(&self) -> Vec<(String, Arc<LiveInfo>)> {
-        lock(&self.inner.nodes)
-            .iter()
-            .map(|(id, l)| (id.clone(), Arc::clone(&l.info)))
-            .collect()
     }
 
     fn refuse(&self, conn: Arc<dyn Connection>, refusal: Refusal, why: String) {
@@ -589,36 +395,6 @@ impl Refusal {
     }
 }
 
-impl Inner {
-    /// Removes `node`'s entry only if it still belongs to `generation` (compare-and-remove);
-    /// returns whether it did.
-    pub(crate) fn remove_if_current(&self, node: &str, generation: u64) -> bool {
-        let mut nodes = lock(&self.nodes);
-        if nodes.get(node).is_some_and(|l| l.generation == generation) {
-            nodes.remove(node);
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Hands an ACK to whoever waits for it.
-    pub(crate) fn notify_ack(&self, node: &str, info: &AckInfo) {
-        let key = (node.to_owned(), info.id.clone());
-        if let Some(list) = lock(&self.waiters).remove(&key) {
-            for tx in list {
-                let _ = tx.send(info.clone());
-            }
-        }
-    }
-
-    /// A driver finished.
-    pub(crate) fn driver_done(&self) {
-        self.drivers.fetch_sub(1, Ordering::AcqRel);
-        self.drivers_done.notify_waiters();
-    }
-}
-
 /// A node's view from what the store knows and its live session, if any.
 fn node_view(
     id: &str,
@@ -659,10 +435,4 @@ fn node_view(
             .max(info.last_frame_ms.load(Ordering::Relaxed));
     }
     view
-}
-
-/// Locks a mutex, recovering the data if a holder panicked (the maps stay consistent: every
-/// critical section is a single insert, remove or read).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

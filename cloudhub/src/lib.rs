@@ -14,8 +14,10 @@
 //!   (sans-IO), and `session::node::delivery::needs_ack`, KubeEdge's ACK classification.
 //! - [`store`]: [`store::MessageStore`], the durable queues and upstream log, and its SQLite
 //!   implementation [`store::sqlite::SqliteStore`].
-//! - [`hub`]: [`hub::Hub`], the session manager (admission, node limit, reconnect safety), and
-//!   `driver`, the async loop around each session.
+//! - [`hub`]: [`hub::Hub`], the session manager (admission, refusals, node views); `registry`,
+//!   the per-node registry (one session per node, node limit, reconnect safety, ACK waiters);
+//!   and `driver`, the async loop around each session, which uses only the registry's narrow
+//!   driver end (no import circle: hub → driver → registry).
 //! - [`bootstrap`]: the certificate bootstrap server (`/ca.crt`, `/edge.crt`).
 //! - [`api`]: the cloud API (nodes, send, SSE stream of upstream messages, metrics).
 //! - [`auth`]: the cloud API's credentials (hashed bearer tokens with scopes, client certificates).
@@ -37,6 +39,7 @@ pub mod conn_limit;
 mod driver;
 pub mod hub;
 pub mod metrics;
+mod registry;
 pub mod server;
 pub mod store;
 

@@ -27,7 +27,7 @@ use session::edge::{Action, DisconnectReason, EdgeSession, Event, SessionEvent};
 use crate::config::EdgeHubConfig;
 use crate::deliver::{Deliveries, Delivery};
 use crate::link::{self, Inbound, Link};
-use crate::outbox::{Downstream, Outbox};
+use crate::outbox::{Downstream, OpenError, Outbox};
 use crate::pump::OutboxPump;
 use crate::stats::{self, Counters};
 
@@ -40,7 +40,7 @@ pub(crate) async fn run(
     mut ctx: ModuleContext,
     counters: Arc<Counters>,
     reconnect: Arc<Notify>,
-) -> Result<(), crate::StartError> {
+) -> Result<(), OpenError> {
     let outbox = Outbox::open(config.outbox_config())?;
     let seed = std::collections::hash_map::RandomState::new()
         .build_hasher()

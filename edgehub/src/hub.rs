@@ -151,7 +151,7 @@ impl Module for EdgeHub {
                 self.reconnect.clone(),
             )
             .await
-            .map_err(ModuleError::new)
+            .map_err(|e| ModuleError::new(StartError::from(e)))
         })
     }
 }
