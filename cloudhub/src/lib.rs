@@ -34,6 +34,7 @@
 pub mod api;
 pub mod auth;
 pub mod bootstrap;
+mod close;
 pub mod config;
 pub mod conn_limit;
 mod driver;
