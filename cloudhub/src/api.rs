@@ -12,6 +12,7 @@
 //! | `DELETE /v1/api-tokens/{name}` | admin | revoke a token |
 //! | `GET /metrics` | read | Prometheus text |
 //! | `GET /healthz` | none | `ok` |
+//! | `GET /v1/openapi.json` | none | the OpenAPI 3.1 document ([`crate::api_doc`]; `docs/openapi.json`, `docs/api.md`) |
 //!
 //! Every error is JSON: `{"error": "<text>", "code": "<stable code>"}` with a 4xx/5xx status.
 //!
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{
     ConnectInfo, DefaultBodyLimit, FromRef, MatchedPath, Path, Query, Request, State,
 };
@@ -34,7 +35,6 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use axum::serve::IncomingStream;
 use axum::{Extension, Router};
 use futures_util::Stream;
@@ -43,12 +43,17 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 
+use utoipa::{IntoParams, OpenApi as _};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::api_doc::{ApiDoc, ErrorBody};
 use crate::auth::{
-    AuthStoreError, Principal, Scope, TokenStore, TokenVerdict, principal_from_cert,
+    AuthStoreError, Principal, Scope, TokenInfo, TokenStore, TokenVerdict, principal_from_cert,
 };
 use crate::bootstrap::{PeerInfo, TlsListener};
 use crate::conn_limit::ConnLimit;
-use crate::hub::{Hub, SendError};
+use crate::hub::{Hub, NodeView, SendError};
 use crate::store::{MessageState, MessageStore, UpstreamRecord};
 use session::node::delivery::needs_ack;
 
@@ -132,7 +137,7 @@ impl Turn {
 /// Routes that do not take a turn: they hold nothing (`/healthz`) or are long-lived streams
 /// (bounded by the connection limit instead).
 fn takes_no_turn(path: &str) -> bool {
-    matches!(path, "/healthz" | "/v1/messages")
+    matches!(path, "/healthz" | "/v1/openapi.json" | "/v1/messages")
 }
 
 /// Waits for a turn (at most [`ApiOptions::request_wait`]), or refuses with 503.
@@ -212,22 +217,64 @@ pub fn router_with_options(hub: Hub, options: ApiOptions) -> Router {
             wait: options.request_wait,
         }),
     };
-    Router::new()
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{id}", get(get_node))
-        .route("/v1/nodes/{id}/messages", post(post_message))
-        .route("/v1/nodes/{id}/messages/{msg_id}", get(get_message))
-        .route("/v1/messages", get(stream_messages))
-        .route("/v1/api-tokens", get(list_tokens).post(create_token))
-        .route("/v1/api-tokens/{name}", delete(revoke_token))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+    let (routes, _) = documented_routes().split_for_parts();
+    routes
         // Layers run outside in: credentials first (cheap, and a stranger takes no turn).
         .route_layer(middleware::from_fn_with_state(state.clone(), take_turn))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(DefaultBodyLimit::max(options.max_body))
         .with_state(state)
+}
+
+/// Every route, each from a handler with its `#[utoipa::path]`: the router and the OpenAPI
+/// document come from this one list, so neither can have what the other lacks.
+fn documented_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_nodes))
+        .routes(routes!(get_node))
+        .routes(routes!(post_message))
+        .routes(routes!(get_message))
+        .routes(routes!(stream_messages))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+        .routes(routes!(metrics))
+        .routes(routes!(healthz))
+        .routes(routes!(openapi_json_handler))
+}
+
+/// The API's OpenAPI 3.1 document (what `/v1/openapi.json` serves; `docs/openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented_routes().split_for_parts().1
+}
+
+/// [`openapi`] as pretty JSON with a final newline, byte for byte `docs/openapi.json`.
+pub fn openapi_json() -> &'static str {
+    static JSON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    JSON.get_or_init(|| {
+        let mut text = openapi()
+            .to_pretty_json()
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+        text.push('\n');
+        text
+    })
+}
+
+/// Liveness: `ok` while the process serves.
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    description = "Public: no credential needed.",
+    responses((status = 200, description = "`ok`", body = String, content_type = "text/plain; charset=utf-8", example = "ok")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "operations", security(()),
+    description = "Public: no credential needed (the document is the same for every cloudcore \
+        of a version, and in the repository as docs/openapi.json).",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object, content_type = "application/json")))]
+async fn openapi_json_handler() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
 }
 
 /// Serves the open API on `listener` (already bound) until `shutdown` completes.
@@ -291,7 +338,7 @@ impl axum::extract::connect_info::Connected<IncomingStream<'_, ConnLimit<tokio::
 /// The scope a route needs; `None`: public.
 fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     match path {
-        "/healthz" => None,
+        "/healthz" | "/v1/openapi.json" => None,
         p if p.starts_with("/v1/api-tokens") => Some(Scope::Admin),
         _ if method == Method::GET || method == Method::HEAD => Some(Scope::Read),
         _ => Some(Scope::Send),
@@ -449,6 +496,11 @@ fn token_error(e: AuthStoreError) -> Response {
     }
 }
 
+/// The API tokens: names, scopes, times (never the tokens).
+#[utoipa::path(get, path = "/v1/api-tokens", tag = "tokens",
+    description = "Scope: admin.",
+    responses((status = 200, description = "Every token, live and revoked, oldest first", body = [TokenInfo]),
+        (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody), (status = 503, description = "`overloaded`: too many requests at once; retry after the `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32))), (status = 500, description = "`store_error`: the store failed", body = ErrorBody)))]
 async fn list_tokens(State(auth): State<Arc<ApiAuth>>) -> Response {
     let Some(tokens) = &auth.tokens else {
         return no_token_file();
@@ -459,17 +511,33 @@ async fn list_tokens(State(auth): State<Arc<ApiAuth>>) -> Response {
     }
 }
 
+/// Creates an API token; the answer holds it, once.
+#[utoipa::path(post, path = "/v1/api-tokens", tag = "tokens",
+    description = "Scope: admin.",
+    request_body = crate::api_doc::CreateTokenBody,
+    responses((status = 201, description = "Created", body = crate::api_doc::CreatedToken),
+        (status = 400, description = "`bad_body`: not `{name, scope}`, or an invalid name or scope", body = ErrorBody),
+        (status = 409, description = "`name_taken`: a live token has this name", body = ErrorBody),
+        (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody), (status = 503, description = "`overloaded`: too many requests at once; retry after the `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32))), (status = 500, description = "`store_error`: the store failed", body = ErrorBody)))]
 async fn create_token(
     State(auth): State<Arc<ApiAuth>>,
     by: Option<Extension<Principal>>,
-    body: Result<axum::Json<CreateToken>, JsonRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let Some(tokens) = &auth.tokens else {
         return no_token_file();
     };
-    let axum::Json(body) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", e.body_text()),
+    // JSON whatever the Content-Type says, as the message endpoint reads its body.
+    let body: CreateToken = match body.map(|b| serde_json::from_slice(&b)) {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("expected {{\"name\": \"...\", \"scope\": \"read|send|admin\"}}: {e}"),
+            );
+        }
+        Err(e) => return error(e.status(), "bad_body", e.body_text()),
     };
     match tokens.create(&body.name, body.scope) {
         Ok((token, info)) => {
@@ -483,6 +551,13 @@ async fn create_token(
     }
 }
 
+/// Revokes an API token: refused from the next request on; it stays listed as revoked.
+#[utoipa::path(delete, path = "/v1/api-tokens/{name}", tag = "tokens",
+    description = "Scope: admin.",
+    params(("name" = String, Path, description = "The token's name")),
+    responses((status = 200, description = "Revoked", body = TokenInfo),
+        (status = 404, description = "`unknown_token`: no live token has this name", body = ErrorBody),
+        (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody), (status = 503, description = "`overloaded`: too many requests at once; retry after the `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32))), (status = 500, description = "`store_error`: the store failed", body = ErrorBody)))]
 async fn revoke_token(
     State(auth): State<Arc<ApiAuth>>,
     by: Option<Extension<Principal>>,
@@ -513,6 +588,11 @@ fn store_error(e: impl std::fmt::Display) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, "store_error", e)
 }
 
+/// Every node the cloud knows, connected or not.
+#[utoipa::path(get, path = "/v1/nodes", tag = "nodes",
+    description = "Scope: read.",
+    responses((status = 200, description = "The nodes", body = [NodeView]),
+        (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody), (status = 503, description = "`overloaded`: too many requests at once; retry after the `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32))), (status = 500, description = "`store_error`: the store failed", body = ErrorBody)))]
 async fn list_nodes(State(hub): State<Hub>) -> Response {
     match hub.nodes().await {
         Ok(nodes) => axum::Json(nodes).into_response(),
@@ -520,6 +600,13 @@ async fn list_nodes(State(hub): State<Hub>) -> Response {
     }
 }
 
+/// One node.
+#[utoipa::path(get, path = "/v1/nodes/{id}", tag = "nodes",
+    description = "Scope: read.",
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, description = "The node", body = NodeView),
+        (status = 404, description = "`unknown_node`: it never connected", body = ErrorBody),
+        (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody), (status = 503, description = "`overloaded`: too many requests at once; retry after the `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32))), (status = 500, description = "`store_error`: the store failed", body = ErrorBody)))]
 async fn get_node(State(hub): State<Hub>, Path(id): Path<String>) -> Response {
     match hub.node(&id).await {
         Ok(Some(node)) => axum::Json(node).into_response(),
@@ -533,17 +620,36 @@ async fn get_node(State(hub): State<Hub>, Path(id): Path<String>) -> Response {
 }
 
 /// Query of `POST /v1/nodes/{id}/messages`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct PostQuery {
-    /// `ack`: wait for the edge's ACK.
+    /// `ack`: wait (hold the request) until the edge acknowledges the message, or the timeout.
     wait: Option<String>,
-    /// How long to wait: `10s`, `500ms`, `2m` or plain seconds.
+    /// How long `wait=ack` waits: `10s` (default), `500ms`, `2m` or plain seconds; at most 300 s.
     timeout: Option<String>,
-    /// Overrides [`needs_ack`].
+    /// Whether the edge must ACK it (and the cloud resend until it does), overriding KubeEdge's
+    /// classification by route.
     ack: Option<bool>,
 }
 
+/// Queues a message for a node, durably; optionally waits for the edge's ACK.
+#[utoipa::path(post, path = "/v1/nodes/{id}/messages", tag = "messages",
+    description = "Scope: send. The node must have connected once (it may be offline now: the \
+        message waits in its queue). `header.msg_id` and `header.timestamp` are filled in if \
+        absent; a POST repeating a queued id is answered with `duplicate: true` and stores \
+        nothing (retry safely). Whether the edge must ACK follows KubeEdge's rules unless `ack` \
+        says; unacknowledged messages are resent.",
+    params(("id" = String, Path, description = "Node id"), PostQuery),
+    request_body(content = crate::api_doc::KubeEdgeMessage, description = "A KubeEdge message (JSON); `route.group` and `route.operation` are required"),
+    responses(
+        (status = 202, description = "Queued (with `wait=ack`: queued, and not acknowledged within the timeout: `acked: false`)", body = crate::api_doc::PostAnswer),
+        (status = 200, description = "With `wait=ack`: acknowledged (`acked: true`)", body = crate::api_doc::PostAnswer),
+        (status = 400, description = "`bad_query`, `bad_body`, `malformed_message` (not a KubeEdge JSON message) or `missing_route`", body = ErrorBody),
+        (status = 404, description = "`unknown_node`: it never connected", body = ErrorBody),
+        (status = 413, description = "`too_large`: the body is over 32 MiB", body = ErrorBody),
+        (status = 503, description = "`queue_full`: the node's queue is at its bound, or `overloaded`; retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32))),
+        (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody), (status = 500, description = "`store_error`: the store failed", body = ErrorBody)))]
 async fn post_message(
     State(hub): State<Hub>,
     turn: Option<Extension<Turn>>,
@@ -692,6 +798,13 @@ async fn post_message(
     }
 }
 
+/// Where a queued message stands.
+#[utoipa::path(get, path = "/v1/nodes/{id}/messages/{msg_id}", tag = "messages",
+    description = "Scope: read.",
+    params(("id" = String, Path, description = "Node id"), ("msg_id" = String, Path, description = "Message id")),
+    responses((status = 200, description = "Its state", body = crate::api_doc::MessageStatus),
+        (status = 404, description = "`unknown_message`: unknown, or acked long ago", body = ErrorBody),
+        (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody), (status = 503, description = "`overloaded`: too many requests at once; retry after the `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32))), (status = 500, description = "`store_error`: the store failed", body = ErrorBody)))]
 async fn get_message(
     State(hub): State<Hub>,
     Path((node, msg_id)): Path<(String, String)>,
@@ -720,6 +833,11 @@ async fn get_message(
     }
 }
 
+/// Counters and gauges in Prometheus' text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    description = "Scope: read.",
+    responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4"),
+        (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody), (status = 503, description = "`overloaded`: too many requests at once; retry after the `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32)))))]
 async fn metrics(State(hub): State<Hub>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -729,8 +847,9 @@ async fn metrics(State(hub): State<Hub>) -> Response {
 }
 
 /// Query of `GET /v1/messages`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct StreamQuery {
     /// Only this node's messages.
     node: Option<String>,
@@ -740,6 +859,17 @@ struct StreamQuery {
     since: Option<u64>,
 }
 
+/// Messages from the nodes (upstream), as Server-Sent Events.
+#[utoipa::path(get, path = "/v1/messages", tag = "messages",
+    description = "Scope: read. A `text/event-stream` of events `event: message`, `id: <seq>`, \
+        `data: <UpstreamEvent JSON>` (one line), with keep-alive comments. Without `since` or \
+        `Last-Event-ID` only new messages come; with either, the retained log is replayed from \
+        after that sequence first, then the live feed follows, with nothing missed or repeated.",
+    params(StreamQuery, ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this sequence (what an EventSource sends on reconnect); wins over `since`")),
+    responses((status = 200, description = "The stream; each event's data is an `UpstreamEvent`", body = String, content_type = "text/event-stream",
+            example = "event: message\nid: 7\ndata: {\"seq\":7,\"node\":\"edge-1\",\"accepted_ms\":1765123456789,\"message\":{...}}\n\n"),
+        (status = 400, description = "`bad_query`", body = ErrorBody),
+        (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody)))]
 async fn stream_messages(
     State(hub): State<Hub>,
     headers: HeaderMap,

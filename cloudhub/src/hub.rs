@@ -60,7 +60,7 @@ pub(crate) struct Inner {
 }
 
 /// A node as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct NodeView {
     /// Node id.
     pub id: String,
@@ -68,7 +68,8 @@ pub struct NodeView {
     pub project: String,
     /// Whether it has a live session.
     pub connected: bool,
-    /// Protocol of the live session.
+    /// Protocol of the live session: `websocket` or `quic`.
+    #[schema(value_type = Option<String>)]
     pub protocol: Option<Protocol>,
     /// Start of the live session, Unix milliseconds.
     pub connected_since_ms: Option<i64>,
@@ -87,7 +88,7 @@ pub struct NodeView {
 }
 
 /// Queue depth as the API shows it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct QueueView {
     /// Queued, not yet written in the current session.
     pub pending: u64,

@@ -31,7 +31,10 @@
 //!   applications ── HTTP 10003 ──► api ─► Hub::send ─► MessageStore (SQLite) ◄──┘ upstream log ─► SSE
 //! ```
 
+// utoipa's generated code for `params(Type)` names the type by a full path.
+#[allow(unused_qualifications)]
 pub mod api;
+pub mod api_doc;
 pub mod auth;
 pub mod bootstrap;
 mod close;
