@@ -16,7 +16,7 @@ use beehive::{Beehive, TerminationSignals};
 use clap::Parser;
 
 use edgehub::EdgeHub;
-use edgehub::bootstrap::{self, BootstrapError};
+use edgehub::bootstrap::{self, BootstrapError, CertStatus};
 use edgehub::outbox::Outbox;
 
 use causeway_edgecore::config::{DEFAULT_YAML, EdgecoreConfig};
@@ -142,7 +142,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Keeps a valid certificate or bootstraps one; network trouble is retried with backoff
-/// (2 s doubling to 60 s), anything else (no token, wrong token, wrong CA) ends the process.
+/// (2 s doubling to 60 s). With an unusable certificate and no token (one that expired while
+/// the node was offline) it says once what to do and lets edgecore run; anything else (no
+/// certificate and no token, a wrong token or CA) ends the process.
 async fn obtain_certificate(config: &EdgecoreConfig) -> anyhow::Result<()> {
     let mut delay = Duration::from_secs(2);
     loop {
@@ -153,8 +155,30 @@ async fn obtain_certificate(config: &EdgecoreConfig) -> anyhow::Result<()> {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(60));
             }
-            Err(e @ BootstrapError::NoToken { .. }) => {
+            // Not fatal: the local store keeps serving and the outbox keeps what applications
+            // send, the hub keeps dialling (slowly, with backoff; the cloud's refusal shows on
+            // /v1/status) and picks up new certificate files at its next dial. Said once.
+            Err(e @ BootstrapError::NoToken { .. })
+                if bootstrap::certificate_status(&config.edgehub) == CertStatus::Missing =>
+            {
+                // Never enrolled: a configuration error.
                 return Err(e).context("set edgehub.token or provide edgehub.tls files");
+            }
+            Err(BootstrapError::NoToken { status }) => {
+                let hub = &config.edgehub;
+                tracing::error!(
+                    node = %hub.controller.node_id,
+                    certificate = status,
+                    "no usable node certificate and no bootstrap token: on the cloud run \
+                     `causeway token create --dir <cloud cert-dir>` and set edgehub.token to its \
+                     output, then restart edgecore; or install a new certificate for this node at \
+                     {} and {} (`causeway certs node --dir <cloud cert-dir> --node-id {}`). \
+                     Meanwhile edgecore runs and keeps trying the cloud",
+                    hub.tls.cert_file.display(),
+                    hub.tls.key_file.display(),
+                    hub.controller.node_id,
+                );
+                return Ok(());
             }
             Err(e) => return Err(e).context("certificate bootstrap"),
         }
