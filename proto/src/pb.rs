@@ -252,8 +252,14 @@ fn content_of(bytes: Bytes, kind: ContentKind) -> Result<Content, DecodeError> {
                 detail: format!("string content is not UTF-8: {e}"),
             }),
         },
-        // serde_json refuses trailing data, invalid UTF-8, lone surrogates and nesting beyond
-        // 128, as the WebSocket decoder does.
+        // serde_json refuses trailing data, invalid UTF-8 and lone surrogates, as the WebSocket
+        // decoder does; the nesting cap is the deepest content the WebSocket decoder accepts
+        // inside a message, so whatever QUIC accepts, WebSocket carries too.
+        ContentKind::Json if nesting(&bytes) > MAX_CONTENT_NESTING => {
+            Err(DecodeError::ContentKind {
+                detail: format!("JSON content nests deeper than {MAX_CONTENT_NESTING} levels"),
+            })
+        }
         ContentKind::Json => match serde_json::from_slice(&bytes) {
             Ok(value) => Ok(Content::Json(value)),
             Err(e) => Err(DecodeError::ContentKind {
@@ -261,6 +267,37 @@ fn content_of(bytes: Bytes, kind: ContentKind) -> Result<Content, DecodeError> {
             }),
         },
     }
+}
+
+/// Deepest nesting of JSON content: what the WebSocket decoder allows inside a message (its 128
+/// levels less the two its message and content take; tested).
+const MAX_CONTENT_NESTING: usize = 126;
+
+/// The deepest nesting of arrays and objects in JSON text (strings skipped); malformed text is
+/// left to the parser.
+fn nesting(json: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Which protobuf form to write.
@@ -555,6 +592,51 @@ mod tests {
             crate::frame::encode_message(&msg, &mut framed).unwrap();
             assert_eq!(framed.len(), 10 + encoded_len(&msg));
         }
+    }
+
+    #[test]
+    fn json_content_round_trips_up_to_go_float64_rounding() {
+        // Content {"n": 9007199254740993} marked JSON (kind 1), as a peer may send it: it comes
+        // back rounded once, as over WebSocket, and is stable from then on (the fuzz target's
+        // property).
+        let mut payload = hex("0a 00 12 00");
+        let text = br#"{"n":9007199254740993}"#;
+        payload.extend([0x1a, text.len() as u8]);
+        payload.extend_from_slice(text);
+        payload.extend(hex("a0 06 01"));
+        let msg = decode(&payload).unwrap();
+        assert_eq!(
+            msg.content,
+            Content::Json(json!({"n": 9_007_199_254_740_993_u64}))
+        );
+        let encoded = encode(&msg);
+        let back = decode(&encoded).unwrap();
+        assert_eq!(
+            back.content,
+            Content::Json(json!({"n": 9_007_199_254_740_992_u64}))
+        );
+        assert_eq!(encode(&back), encoded);
+    }
+
+    #[test]
+    fn json_content_nests_as_deep_as_websocket_allows() {
+        let nested = |levels: usize| {
+            let text = format!("{}\"x\"{}", "[".repeat(levels), "]".repeat(levels));
+            let mut payload = hex("0a 00 12 00 1a");
+            put_varint(&mut payload, text.len() as u64);
+            payload.extend_from_slice(text.as_bytes());
+            payload.extend(hex("a0 06 01"));
+            decode(&payload)
+        };
+        let deepest = nested(MAX_CONTENT_NESTING).unwrap();
+        // Its WebSocket form decodes too.
+        let ws = crate::json::to_vec(&deepest);
+        assert_eq!(crate::json::from_slice(&ws).unwrap(), deepest);
+        assert!(matches!(
+            nested(MAX_CONTENT_NESTING + 1),
+            Err(DecodeError::ContentKind { .. })
+        ));
+        assert_eq!(nesting(br#"{"a":"[[[{","b":[1,{"c":[]}]}"#), 4);
     }
 
     #[test]
