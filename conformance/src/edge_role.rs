@@ -543,9 +543,23 @@ async fn node_limit(
 
 /// Stopping the cloud closes the session with 4004.
 async fn shutdown(c: &EdgeRoleConfig, say: &mut impl FnMut(&str)) -> Result<String, String> {
-    let mut link = connect(c, Capabilities::ALL).await?;
-    link.send(keepalive_message()).await?;
-    send_acked(&mut link, data_message(40), c.patience).await?;
+    // The node-limit case's nodes may still count while the cloud tears their sessions down:
+    // a refusal with 4002 is retried until the patience runs out.
+    let deadline = Instant::now() + c.patience;
+    let mut link = loop {
+        let mut link = connect(c, Capabilities::ALL).await?;
+        link.send(keepalive_message()).await?;
+        match send_acked(&mut link, data_message(40), c.patience).await {
+            Ok(_) => break link,
+            Err(e) if Instant::now() < deadline => match link.wait_end(c.patience).await {
+                Ok((Ended::Session(SessionCloseCode::NodeLimit), _)) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                _ => return Err(e),
+            },
+            Err(e) => return Err(e),
+        }
+    };
     say("ACTION: stop the cloud now (close-shutdown waits for its close)");
     let bound = c.patience * 2;
     let conn = Arc::clone(&link.conn);
