@@ -39,11 +39,12 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use proto::Message;
 use proto::message::UpstreamClass;
-use proto::{Content, Message};
+use proto::row::HeadRow;
 
-/// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version stored in `PRAGMA user_version`: 2 since content kinds are `proto::row`'s.
+const SCHEMA_VERSION: i64 = 2;
 
 /// Where and how the outbox stores messages. The defaults suit an edge device with a few GB of
 /// flash: room for hours of an outage at KubeEdge's 30 messages per second.
@@ -265,8 +266,16 @@ impl Outbox {
                 found: version,
             });
         }
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS outbox (
+        // Schema 1 stored JSON content as 0 and bytes as 1, the reverse of `proto::row`'s codes:
+        // its rows are rewritten once, in the transaction that records schema 2.
+        let swap_kinds = if version == 1 {
+            "UPDATE outbox SET content_kind = 1 - content_kind WHERE content_kind IN (0, 1);"
+        } else {
+            ""
+        };
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;
+             CREATE TABLE IF NOT EXISTS outbox (
                  seq INTEGER PRIMARY KEY AUTOINCREMENT,
                  id TEXT NOT NULL UNIQUE,
                  meta TEXT NOT NULL,
@@ -278,8 +287,10 @@ impl Outbox {
                  seq INTEGER PRIMARY KEY AUTOINCREMENT,
                  id TEXT NOT NULL UNIQUE
              );
-             PRAGMA user_version = 1;",
-        )
+             {swap_kinds}
+             PRAGMA user_version = {SCHEMA_VERSION};
+             COMMIT;"
+        ))
         .map_err(sqlite)?;
         let usage = conn
             .query_row(
@@ -405,15 +416,17 @@ impl Outbox {
             while let Some(row) = query.next()? {
                 let seq = Seq(row.get(0)?);
                 let id: String = row.get(1)?;
-                let meta: String = row.get(2)?;
-                let kind: i64 = row.get(3)?;
-                let content: Vec<u8> = row.get(4)?;
-                match decode_row(&meta, kind, content) {
-                    Some(mut message) => {
+                let stored = HeadRow {
+                    head: row.get(2)?,
+                    content_kind: row.get(3)?,
+                    content: row.get(4)?,
+                };
+                match stored.into_message() {
+                    Ok(mut message) => {
                         message.header.id = id;
                         rows.push(Stored { seq, message });
                     }
-                    None => damaged.push(id),
+                    Err(_) => damaged.push(id),
                 }
             }
         }
@@ -512,8 +525,8 @@ fn insert(
     if message.header.id.is_empty() {
         message.header.id = proto::new_id();
     }
-    let (meta, kind, content) = encode_row(&message);
-    let size = (meta.len() + content.len()) as u64;
+    let row = HeadRow::from_message(&message);
+    let size = (row.head.len() + row.content.len()) as u64;
     if size > config.max_bytes {
         return Err(PushError::TooLarge {
             size,
@@ -539,9 +552,9 @@ fn insert(
     .and_then(|mut s| {
         s.execute(params![
             message.header.id,
-            meta,
-            kind,
-            content,
+            row.head,
+            row.content_kind,
+            row.content,
             i64::try_from(size).unwrap_or(i64::MAX)
         ])
     })
@@ -564,37 +577,6 @@ fn remember_answered(
     tx.prepare_cached("DELETE FROM answered WHERE seq <= (SELECT MAX(seq) FROM answered) - ?1")?
         .execute([window])?;
     Ok(())
-}
-
-/// Content kinds in the `content_kind` column.
-const KIND_JSON: i64 = 0;
-const KIND_BYTES: i64 = 1;
-
-/// Splits a message into the header and route (KubeEdge JSON with null content, readable with
-/// the `sqlite3` shell) and the content, stored raw so bytes stay bytes and JSON stays exact.
-fn encode_row(message: &Message) -> (String, i64, Vec<u8>) {
-    let (kind, content) = match &message.content {
-        Content::Bytes(b) => (KIND_BYTES, b.to_vec()),
-        // Serialising a `Value` cannot fail (its map keys are strings).
-        Content::Json(v) => (KIND_JSON, serde_json::to_vec(v).unwrap_or_default()),
-    };
-    let head = Message {
-        header: message.header.clone(),
-        route: message.route.clone(),
-        ..Message::default()
-    };
-    let meta = String::from_utf8(proto::json::to_vec(&head)).unwrap_or_default();
-    (meta, kind, content)
-}
-
-fn decode_row(meta: &str, kind: i64, content: Vec<u8>) -> Option<Message> {
-    let mut message = proto::json::from_slice(meta.as_bytes()).ok()?;
-    message.content = match kind {
-        KIND_BYTES => Content::Bytes(content.into()),
-        KIND_JSON => Content::Json(serde_json::from_slice(&content).ok()?),
-        _ => return None,
-    };
-    Some(message)
 }
 
 #[cfg(unix)]

@@ -15,6 +15,8 @@
 //! - [`error`]: [`DecodeError`] and [`FrameError`], what a peer's bad bytes produce.
 //! - [`fault`]: [`Fault`] and [`FaultClass`], whose fault a failure is (for every layer's errors).
 //! - [`rate`]: a token bucket with time passed in, for both session state machines' pacing.
+//! - [`row`]: a message as a database row (content kind, bytes, header and route columns), the one
+//!   encoding of every store; pure, the stores do the SQL.
 //!
 //! ```text
 //!  WebSocket text frame            QUIC message stream
@@ -31,6 +33,7 @@ pub mod json;
 pub mod message;
 pub mod pb;
 pub mod rate;
+pub mod row;
 
 pub use error::{DecodeError, FrameError};
 pub use fault::{Fault, FaultClass};

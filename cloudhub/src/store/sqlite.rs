@@ -23,8 +23,8 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use proto::{Content, Header, Message, Route};
+use proto::Message;
+use proto::row::MessageRow;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use tokio::sync::{broadcast, oneshot};
 
@@ -483,8 +483,6 @@ const MESSAGE_COLUMNS: &str = "msg_id, parent_id, timestamp, resource_version, s
 const STATE_PENDING: i64 = 0;
 const STATE_IN_FLIGHT: i64 = 1;
 const STATE_ACKED: i64 = 2;
-const CONTENT_BYTES: i64 = 0;
-const CONTENT_JSON: i64 = 1;
 
 impl State {
     fn load(conn: &Connection) -> Result<Self, rusqlite::Error> {
@@ -517,60 +515,46 @@ impl State {
     }
 }
 
-/// Message fields as SQL values, in [`MESSAGE_COLUMNS`] order.
+/// Message fields as SQL values, in [`MESSAGE_COLUMNS`] order ([`MessageRow`]'s).
 fn message_values(msg: &Message) -> [rusqlite::types::Value; 13] {
     use rusqlite::types::Value;
-    let (kind, content) = match &msg.content {
-        Content::Bytes(b) => (CONTENT_BYTES, b.to_vec()),
-        Content::Json(v) => (CONTENT_JSON, serde_json::to_vec(v).unwrap_or_default()),
-    };
+    let row = MessageRow::from_message(msg);
     [
-        Value::Text(msg.header.id.clone()),
-        Value::Text(msg.header.parent_id.clone()),
-        Value::Integer(msg.header.timestamp),
-        Value::Text(msg.header.resource_version.clone()),
-        Value::Integer(i64::from(msg.header.sync)),
-        Value::Text(msg.header.message_type.clone()),
-        Value::Text(msg.route.source.clone()),
-        Value::Text(msg.route.destination.clone()),
-        Value::Text(msg.route.group.clone()),
-        Value::Text(msg.route.operation.clone()),
-        Value::Text(msg.route.resource.clone()),
-        Value::Integer(kind),
-        Value::Blob(content),
+        Value::Text(row.id),
+        Value::Text(row.parent_id),
+        Value::Integer(row.timestamp),
+        Value::Text(row.resource_version),
+        Value::Integer(i64::from(row.sync)),
+        Value::Text(row.message_type),
+        Value::Text(row.source),
+        Value::Text(row.destination),
+        Value::Text(row.group),
+        Value::Text(row.operation),
+        Value::Text(row.resource),
+        Value::Integer(row.content_kind),
+        Value::Blob(row.content),
     ]
 }
 
 /// Reads a message from `row`, whose columns from `at` on are [`MESSAGE_COLUMNS`].
 fn message_from_row(row: &Row<'_>, at: usize) -> Result<Message, StoreError> {
-    let kind: i64 = row.get(at + 11)?;
-    let raw: Vec<u8> = row.get(at + 12)?;
-    let content = match kind {
-        CONTENT_BYTES => Content::Bytes(Bytes::from(raw)),
-        CONTENT_JSON => Content::Json(
-            serde_json::from_slice(&raw)
-                .map_err(|e| StoreError::Corrupt(format!("message content: {e}")))?,
-        ),
-        other => return Err(StoreError::Corrupt(format!("content kind {other}"))),
-    };
-    Ok(Message {
-        header: Header {
-            id: row.get(at)?,
-            parent_id: row.get(at + 1)?,
-            timestamp: row.get(at + 2)?,
-            resource_version: row.get(at + 3)?,
-            sync: row.get::<_, i64>(at + 4)? != 0,
-            message_type: row.get(at + 5)?,
-        },
-        route: Route {
-            source: row.get(at + 6)?,
-            destination: row.get(at + 7)?,
-            group: row.get(at + 8)?,
-            operation: row.get(at + 9)?,
-            resource: row.get(at + 10)?,
-        },
-        content,
-    })
+    MessageRow {
+        id: row.get(at)?,
+        parent_id: row.get(at + 1)?,
+        timestamp: row.get(at + 2)?,
+        resource_version: row.get(at + 3)?,
+        sync: row.get::<_, i64>(at + 4)? != 0,
+        message_type: row.get(at + 5)?,
+        source: row.get(at + 6)?,
+        destination: row.get(at + 7)?,
+        group: row.get(at + 8)?,
+        operation: row.get(at + 9)?,
+        resource: row.get(at + 10)?,
+        content_kind: row.get(at + 11)?,
+        content: row.get(at + 12)?,
+    }
+    .into_message()
+    .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn to_u64(v: i64) -> u64 {

@@ -1,6 +1,7 @@
 //! Outbox tests on real SQLite files in temporary directories.
 
 use bytes::Bytes;
+use proto::Content;
 use serde_json::json;
 
 use super::*;
@@ -333,6 +334,73 @@ fn database_is_private_in_wal_mode_with_the_chosen_sync() {
         .query_row("PRAGMA synchronous", [], |r| r.get(0))
         .unwrap();
     assert_eq!(sync, 1, "NORMAL");
+}
+
+/// A file written by schema 1 (JSON content stored as kind 0, bytes as 1, the reverse of
+/// `proto::row`), built with that version's SQL: its messages read back as they were, once.
+#[test]
+fn reads_a_schema_1_file_written_with_the_old_content_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let head = |id: &str| {
+        format!(
+            r#"{{"header":{{"msg_id":"{id}","parent_msg_id":"","timestamp":1700000000000,"sync":false}},"route":{{"source":"metamanager","group":"resource","operation":"update","resource":"default/pod/a"}},"content":null}}"#
+        )
+    };
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE outbox (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                 id TEXT NOT NULL UNIQUE,
+                 meta TEXT NOT NULL,
+                 content_kind INTEGER NOT NULL,
+                 content BLOB NOT NULL,
+                 size INTEGER NOT NULL
+             );
+             CREATE TABLE answered (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                 id TEXT NOT NULL UNIQUE
+             );
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        let mut insert = conn
+            .prepare("INSERT INTO outbox (id, meta, content_kind, content, size) VALUES (?1, ?2, ?3, ?4, 1)")
+            .unwrap();
+        insert
+            .execute(params![
+                "json",
+                head("json"),
+                0,
+                br#"{"a":[1,"x"]}"#.to_vec()
+            ])
+            .unwrap();
+        insert
+            .execute(params!["bytes", head("bytes"), 1, b"\x00\xff".to_vec()])
+            .unwrap();
+    }
+    for _ in 0..2 {
+        // The second open finds schema 2 and must not swap the kinds back.
+        let mut outbox = Outbox::open(OutboxConfig::new(&path)).unwrap();
+        let (rows, damaged) = outbox.pending_after(Seq::default(), 10).unwrap();
+        assert_eq!(damaged, 0);
+        assert_eq!(ids(&rows), ["json", "bytes"]);
+        assert_eq!(
+            rows[0].message.content,
+            Content::Json(json!({"a": [1, "x"]}))
+        );
+        assert_eq!(
+            rows[1].message.content,
+            Content::Bytes(Bytes::from_static(b"\x00\xff"))
+        );
+        assert_eq!(rows[0].message.route.resource, "default/pod/a");
+        let version: i64 = outbox
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+    }
 }
 
 #[test]
