@@ -9,7 +9,6 @@
 
 mod pki;
 
-use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -45,31 +44,7 @@ fn main() -> ExitCode {
         print!("{DEFAULT_YAML}");
         return ExitCode::SUCCESS;
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cloudcore: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // Once, on stderr (where the log goes too), each cause once.
-            eprintln!("cloudcore: {}", beehive::error::report(e.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
+    beehive::daemon::main("cloudcore", || run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -134,14 +109,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut beehive = Beehive::new();
     beehive.register(module, true)?;
     let report = beehive.start().run_until_signal(signals).await;
-    if !report.is_clean() {
-        tracing::warn!(?report, "cloudcore stopped uncleanly");
-    }
-    tracing::info!("cloudcore stopped");
-    // A module that failed fails the process: a supervisor restarts it, and the reason is said.
-    let problems = report.problems();
-    if !problems.is_empty() {
-        anyhow::bail!("{}", problems.join("; "));
-    }
+    beehive::daemon::outcome("cloudcore", &report)?;
     Ok(())
 }

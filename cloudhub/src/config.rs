@@ -12,8 +12,10 @@ use std::num::{NonZeroU32, NonZeroU64};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::{DeserializeOwned, Deserializer};
+use serde::de::Deserializer;
 use serde::{Deserialize, Serialize};
+
+pub use beehive::config::{ConfigError, Seconds, from_yaml, load_yaml};
 
 use crate::hub::HubConfig;
 use crate::store::sqlite::{Durability, SqliteConfig};
@@ -240,7 +242,7 @@ fn default_api_requests() -> NonZeroU32 {
     nz32(64)
 }
 fn default_request_wait() -> Seconds {
-    secs(5)
+    Seconds::at_least_one(5)
 }
 
 /// `cloudhub.api-server.tls`.
@@ -407,33 +409,12 @@ impl Default for LinkSection {
     }
 }
 
-/// A positive number of seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Seconds(NonZeroU64);
-
-impl Seconds {
-    /// `n` seconds; `None` for 0.
-    pub fn new(n: u64) -> Option<Self> {
-        NonZeroU64::new(n).map(Self)
-    }
-
-    /// As a [`Duration`].
-    pub fn duration(self) -> Duration {
-        Duration::from_secs(self.0.get())
-    }
-}
-
-fn secs(n: u64) -> Seconds {
-    Seconds(NonZeroU64::new(n).unwrap_or(NonZeroU64::MIN))
-}
-
 fn nz32(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
 }
 
 fn default_keepalive() -> Seconds {
-    secs(30)
+    Seconds::at_least_one(30)
 }
 fn default_node_limit() -> NonZeroU32 {
     nz32(500)
@@ -463,10 +444,10 @@ fn default_window() -> NonZeroU32 {
     nz32(64)
 }
 fn default_ack_timeout() -> Seconds {
-    secs(5)
+    Seconds::at_least_one(5)
 }
 fn default_max_ack_timeout() -> Seconds {
-    secs(60)
+    Seconds::at_least_one(60)
 }
 fn default_no_ack_rate() -> u32 {
     100
@@ -475,10 +456,10 @@ fn default_no_ack_burst() -> NonZeroU32 {
     nz32(32)
 }
 fn default_handshake() -> Seconds {
-    secs(30)
+    Seconds::at_least_one(30)
 }
 fn default_deadline() -> Seconds {
-    secs(15)
+    Seconds::at_least_one(15)
 }
 
 impl CloudHubConfig {
@@ -573,60 +554,10 @@ impl CloudHubConfig {
     }
 }
 
-/// Why a configuration could not be loaded; the message names the file and the key.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// Malformed YAML, an unknown or missing key, or an invalid value.
-    #[error("{origin}: {key}: {source}")]
-    Invalid {
-        /// The file (or `<input>`).
-        origin: String,
-        /// The key path, e.g. `cloudhub.node-limit`.
-        key: String,
-        /// The parser's message, with line and column.
-        source: Box<serde_saphyr::Error>,
-    },
-    /// Settings that each parse but cannot go together.
-    #[error("{0}")]
-    Inconsistent(String),
-}
-
-/// Parses YAML `text` (from `origin`, named in errors) into `T`.
-pub fn from_yaml<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
-    let mut key = None;
-    serde_saphyr::with_deserializer_from_str(text, |de| {
-        serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
-            key = Some(e.path().to_string());
-            e.into_inner()
-        })
-    })
-    .map_err(|source| ConfigError::Invalid {
-        origin: origin.to_owned(),
-        key: match key.as_deref() {
-            None | Some(".") => "(document)".to_owned(),
-            Some(path) => path.to_owned(),
-        },
-        source: Box::new(source),
-    })
-}
-
 impl CloudcoreConfig {
     /// Reads and parses a `cloudcore.yaml`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        from_yaml(&text, &path.display().to_string())
+        load_yaml(path)
     }
 }
 

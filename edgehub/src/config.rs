@@ -14,11 +14,10 @@
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::path::PathBuf;
-use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use beehive::config::{ConfigError, InvalidValue, Seconds, from_yaml, load_yaml};
 use certs::NodeId;
 use transport::Protocol;
 
@@ -161,10 +160,6 @@ impl Default for OutboxSection {
     }
 }
 
-/// A whole number of seconds, at least 1 (KubeEdge's configs count durations in seconds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Seconds(NonZeroU32);
-
 /// The project id: 1 to 128 characters of `A-Z a-z 0-9 . _ -`, since it travels in a URL path
 /// and an HTTP header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,78 +181,6 @@ pub struct Qps(f64);
 /// `Debug` does not print it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BootstrapToken(String);
-
-/// A configuration value out of range: the message says what is allowed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct InvalidValue(String);
-
-/// Why a configuration could not be loaded. Always the operator's to fix: the message names the
-/// file and the key.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The YAML is malformed, has an unknown key, lacks a required key or holds an invalid value.
-    #[error("{origin}: {key}: {source}")]
-    Invalid {
-        /// The file (or `<input>`).
-        origin: String,
-        /// The key path, e.g. `edgehub.controller.heartbeat` (`(document)` for the whole file).
-        key: String,
-        /// The parser's message, with line, column and a snippet.
-        source: Box<serde_saphyr::Error>,
-    },
-}
-
-impl ConfigError {
-    /// The key path of an [`ConfigError::Invalid`] error.
-    pub fn key(&self) -> Option<&str> {
-        match self {
-            Self::Invalid { key, .. } => Some(key),
-            Self::Read { .. } => None,
-        }
-    }
-}
-
-/// Parses `text` (from `origin`, named in errors) as YAML into `T`, naming the key path of any
-/// error.
-pub fn from_yaml<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
-    let mut key = None;
-    serde_saphyr::with_deserializer_from_str(text, |de| {
-        serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
-            key = Some(e.path().to_string());
-            e.into_inner()
-        })
-    })
-    .map_err(|source| {
-        let key = match key.as_deref() {
-            None | Some(".") => "(document)".to_owned(),
-            Some(path) => path.to_owned(),
-        };
-        ConfigError::Invalid {
-            origin: origin.to_owned(),
-            key,
-            source: Box::new(source),
-        }
-    })
-}
-
-/// Reads and parses a YAML file.
-pub fn load_yaml<T: DeserializeOwned>(path: &std::path::Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    from_yaml(&text, &path.display().to_string())
-}
 
 impl EdgeHubConfig {
     /// The defaults for `node_id`.
@@ -344,25 +267,6 @@ impl EndpointConfig {
             read_deadline: default_deadline(),
             write_deadline: default_deadline(),
         }
-    }
-}
-
-impl Seconds {
-    /// `secs` seconds; zero is refused.
-    pub fn new(secs: u32) -> Result<Self, InvalidValue> {
-        NonZeroU32::new(secs)
-            .map(Self)
-            .ok_or_else(|| InvalidValue("must be at least 1 (seconds)".into()))
-    }
-
-    /// As a duration.
-    pub fn duration(self) -> Duration {
-        Duration::from_secs(u64::from(self.0.get()))
-    }
-
-    /// The number of seconds.
-    pub fn get(self) -> u32 {
-        self.0.get()
     }
 }
 
@@ -514,7 +418,6 @@ macro_rules! serde_via {
     };
 }
 
-serde_via!(Seconds, u32, |s| s.get());
 serde_via!(ProjectId, String, |s| s.0.clone());
 serde_via!(ServerAddr, String, |s| s.0.clone());
 serde_via!(HttpsUrl, String, |s| s.0.clone());
@@ -553,15 +456,15 @@ fn default_protocol() -> Protocol {
 }
 
 fn default_heartbeat() -> Seconds {
-    Seconds(NonZeroU32::MIN.saturating_add(14))
+    Seconds::at_least_one(15)
 }
 
 fn default_handshake_timeout() -> Seconds {
-    Seconds(NonZeroU32::MIN.saturating_add(29))
+    Seconds::at_least_one(30)
 }
 
 fn default_deadline() -> Seconds {
-    Seconds(NonZeroU32::MIN.saturating_add(14))
+    Seconds::at_least_one(15)
 }
 
 fn default_qps() -> Qps {
@@ -589,7 +492,7 @@ fn default_max_bytes() -> NonZeroU64 {
 }
 
 fn default_dedup_pending_ttl() -> Seconds {
-    Seconds(NonZeroU32::MIN.saturating_add(29))
+    Seconds::at_least_one(30)
 }
 
 fn default_dedup_window() -> NonZeroU64 {

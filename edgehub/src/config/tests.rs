@@ -1,5 +1,7 @@
 //! Config parsing: defaults, the documented `edgecore.yaml` shape, and errors that name the key path.
 
+use std::time::Duration;
+
 use super::*;
 
 /// The file's top level, as edgecore wraps the section.

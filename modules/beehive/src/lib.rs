@@ -20,6 +20,8 @@
 //! - [`hive`]: the [`Beehive`] builder and the running [`Hive`], shutdown reports.
 //! - [`shutdown`]: the [`Shutdown`] latch and [`TerminationSignals`].
 //! - [`error`]: one error enum per operation.
+//! - [`config`]: YAML configuration loading with key paths in errors, [`config::Seconds`].
+//! - [`daemon`]: a daemon's start-up (logging, runtime) and exit status.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -68,6 +70,8 @@
 //! ```
 
 pub mod bus;
+pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod hive;
 pub mod module;
