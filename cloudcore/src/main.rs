@@ -21,7 +21,7 @@ use cloudhub::api::ApiOptions;
 use cloudhub::auth::TokenStore;
 use cloudhub::bootstrap::BootstrapConfig;
 use cloudhub::config::{CloudcoreConfig, DEFAULT_YAML};
-use cloudhub::server::{ApiServing, Bound, CloudHubModule};
+use cloudhub::module::{ApiServing, Bound, CloudHubModule};
 use cloudhub::store::sqlite::SqliteStore;
 use transport::ListenConfig;
 

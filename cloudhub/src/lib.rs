@@ -16,14 +16,15 @@
 //!   implementation [`store::sqlite::SqliteStore`].
 //! - [`hub`]: [`hub::Hub`], the session manager (admission, refusals, node views); `registry`,
 //!   the per-node registry (one session per node, node limit, reconnect safety, ACK waiters);
-//!   and `driver`, the async loop around each session, which uses only the registry's narrow
-//!   driver end (no import circle: hub → driver → registry).
+//!   and `driver`, the async loop around each session (its store work in `driver/store_work.rs`),
+//!   which uses only the registry's narrow driver end (no import circle: hub → driver →
+//!   registry).
 //! - [`bootstrap`]: the certificate bootstrap server (`/ca.crt`, `/edge.crt`).
 //! - [`api`]: the cloud API (nodes, send, SSE stream of upstream messages, metrics).
 //! - [`auth`]: the cloud API's credentials (hashed bearer tokens with scopes, client certificates).
 //! - [`metrics`]: counters and the Prometheus text exposition.
 //! - [`config`]: `cloudcore.yaml`, typed.
-//! - [`server`]: [`server::CloudHubModule`], all of the above as one beehive module.
+//! - [`module`]: [`module::CloudHubModule`], all of the above as one beehive module.
 //!
 //! ```text
 //!   edges ══ WS 10000 / QUIC 10001 (mTLS) ══► transport::Listener ─► Hub::admit ─► driver ⇄ NodeSession
@@ -43,8 +44,8 @@ pub mod conn_limit;
 mod driver;
 pub mod hub;
 pub mod metrics;
+pub mod module;
 mod registry;
-pub mod server;
 pub mod store;
 
 pub use hub::{Hub, HubConfig};

@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use beehive::Beehive;
-use cloudhub::server::{Bound, CloudHubModule, MODULE_NAME};
+use cloudhub::module::{Bound, CloudHubModule, MODULE_NAME};
 use cloudhub::store::{MessageState, NodeRecord};
 use cloudhub::{Hub, HubConfig};
 use common::{Cloud, recv_app, within};

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use beehive::{Beehive, TerminationSignals};
 use clap::Parser;
 
-use edgehub::EdgeHub;
+use edgehub::EdgeHubModule;
 use edgehub::bootstrap::{self, BootstrapError, CertStatus};
 use edgehub::outbox::Outbox;
 
@@ -78,7 +78,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .context("opening the local store")?,
         );
     }
-    let hub = EdgeHub::new(config.edgehub.clone());
+    let hub = EdgeHubModule::new(config.edgehub.clone());
     let reconnect = hub.reconnect_trigger();
     let link = hub.stats_handle();
     let mut beehive = Beehive::new();

@@ -27,7 +27,7 @@ use session::edge::{Action, DisconnectReason, EdgeSession, Event, SessionEvent};
 use crate::config::EdgeHubConfig;
 use crate::deliver::{Deliveries, Delivery};
 use crate::link::{self, Inbound, Link};
-use crate::outbox::{Downstream, OpenError, Outbox};
+use crate::outbox::{DedupVerdict, OpenError, Outbox};
 use crate::pump::OutboxPump;
 use crate::stats::{self, Counters};
 
@@ -274,13 +274,13 @@ impl Driver {
                 destination,
                 message,
             } => match self.pump.check_downstream(now(), &message, &self.counters) {
-                Downstream::Deliver => self.deliveries.push(Delivery::Deliver {
+                DedupVerdict::Deliver => self.deliveries.push(Delivery::Deliver {
                     destination,
                     message,
                 }),
-                Downstream::AnsweredDuplicate => self.session.answer_again(&message),
+                DedupVerdict::AnsweredDuplicate => self.session.answer_again(&message),
                 // The module will answer the first copy.
-                Downstream::PendingDuplicate => {}
+                DedupVerdict::PendingDuplicate => {}
             },
             other => {
                 let protocol = self.config.controller.protocol;

@@ -15,7 +15,7 @@
 //!   files of their own: `link` (the dial and each connection's reader, writer and closer),
 //!   `pump` (outbox ⇄ session), `deliver` (cloud messages onto the bus) and `stats` (the
 //!   counters, [`HubStats`], and the link status, [`LinkStatus`]).
-//! - [`hub`]: [`EdgeHub`], the beehive module (`websocket`, group `hub`).
+//! - [`module`]: [`EdgeHubModule`], the beehive module (`websocket`, group `hub`).
 //! - [`outbox`]: the durable upstream queue (SQLite) and the downstream dedup window.
 //! - [`bootstrap`]: obtaining and renewing the node certificate (KubeEdge's certificate flow).
 //! - [`config`]: the `edgehub:` configuration section and the YAML loader.
@@ -30,12 +30,12 @@ pub mod bootstrap;
 pub mod config;
 mod deliver;
 mod driver;
-pub mod hub;
 mod link;
+pub mod module;
 pub mod outbox;
 mod pump;
 mod stats;
 
 pub use config::EdgeHubConfig;
-pub use hub::{EdgeHub, ReceiptWaiter, ReconnectTrigger, StartError, StatsHandle};
+pub use module::{EdgeHubModule, ReceiptWaiter, ReconnectTrigger, StartError, StatsHandle};
 pub use stats::{HubStats, LinkStatus, Receipt, StorageProblem};

@@ -129,9 +129,10 @@ pub struct BatchPushed {
     pub answers: Vec<Message>,
 }
 
-/// What to do with a message from the cloud ([`Outbox::check_downstream`]).
+/// The dedup window's verdict on a message from the cloud ([`Outbox::check_downstream`]): what to
+/// do with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Downstream {
+pub enum DedupVerdict {
     /// First sighting (or its suppression expired): deliver it.
     Deliver,
     /// Already delivered and answered: do not deliver; answer it again.
@@ -444,28 +445,28 @@ impl Outbox {
         &mut self,
         now: Instant,
         message: &Message,
-    ) -> Result<Downstream, StoreError> {
+    ) -> Result<DedupVerdict, StoreError> {
         let id = message.header.id.as_str();
         if id.is_empty() {
-            return Ok(Downstream::Deliver);
+            return Ok(DedupVerdict::Deliver);
         }
         let answered = self
             .conn
             .prepare_cached("SELECT 1 FROM answered WHERE id = ?1")?
             .exists([id])?;
         if answered {
-            return Ok(Downstream::AnsweredDuplicate);
+            return Ok(DedupVerdict::AnsweredDuplicate);
         }
         let ttl = self.config.dedup_pending_ttl;
         if let Some(at) = self.pending.get(id)
             && now.saturating_duration_since(*at) < ttl
         {
-            return Ok(Downstream::PendingDuplicate);
+            return Ok(DedupVerdict::PendingDuplicate);
         }
         self.expire_pending(now);
         self.pending.insert(id.to_owned(), now);
         self.pending_order.push_back((id.to_owned(), now));
-        Ok(Downstream::Deliver)
+        Ok(DedupVerdict::Deliver)
     }
 
     /// What is stored.

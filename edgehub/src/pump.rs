@@ -24,7 +24,7 @@ use proto::Message;
 use proto::message::UpstreamClass;
 use session::edge::EdgeSession;
 
-use crate::outbox::{Downstream, Outbox, PushError, Seq, StoreError};
+use crate::outbox::{DedupVerdict, Outbox, PushError, Seq, StoreError};
 use crate::stats::{Counters, Receipt, StorageProblem, bump};
 
 /// Most module messages stored in one outbox transaction (one fsync).
@@ -339,23 +339,23 @@ impl OutboxPump {
         now: Instant,
         message: &Message,
         counters: &Counters,
-    ) -> Downstream {
+    ) -> DedupVerdict {
         let verdict = match self.outbox.check_downstream(now, message) {
             Ok(verdict) => verdict,
             Err(e) => {
                 // Deliver rather than lose it; the module is idempotent by contract.
                 error!(error = %e, "outbox: dedup lookup failed");
-                Downstream::Deliver
+                DedupVerdict::Deliver
             }
         };
         let id = message.header.id.as_str();
         match verdict {
-            Downstream::Deliver => {}
-            Downstream::AnsweredDuplicate => {
+            DedupVerdict::Deliver => {}
+            DedupVerdict::AnsweredDuplicate => {
                 bump(&counters.downstream_duplicates, 1);
                 debug!(id, "cloud resent an answered message: answering again");
             }
-            Downstream::PendingDuplicate => {
+            DedupVerdict::PendingDuplicate => {
                 bump(&counters.downstream_duplicates, 1);
                 debug!(id, "cloud resent a message still being handled");
             }

@@ -1,5 +1,5 @@
 //! EdgeHub's counters, link status and storage state, readable while it runs
-//! ([`crate::EdgeHub::stats`], [`crate::StatsHandle`]); the receipts of module messages whose
+//! ([`crate::EdgeHubModule::stats`], [`crate::StatsHandle`]); the receipts of module messages whose
 //! senders wait to hear they were stored ([`Receipt`]); and the one place that turns the
 //! session's link events into counts and log lines.
 
@@ -15,7 +15,7 @@ use proto::close::Retry;
 use session::edge::{DisconnectReason, SessionEvent, TransmitKind};
 use transport::Protocol;
 
-/// Counters of one EdgeHub, readable while it runs ([`crate::EdgeHub::stats`]).
+/// Counters of one EdgeHub, readable while it runs ([`crate::EdgeHubModule::stats`]).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) connects: AtomicU64,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use beehive::{Beehive, Hive, ModuleError, SimpleModule};
-use causeway_edgehub::{EdgeHub, EdgeHubConfig, StatsHandle};
+use causeway_edgehub::{EdgeHubConfig, EdgeHubModule, StatsHandle};
 use proto::{Content, Message};
 use transport::Protocol;
 
@@ -37,7 +37,7 @@ impl Edge {
                 Ok::<(), ModuleError>(())
             }
         });
-        let hub = EdgeHub::new(config);
+        let hub = EdgeHubModule::new(config);
         let stats = hub.stats_handle();
         let mut beehive = Beehive::new();
         beehive.register(hub, true).unwrap();

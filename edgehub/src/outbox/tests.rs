@@ -207,11 +207,11 @@ fn answered_cloud_messages_are_recognised_after_a_restart() {
         let mut outbox = open(&dir);
         assert_eq!(
             outbox.check_downstream(t0, &cloud).unwrap(),
-            Downstream::Deliver
+            DedupVerdict::Deliver
         );
         assert_eq!(
             outbox.check_downstream(t0, &cloud).unwrap(),
-            Downstream::PendingDuplicate
+            DedupVerdict::PendingDuplicate
         );
         // The module stores it and answers through the outbox, which keeps no row of the answer.
         assert_eq!(
@@ -223,13 +223,13 @@ fn answered_cloud_messages_are_recognised_after_a_restart() {
         assert_eq!(outbox.usage(), OutboxUsage::default());
         assert_eq!(
             outbox.check_downstream(t0, &cloud).unwrap(),
-            Downstream::AnsweredDuplicate
+            DedupVerdict::AnsweredDuplicate
         );
     }
     let mut outbox = open(&dir);
     assert_eq!(
         outbox.check_downstream(t0, &cloud).unwrap(),
-        Downstream::AnsweredDuplicate
+        DedupVerdict::AnsweredDuplicate
     );
     assert!(outbox.is_answered("cloud-1").unwrap());
 }
@@ -244,25 +244,25 @@ fn unanswered_deliveries_suppress_resends_only_for_a_while() {
         Message::with_header("c", "", 0).route("edgecontroller", "resource", "ns/pod/p", "update");
     assert_eq!(
         outbox.check_downstream(t0, &cloud).unwrap(),
-        Downstream::Deliver
+        DedupVerdict::Deliver
     );
     assert_eq!(
         outbox
             .check_downstream(t0 + ttl - Duration::from_millis(1), &cloud)
             .unwrap(),
-        Downstream::PendingDuplicate
+        DedupVerdict::PendingDuplicate
     );
     // The module never answered (it lost the message): after the TTL a resend is delivered again.
     assert_eq!(
         outbox.check_downstream(t0 + ttl, &cloud).unwrap(),
-        Downstream::Deliver
+        DedupVerdict::Deliver
     );
     // Messages without an id cannot be deduplicated and are always delivered.
     let anonymous = Message::default().route("x", "twin", "r", "update");
     for _ in 0..2 {
         assert_eq!(
             outbox.check_downstream(t0, &anonymous).unwrap(),
-            Downstream::Deliver
+            DedupVerdict::Deliver
         );
     }
 }
@@ -291,18 +291,18 @@ fn windows_are_bounded() {
             Message::with_header(format!("p{i}"), "", 0).route("e", "resource", "r", "update");
         assert_eq!(
             outbox.check_downstream(t0, &cloud).unwrap(),
-            Downstream::Deliver
+            DedupVerdict::Deliver
         );
     }
     let oldest = Message::with_header("p0", "", 0).route("e", "resource", "r", "update");
     assert_eq!(
         outbox.check_downstream(t0, &oldest).unwrap(),
-        Downstream::Deliver
+        DedupVerdict::Deliver
     );
     let newest = Message::with_header("p4", "", 0).route("e", "resource", "r", "update");
     assert_eq!(
         outbox.check_downstream(t0, &newest).unwrap(),
-        Downstream::PendingDuplicate
+        DedupVerdict::PendingDuplicate
     );
 }
 

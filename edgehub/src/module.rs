@@ -16,10 +16,10 @@ use crate::outbox::OpenError;
 use crate::stats::{Counters, HubStats, LinkStatus, Receipt, StorageProblem};
 use session::edge::route::{GROUP_HUB, MODULE_EDGEHUB};
 
-/// The EdgeHub module. Create it, keep [`EdgeHub::stats`] / [`EdgeHub::reconnect_trigger`]
+/// The EdgeHub module. Create it, keep [`EdgeHubModule::stats`] / [`EdgeHubModule::reconnect_trigger`]
 /// handles if needed, and register it on the beehive.
 #[derive(Debug)]
-pub struct EdgeHub {
+pub struct EdgeHubModule {
     config: EdgeHubConfig,
     counters: Arc<Counters>,
     reconnect: Arc<Notify>,
@@ -39,7 +39,7 @@ pub enum StartError {
     Outbox(#[from] OpenError),
 }
 
-impl EdgeHub {
+impl EdgeHubModule {
     /// An EdgeHub for `config`; nothing happens until the hive starts it.
     pub fn new(config: EdgeHubConfig) -> Self {
         Self {
@@ -133,7 +133,7 @@ impl ReconnectTrigger {
     }
 }
 
-impl Module for EdgeHub {
+impl Module for EdgeHubModule {
     fn name(&self) -> &str {
         MODULE_EDGEHUB
     }
