@@ -10,6 +10,7 @@
 //! - [`json`]: the WebSocket form, byte-identical to Go's `encoding/json`.
 //! - [`pb`]: the QUIC form, viaduct's protobuf (and Causeway's extension fields).
 //! - [`frame`]: the 10-byte packer header, a sans-IO decoder with a 32 MiB cap.
+//! - [`http`]: servicebus's `HTTPRequest` / `HTTPResponse` contents and message shapes.
 //! - [`close`]: [`close::SessionCloseCode`], why a session was ended on purpose (one code for
 //!   both transports).
 //! - [`error`]: [`DecodeError`] and [`FrameError`], what a peer's bad bytes produce.
@@ -29,6 +30,7 @@ pub mod close;
 pub mod error;
 pub mod fault;
 pub mod frame;
+pub mod http;
 pub mod json;
 pub mod message;
 pub mod pb;
