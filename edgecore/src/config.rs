@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use edgehub::EdgeHubConfig;
 use edgehub::config::ConfigError;
+use servicebus::ServiceBusConfig;
 
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +32,9 @@ pub struct ModulesConfig {
     /// The local store: keeps cloud messages for local applications.
     #[serde(default)]
     pub local_store: LocalStoreConfig,
+    /// servicebus: lets the cloud call allowed HTTP services on this node (default off).
+    #[serde(default)]
+    pub service_bus: ServiceBusConfig,
 }
 
 /// A module switch.
@@ -144,6 +148,14 @@ modules:
     path: /var/lib/causeway/local.db
     max-messages: 100000
     listen: "127.0.0.1:10550"       # loopback only: no authentication
+  service-bus:
+    # Lets the cloud call HTTP services on this node (cloud API: /v1/nodes/<id>/proxy/<port>/...).
+    enable: false
+    # ip:port of each service the cloud may call (one per port); none: every call gets 403.
+    allowed-targets: []             # e.g. ["127.0.0.1:8080"]
+    timeout: 10                     # seconds per call, connect to last byte; longer: 504
+    max-response-bytes: 5242880     # larger response bodies: 502 (at most 16777216)
+    max-concurrent-calls: 64        # more at once: 503
 "#;
 
 fn yes() -> bool {

@@ -1,7 +1,8 @@
 //! `edgecore`: the Causeway edge daemon. It loads `edgecore.yaml`, makes sure the node has a
 //! certificate (bootstrapping one with the configured token if needed), then runs EdgeHub (the
-//! link to the cloud) and the local store (cloud messages for local applications) on a beehive
-//! until SIGINT or SIGTERM, and exits 0 after a graceful shutdown.
+//! link to the cloud), the local store (cloud messages for local applications) and servicebus
+//! (the cloud's calls to local HTTP services, when enabled) on a beehive until SIGINT or SIGTERM,
+//! and exits 0 after a graceful shutdown.
 //!
 //! Logs go to stderr (`RUST_LOG` respected, default `info`): one line per connect, disconnect
 //! (with the reason) and reconnect attempt.
@@ -17,6 +18,7 @@ use clap::Parser;
 use edgehub::EdgeHubModule;
 use edgehub::bootstrap::{self, BootstrapError, CertStatus};
 use edgehub::outbox::Outbox;
+use servicebus::ServiceBus;
 
 use causeway_edgecore::config::{DEFAULT_YAML, EdgecoreConfig};
 use causeway_edgecore::localstore::LocalStore;
@@ -86,6 +88,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let store = config.modules.local_store.clone();
     let store_enabled = store.enable;
     beehive.register(LocalStore::new(store).with_link(link), store_enabled)?;
+    let service_bus = config.modules.service_bus.clone();
+    let service_bus_enabled = service_bus.enable;
+    beehive.register(ServiceBus::new(service_bus), service_bus_enabled)?;
     tracing::info!(
         node = %config.edgehub.controller.node_id,
         modules = ?beehive.enabled(),
