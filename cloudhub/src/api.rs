@@ -5,7 +5,7 @@
 //! | `GET /v1/nodes` | read | every known node: id, project, connected, protocol, since, remote address, last keepalive, queue depths |
 //! | `GET /v1/nodes/{id}` | read | one node (404 if unknown) |
 //! | `POST /v1/nodes/{id}/messages` | send | queue a KubeEdge JSON message for the node (id and timestamp filled in if absent); `?ack=true\|false` overrides the ACK classification, `?wait=ack&timeout=10s` waits for the edge's ACK; 503 `queue_full` or 507 `insufficient_storage` (the store's disk is full) with `Retry-After` when nothing was queued |
-//! | `GET /v1/nodes/{id}/messages/{msg_id}` | read | where a queued message stands (pending, in flight, acked) |
+//! | `GET /v1/nodes/{id}/messages/{msg_id}` | read | where a queued message stands (pending, in flight, acked, failed with the edge's `error`) |
 //! | `GET /v1/messages?node=&group=&since=` | read | upstream messages as Server-Sent Events (`id:` = log sequence; resume with `Last-Event-ID` or `since`) |
 //! | `GET /v1/api-tokens` | admin | the API tokens (names, scopes, times; never the tokens) |
 //! | `POST /v1/api-tokens` | admin | create a token `{"name", "scope"}`; the answer holds it, once |
@@ -53,7 +53,7 @@ use crate::auth::{
 };
 use crate::bootstrap::{PeerInfo, TlsListener};
 use crate::conn_limit::ConnLimit;
-use crate::hub::{Hub, NodeView, SendError};
+use crate::hub::{AckInfo, Hub, NodeView, SendError};
 use crate::store::{MessageState, MessageStore, UpstreamRecord};
 use session::node::delivery::needs_ack;
 
@@ -644,7 +644,7 @@ struct PostQuery {
     request_body(content = crate::api_doc::KubeEdgeMessage, description = "A KubeEdge message (JSON); `route.group` and `route.operation` are required"),
     responses(
         (status = 202, description = "Queued (with `wait=ack`: queued, and not acknowledged within the timeout: `acked: false`)", body = crate::api_doc::PostAnswer),
-        (status = 200, description = "With `wait=ack`: acknowledged (`acked: true`)", body = crate::api_doc::PostAnswer),
+        (status = 200, description = "With `wait=ack`: acknowledged (`acked: true`), or refused by the edge (`acked: false, failed: true, error`: it could not deliver the message; it failed and is not resent)", body = crate::api_doc::PostAnswer),
         (status = 400, description = "`bad_query`, `bad_body`, `malformed_message` (not a KubeEdge JSON message) or `missing_route`", body = ErrorBody),
         (status = 404, description = "`unknown_node`: it never connected", body = ErrorBody),
         (status = 413, description = "`too_large`: the body is over 32 MiB", body = ErrorBody),
@@ -774,10 +774,16 @@ async fn post_message(
     };
     // A duplicate POST of a message acked earlier: nothing more will come.
     if queued.duplicate {
-        if let Ok(Some(MessageState::Acked { at_ms })) = hub.message_state(&node, &id).await {
-            out["acked"] = json!(true);
-            out["acked_at_ms"] = json!(at_ms);
-            return (StatusCode::OK, axum::Json(out)).into_response();
+        match hub.message_state(&node, &id).await {
+            Ok(Some(MessageState::Acked { at_ms })) => {
+                out["acked"] = json!(true);
+                out["acked_at_ms"] = json!(at_ms);
+                return (StatusCode::OK, axum::Json(out)).into_response();
+            }
+            Ok(Some(MessageState::Failed { reason, .. })) => {
+                return edge_refused(out, &reason);
+            }
+            _ => {}
         }
     }
     // Queued: waiting for the edge holds no turn from other requests.
@@ -785,6 +791,10 @@ async fn post_message(
         turn.release();
     }
     match waiter.wait(timeout).await {
+        Some(AckInfo {
+            failed: Some(reason),
+            ..
+        }) => edge_refused(out, &reason),
         Some(info) => {
             out["acked"] = json!(true);
             out["ack_latency_ms"] = json!(info.latency.map(|l| l.as_secs_f64() * 1000.0));
@@ -796,6 +806,15 @@ async fn post_message(
             (StatusCode::ACCEPTED, axum::Json(out)).into_response()
         }
     }
+}
+
+/// `wait=ack` for a message the edge answered with an error (it could not deliver it): 200,
+/// since the wait did end with the edge's terminal answer; `failed` and `error` say which.
+fn edge_refused(mut out: Value, reason: &str) -> Response {
+    out["acked"] = json!(false);
+    out["failed"] = json!(true);
+    out["error"] = json!(reason);
+    (StatusCode::OK, axum::Json(out)).into_response()
 }
 
 /// Where a queued message stands.
@@ -815,11 +834,18 @@ async fn get_message(
                 MessageState::Pending => ("pending", Value::Null),
                 MessageState::InFlight { attempts } => ("in_flight", json!(attempts)),
                 MessageState::Acked { at_ms } => ("acked", json!(at_ms)),
+                MessageState::Failed { at_ms, ref reason } => {
+                    ("failed", json!({ "at_ms": at_ms, "error": reason }))
+                }
             };
             let mut out = json!({ "id": msg_id, "node": node, "state": name });
             match state {
                 MessageState::InFlight { .. } => out["attempts"] = extra,
                 MessageState::Acked { .. } => out["acked_at_ms"] = extra,
+                MessageState::Failed { .. } => {
+                    out["failed_at_ms"] = extra["at_ms"].clone();
+                    out["error"] = extra["error"].clone();
+                }
                 MessageState::Pending => {}
             }
             axum::Json(out).into_response()

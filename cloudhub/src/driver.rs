@@ -215,8 +215,16 @@ impl Driver {
                         id: id.clone(),
                         latency,
                         response: Some(response),
+                        failed: None,
                     });
                     work.ack(id, info);
+                }
+                SessionEvent::Failed { id, seq, reason } => {
+                    if seq.is_some() {
+                        tracing::warn!(node = %self.node, %id, %reason,
+                            "the edge could not deliver the message; it failed");
+                    }
+                    work.fail(id, reason);
                 }
                 // Seen through `close_reason` by the loop.
                 SessionEvent::Closed(_) => {}

@@ -35,6 +35,7 @@ pub struct Metrics {
     resends: AtomicU64,
     /// No-ACK messages written and removed from the queue: delivery never confirmed.
     unconfirmed: AtomicU64,
+    refused: AtomicU64,
     upstream_accepted: AtomicU64,
     upstream_duplicates: AtomicU64,
     acks: AtomicU64,
@@ -91,6 +92,11 @@ impl Metrics {
     /// against the ACK count, what the cloud knows was delivered).
     pub fn unconfirmed(&self) {
         self.unconfirmed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The edge refused a message awaiting its ACK (op `error`): it left the queue as failed.
+    pub fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An upstream message was durably accepted (`duplicate`: it had been before).
@@ -200,6 +206,11 @@ impl Metrics {
                 "cloudhub_unconfirmed_sent_total",
                 "Downstream messages that need no ACK, written and forgotten: sent, never confirmed.",
                 &self.unconfirmed,
+            ),
+            (
+                "cloudhub_downstream_failed_total",
+                "Downstream messages the edge answered with an error (could not deliver): failed.",
+                &self.refused,
             ),
             (
                 "cloudhub_upstream_accepted_total",

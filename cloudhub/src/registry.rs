@@ -50,6 +50,9 @@ pub struct AckInfo {
     /// The edge's response (op `response`); its content may carry a reply. `None` when the
     /// message was already acked before the wait began.
     pub response: Option<Message>,
+    /// The edge did not acknowledge but refused the message (op `error`: it could not deliver
+    /// it), with this reason: the message failed and will not be resent.
+    pub failed: Option<String>,
 }
 
 /// A registered interest in one message's ACK; see [`crate::Hub::ack_waiter`].

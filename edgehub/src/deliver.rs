@@ -1,6 +1,8 @@
 //! Handing cloud messages and connection events to the bus: a queue in the driver and one task
 //! that delivers in order, waiting while a module's inbox is full (the driver stops reading the
-//! connection meanwhile, so the cloud is throttled instead of messages dropped).
+//! connection meanwhile, so the cloud is throttled instead of messages dropped). A cloud message
+//! the bus cannot take at all (no such module or group) comes back to the driver as a
+//! [`Refusal`], which the session answers with an error so the cloud stops resending it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,6 +19,17 @@ use crate::stats::{Counters, bump};
 
 /// Cloud messages queued for the delivery task.
 const DELIVERY_CAPACITY: usize = 1024;
+/// Refusals queued for the driver, which reads them whatever else it waits for.
+const REFUSAL_CAPACITY: usize = 64;
+
+/// A cloud message the bus could not take (no such module, no member of the group): the driver
+/// hands it to [`session::edge::EdgeSession::refuse`].
+pub(crate) struct Refusal {
+    /// The message.
+    pub(crate) message: Message,
+    /// Why, as the error answer's text.
+    pub(crate) reason: String,
+}
 
 /// A cloud message or connection event for the bus.
 pub(crate) enum Delivery {
@@ -44,15 +57,20 @@ pub(crate) type Room = Result<mpsc::OwnedPermit<Delivery>, mpsc::error::SendErro
 
 impl Deliveries {
     /// Starts the delivery task on `bus`; it ends once the returned queue is dropped and drained.
-    pub(crate) fn spawn(bus: Bus, counters: Arc<Counters>) -> (Self, JoinHandle<()>) {
+    /// The receiver yields the messages the bus refused.
+    pub(crate) fn spawn(
+        bus: Bus,
+        counters: Arc<Counters>,
+    ) -> (Self, JoinHandle<()>, mpsc::Receiver<Refusal>) {
         let (tx, rx) = mpsc::channel(DELIVERY_CAPACITY);
-        let task = tokio::spawn(deliver_loop(bus, rx, counters.clone()));
+        let (refusals_tx, refusals) = mpsc::channel(REFUSAL_CAPACITY);
+        let task = tokio::spawn(deliver_loop(bus, rx, counters.clone(), refusals_tx));
         let queue = Self {
             waiting: VecDeque::new(),
             tx,
             counters,
         };
-        (queue, task)
+        (queue, task, refusals)
     }
 
     /// Queues a delivery; [`Deliveries::flush`] hands it over.
@@ -105,7 +123,12 @@ impl Deliveries {
 
 /// Hands cloud messages and connection events to the bus, in order, waiting while a module's
 /// inbox is full.
-async fn deliver_loop(bus: Bus, mut rx: mpsc::Receiver<Delivery>, counters: Arc<Counters>) {
+async fn deliver_loop(
+    bus: Bus,
+    mut rx: mpsc::Receiver<Delivery>,
+    counters: Arc<Counters>,
+    refusals: mpsc::Sender<Refusal>,
+) {
     while let Some(delivery) = rx.recv().await {
         match delivery {
             Delivery::Publish { group, message } => {
@@ -118,14 +141,26 @@ async fn deliver_loop(bus: Bus, mut rx: mpsc::Receiver<Delivery>, counters: Arc<
                 destination,
                 message,
             } => {
-                deliver(&bus, destination, message, &counters).await;
+                if let Some(refusal) = deliver(&bus, destination, message, &counters).await {
+                    // The driver reads refusals unconditionally, so this wait is short; if it
+                    // has gone, so has the connection the answer was for.
+                    let _ = refusals.send(refusal).await;
+                }
             }
         }
     }
 }
 
-async fn deliver(bus: &Bus, destination: Destination, message: Message, counters: &Counters) {
+/// Delivers one cloud message; a message that is not a response and that no module could take
+/// comes back as a [`Refusal`] (a response nobody waits for needs no answer).
+async fn deliver(
+    bus: &Bus,
+    destination: Destination,
+    message: Message,
+    counters: &Counters,
+) -> Option<Refusal> {
     let id = message.header.id.clone();
+    let answerable = (!message.is_response() && !id.is_empty()).then(|| message.clone());
     let result = match destination {
         Destination::Response => match bus.send_resp(message).into_undelivered() {
             None => Ok(()),
@@ -142,10 +177,19 @@ async fn deliver(bus: &Bus, destination: Destination, message: Message, counters
         Destination::Module(module) => bus.send(module, message).await.map_err(|e| e.to_string()),
     };
     match result {
-        Ok(()) => bump(&counters.downstream_delivered, 1),
+        Ok(()) => {
+            bump(&counters.downstream_delivered, 1);
+            None
+        }
         Err(reason) => {
             bump(&counters.downstream_undeliverable, 1);
-            warn!(id, ?destination, reason, "cloud message not delivered");
+            warn!(
+                id,
+                ?destination,
+                reason,
+                "cloud message not delivered; answered with an error"
+            );
+            answerable.map(|message| Refusal { message, reason })
         }
     }
 }

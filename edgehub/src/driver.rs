@@ -25,7 +25,7 @@ use proto::close::SessionCloseCode;
 use session::edge::{Action, DisconnectReason, EdgeSession, Event, SessionEvent};
 
 use crate::config::EdgeHubConfig;
-use crate::deliver::{Deliveries, Delivery};
+use crate::deliver::{Deliveries, Delivery, Refusal};
 use crate::link::{self, Inbound, Link};
 use crate::outbox::{DedupVerdict, OpenError, Outbox};
 use crate::pump::OutboxPump;
@@ -47,7 +47,8 @@ pub(crate) async fn run(
         .finish();
     let session = EdgeSession::with_seed(config.session_config(), now(), seed);
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
-    let (deliveries, delivery_task) = Deliveries::spawn(ctx.bus().clone(), counters.clone());
+    let (deliveries, delivery_task, refusals) =
+        Deliveries::spawn(ctx.bus().clone(), counters.clone());
     info!(
         node = %config.controller.node_id,
         protocol = %config.controller.protocol,
@@ -67,7 +68,7 @@ pub(crate) async fn run(
         dialing: None,
         writer_blocked: false,
     };
-    driver.run(&mut ctx, inbound_rx, &reconnect).await;
+    driver.run(&mut ctx, inbound_rx, refusals, &reconnect).await;
     driver.stop(&mut ctx).await;
     drop(driver);
     // The delivery task ends once the driver's sender is gone and its queue is drained; bound
@@ -97,6 +98,7 @@ impl Driver {
         &mut self,
         ctx: &mut ModuleContext,
         mut inbound_rx: mpsc::Receiver<Inbound>,
+        mut refusals: mpsc::Receiver<Refusal>,
         reconnect: &Notify,
     ) {
         let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
@@ -116,6 +118,9 @@ impl Driver {
             tokio::select! {
                 biased;
                 () = shutdown.triggered() => return,
+                Some(refusal) = refusals.recv() => {
+                    self.session.refuse(&refusal.message, refusal.reason);
+                }
                 room = self.deliveries.room(), if delivering => self.deliveries.send(room),
                 Some(inbound) = inbound_rx.recv(), if !delivering => self.on_inbound(inbound),
                 permit = reserve(writer_tx), if writer_wait => {

@@ -18,13 +18,18 @@
 //! on their own lane ([`EdgeSession::queue_answer`]), ahead of module data and outside the
 //! upstream rate limiter as long as each answers a message this connection delivered, so a
 //! backlog of module data never delays an ACK and ACKs never use up the modules' rate.
+//!
+//! A cloud message the edge cannot deliver (it matches no handler, or its module does not exist)
+//! is answered on the same lane with KubeEdge's error message (op `error`, parent id = its id, the
+//! reason as text; [`EdgeSession::refuse`]), so a Causeway cloud ends that message's resends and
+//! the resource's later messages proceed (PROTOCOL.md Part A item 7).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use proto::close::{Retry, SessionCloseCode};
-use proto::message::{OP_KEEPALIVE, UpstreamClass};
+use proto::message::{OP_ERROR, OP_KEEPALIVE, UpstreamClass};
 use proto::{Content, Fault, FaultClass, Message};
 
 use self::route::{
@@ -300,7 +305,8 @@ pub enum SessionEvent {
         /// The message, unchanged.
         message: Message,
     },
-    /// A cloud message matched no handler: log and count it (it is not delivered).
+    /// A cloud message matched no handler: log and count it (it is not delivered; the session
+    /// has answered it with an error, [`EdgeSession::refuse`]).
     Unroutable {
         /// Why no handler matched.
         reason: Unroutable,
@@ -385,6 +391,9 @@ pub struct SessionStats {
     pub delivered: u64,
     /// Cloud messages that matched no handler.
     pub unroutable: u64,
+    /// Error answers queued for cloud messages the edge could not deliver (unroutable, or no
+    /// such module), resends included.
+    pub refused: u64,
     /// Keepalives received from the cloud (liveness only).
     pub keepalives_received: u64,
 }
@@ -443,6 +452,10 @@ pub struct EdgeSession {
     upstream: VecDeque<Message>,
     /// Ids written and awaiting the cloud's acknowledgement (only with `upstream_ack`).
     in_flight: HashSet<String>,
+    /// Cloud messages refused recently (id → reason), oldest first in `refused_order`, so a
+    /// resend is refused again instead of delivered (capped at [`SessionConfig::answer_queue`]).
+    refused: HashMap<String, String>,
+    refused_order: VecDeque<String>,
     actions: VecDeque<Action>,
     events: VecDeque<SessionEvent>,
     stats: SessionStats,
@@ -499,6 +512,8 @@ impl EdgeSession {
             answer_credit: 0,
             upstream: VecDeque::new(),
             in_flight: HashSet::new(),
+            refused: HashMap::new(),
+            refused_order: VecDeque::new(),
             actions: VecDeque::new(),
             events: VecDeque::new(),
             stats: SessionStats::default(),
@@ -601,6 +616,11 @@ impl EdgeSession {
                 // raced a reconnect; deleting from the outbox is idempotent.
                 self.actions.push_back(Action::Forget { id });
             }
+            Routing::Deliver(_) if self.refused.contains_key(&message.header.id) => {
+                // A resend of a message refused before (its answer was lost): refuse it again.
+                let reason = self.refused[&message.header.id].clone();
+                self.refuse(&message, reason);
+            }
             Routing::Deliver(destination) => {
                 self.stats.delivered += 1;
                 self.answer_credit = (self.answer_credit + 1).min(self.config.answer_queue);
@@ -611,6 +631,7 @@ impl EdgeSession {
             }
             Routing::Unroutable(reason) => {
                 self.stats.unroutable += 1;
+                self.refuse(&message, format!("{reason}: {:?}", message.route.group));
                 self.events
                     .push_back(SessionEvent::Unroutable { reason, message });
             }
@@ -683,6 +704,41 @@ impl EdgeSession {
             (self.config.new_id)(),
             (self.config.wall_millis)(),
         );
+        self.queue_answer(answer);
+    }
+
+    /// Answers a cloud message the edge cannot deliver with KubeEdge's error message (op
+    /// `error`, parent id = its id, `reason` as text) on the answer lane, and remembers it so a
+    /// resend is refused again rather than delivered (kind C). The session calls it for a
+    /// message that matches no handler; the driver calls it when the bus has no such module.
+    /// Responses and messages without an id are not answered (nothing awaits an answer to them).
+    pub fn refuse(&mut self, message: &Message, reason: impl Into<String>) {
+        let id = &message.header.id;
+        if id.is_empty() || message.is_response() {
+            return;
+        }
+        let reason = reason.into();
+        if !self.refused.contains_key(id) {
+            if self.refused_order.len() >= self.config.answer_queue.max(1)
+                && let Some(old) = self.refused_order.pop_front()
+            {
+                self.refused.remove(&old);
+            }
+            self.refused_order.push_back(id.clone());
+            self.refused.insert(id.clone(), reason.clone());
+        }
+        let answer = Message::with_header(
+            (self.config.new_id)(),
+            id.clone(),
+            (self.config.wall_millis)(),
+        )
+        .route("", "", message.route.resource.clone(), OP_ERROR)
+        .content(Content::text(reason));
+        self.stats.refused += 1;
+        // An answer an honest edge owes, like an ACK: not rate limited.
+        if self.connected_generation().is_some() {
+            self.answer_credit = (self.answer_credit + 1).min(self.config.answer_queue);
+        }
         self.queue_answer(answer);
     }
 

@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use proto::Message;
-use proto::message::{GROUP_CAUSEWAY, OP_ACK, UpstreamClass};
+use proto::message::{GROUP_CAUSEWAY, OP_ACK, OP_ERROR, UpstreamClass};
 use proto::rate::TokenBucket;
 
 use self::timer::{Timer, TimerTable};
@@ -154,6 +154,19 @@ pub enum SessionEvent {
         /// The edge's response itself (its content may be a reply).
         response: Message,
     },
+    /// The edge answered a downstream message awaiting its ACK with an error (op `error`,
+    /// parent id = its id: it could not deliver it): that message's terminal answer. Mark it
+    /// failed with the reason. The error message itself also comes as
+    /// [`SessionEvent::Upstream`], for the applications.
+    Failed {
+        /// The refused message id.
+        id: String,
+        /// Its store sequence number when this session holds it; `None` when the session does
+        /// not (the store may: mark it failed there if it awaits an ACK).
+        seq: Option<u64>,
+        /// The edge's reason (the error message's text).
+        reason: String,
+    },
     /// The session ended on its own; see the reason. Close the connection.
     Closed(CloseReason),
 }
@@ -177,6 +190,8 @@ pub struct SessionStats {
     pub resent: u64,
     /// ACKs that matched a message the session held.
     pub acked: u64,
+    /// Error answers that ended a message the session held ([`SessionEvent::Failed`]).
+    pub failed: u64,
     /// Upstream messages handed to the driver as [`SessionEvent::Upstream`].
     pub upstream: u64,
     /// Upstream messages dropped as duplicates of an id already accepted or being accepted.
@@ -283,6 +298,8 @@ impl NodeSession {
     /// by Causeway):
     /// - op `keepalive` (any route): refreshes liveness; nothing else.
     /// - op `response` with a parent id: the ACK of a downstream message.
+    /// - op `error` with a parent id: if that message awaits an ACK, its terminal answer
+    ///   ([`SessionEvent::Failed`]); and, like anything else, an upstream message.
     /// - anything else: an upstream message for the applications, once per id.
     pub fn handle_message(&mut self, now: Instant, mut msg: Message) {
         if self.closed.is_some() {
@@ -304,6 +321,9 @@ impl NodeSession {
             // neither delivered nor acknowledged, as Part A item 7 says.
             UpstreamClass::Control => return,
             UpstreamClass::Data => {}
+        }
+        if msg.route.operation == OP_ERROR && msg.is_response() {
+            self.handle_refusal(now, &msg);
         }
         if msg.header.id.is_empty() {
             // Without an id the message can be neither deduplicated nor acknowledged; give it
@@ -480,6 +500,39 @@ impl NodeSession {
             latency,
             response,
         });
+        self.pump(now);
+    }
+
+    /// The edge could not deliver the message the error `answer` answers: if it awaits an ACK
+    /// here, it leaves the session like an acknowledged one (its resource's later messages may
+    /// go); if the session does not hold it, the store decides.
+    fn handle_refusal(&mut self, now: Instant, answer: &Message) {
+        let id = answer.header.parent_id.clone();
+        let seq = if let Some(flight) = self.in_flight.remove(&id) {
+            self.busy_resources
+                .remove(&flight.down.message.route.resource);
+            self.held.remove(&id);
+            self.rearm_resend();
+            Some(flight.down.seq)
+        } else if let Some(pos) = self
+            .pending
+            .iter()
+            .position(|d| d.needs_ack && d.message.header.id == id)
+        {
+            self.held.remove(&id);
+            self.pending.remove(pos).map(|d| d.seq)
+        } else if self.held.contains(&id) {
+            // A no-ACK message still pending here: nothing awaits an answer to it.
+            return;
+        } else {
+            None
+        };
+        if seq.is_some() {
+            self.stats.failed += 1;
+        }
+        let reason = String::from_utf8_lossy(&answer.content.to_bytes()).into_owned();
+        self.events
+            .push_back(SessionEvent::Failed { id, seq, reason });
         self.pump(now);
     }
 

@@ -150,6 +150,8 @@ struct CloudEnd {
     resent: u64,
     /// ACKs over all sessions.
     acked: u64,
+    /// Ids the edge answered with an error (failed), each answer once.
+    failed: Vec<String>,
 }
 
 struct Pair {
@@ -208,6 +210,7 @@ impl Pair {
                 sessions: 0,
                 resent: 0,
                 acked: 0,
+                failed: Vec::new(),
             },
         }
     }
@@ -502,9 +505,8 @@ impl Pair {
                         Message::response_to_with(&message, Content::text("OK"), next_id(), 1);
                     self.edge.session.queue_answer(ack);
                 }
-                SessionEvent::Unroutable { message, .. } => {
-                    panic!("unroutable: {:?}", message.route)
-                }
+                // The session has answered it with an error.
+                SessionEvent::Unroutable { .. } => {}
                 SessionEvent::ReconnectScheduled { .. } | SessionEvent::Publish { .. } => {}
             }
         }
@@ -565,6 +567,10 @@ impl Pair {
                 }
                 node::SessionEvent::Acked { id, .. } => {
                     self.cloud.acked += 1;
+                    self.cloud.queue.retain(|_, d| d.message.header.id != id);
+                }
+                node::SessionEvent::Failed { id, .. } => {
+                    self.cloud.failed.push(id.clone());
                     self.cloud.queue.retain(|_, d| d.message.header.id != id);
                 }
                 node::SessionEvent::Closed(reason) => closed = Some(reason),
@@ -681,6 +687,40 @@ fn downstream_is_resent_until_acknowledged_and_handled_once() {
     if let Some((_, node)) = pair.cloud.conn.as_ref() {
         assert_eq!(node.in_flight(), 0);
     }
+}
+
+#[test]
+fn a_message_the_edge_cannot_route_fails_and_its_resource_drains() {
+    // Loss both ways: the error answer or the message itself may be lost and resent.
+    let link = Link {
+        loss_up: 20,
+        loss_down: 20,
+        ..Link::default()
+    };
+    let mut pair = Pair::new(link, 5);
+    // A typo in the group, on the resource of messages queued after it.
+    let typo = "down-typo".to_owned();
+    let seq = pair.cloud.next_seq;
+    pair.cloud.next_seq += 1;
+    let message = Message::with_header(typo.clone(), "", 1).route(
+        "edgecontroller",
+        "resourse",
+        "default/configmap/t-0",
+        "update",
+    );
+    pair.cloud.queue.insert(
+        seq,
+        Downstream {
+            seq,
+            message,
+            needs_ack: true,
+        },
+    );
+    let down = pair.cloud_sends(20, 1, "t");
+    pair.run_until_drained(secs(900), &[], &down);
+    assert_each_once("edge module", &pair.edge.handled, &down);
+    assert!(pair.cloud.failed.contains(&typo), "{:?}", pair.cloud.failed);
+    assert!(!pair.edge.handled_set.contains(&typo));
 }
 
 #[test]

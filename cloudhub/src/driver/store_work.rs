@@ -65,6 +65,11 @@ pub(super) enum Done {
         id: String,
         result: Result<Option<u64>, StoreError>,
     },
+    /// The store settled an error answer: `Some(seq)` if it failed an open message.
+    FailMarked {
+        info: Box<AckInfo>,
+        result: Result<Option<u64>, StoreError>,
+    },
     Recorded {
         what: &'static str,
         record: Record,
@@ -194,6 +199,17 @@ impl StoreWork {
                     registry.notify_ack(node, &info);
                 }
             }
+            Done::FailMarked { info, result } => match result {
+                Ok(Some(_)) => {
+                    metrics.refused();
+                    registry.notify_ack(node, &info);
+                    // The resource's later messages may now be in the store's next refill.
+                    self.maybe_more = true;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%node, id = %info.id, error = %e,
+                    "failure not recorded; the message will be resent"),
+            },
             Done::Recorded {
                 what,
                 record,
@@ -243,6 +259,22 @@ impl StoreWork {
         }));
     }
 
+    /// Records that the edge refused message `id` (an error answer) and then tells the ACK
+    /// waiters, if it was open.
+    pub(super) fn fail(&mut self, id: String, reason: String) {
+        let fut = self.store.mark_failed(&self.node, &id, &reason);
+        let info = Box::new(AckInfo {
+            id,
+            latency: None,
+            response: None,
+            failed: Some(reason),
+        });
+        self.ops.push(Box::pin(async move {
+            let result = fut.await;
+            Done::FailMarked { info, result }
+        }));
+    }
+
     /// Records a downstream message's progress.
     pub(super) fn record(&mut self, record: Record) {
         let store = &self.store;
@@ -271,11 +303,15 @@ impl StoreWork {
     /// not regardless), so ACK waiters hear about every recorded ACK.
     pub(super) async fn drain(&mut self, registry: &Registry) {
         while let Some(done) = self.ops.next().await {
-            if let Done::AckMarked {
-                info: Some(info), ..
-            } = done
-            {
-                registry.notify_ack(&self.node, &info);
+            match done {
+                Done::AckMarked {
+                    info: Some(info), ..
+                }
+                | Done::FailMarked {
+                    info,
+                    result: Ok(Some(_)),
+                } => registry.notify_ack(&self.node, &info),
+                _ => {}
             }
         }
     }

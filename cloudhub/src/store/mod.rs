@@ -1,4 +1,5 @@
-//! The cloud's durable message store: per-node downstream queues (pending → in flight → acked),
+//! The cloud's durable message store: per-node downstream queues (pending → in flight → acked, or
+//! failed when the edge answers with an error),
 //! the log of accepted upstream messages (which is also the per-node deduplication window), and
 //! the registry of known nodes.
 //!
@@ -75,6 +76,16 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
         id: &str,
     ) -> StoreFuture<'static, Result<Option<u64>, StoreError>>;
 
+    /// The node answered message `id`, which awaits its ACK, with an error (it could not deliver
+    /// it): the message leaves the queue as failed, keeping `reason`. Returns its sequence number
+    /// if it was open and needs an ACK (`None` otherwise: nothing changes).
+    fn mark_failed(
+        &self,
+        node: &str,
+        id: &str,
+        reason: &str,
+    ) -> StoreFuture<'static, Result<Option<u64>, StoreError>>;
+
     /// Forgets message `seq` of `node`: a no-ACK message once written.
     fn remove(&self, node: &str, seq: u64) -> StoreFuture<'static, Result<(), StoreError>>;
 
@@ -141,7 +152,7 @@ pub enum Accepted {
 }
 
 /// Where a downstream message stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MessageState {
     /// Queued, not written yet (or written by a session that ended before an ACK).
     Pending,
@@ -154,6 +165,14 @@ pub enum MessageState {
     Acked {
         /// When, in Unix milliseconds.
         at_ms: i64,
+    },
+    /// The edge answered it with an error (it could not deliver it): out of the queue, never
+    /// resent.
+    Failed {
+        /// When, in Unix milliseconds.
+        at_ms: i64,
+        /// The edge's reason.
+        reason: String,
     },
 }
 

@@ -140,6 +140,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", sync)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         let state = State::load(&conn)?;
         let (jobs, rx) = mpsc::channel::<Job>();
         let (feed, _) = broadcast::channel(UPSTREAM_FEED);
@@ -301,7 +302,7 @@ fn run_writer(
             let horizon = proto::now_millis()
                 - i64::try_from(config.acked_retention.as_millis()).unwrap_or(i64::MAX);
             if let Err(e) = conn.execute(
-                "DELETE FROM downstream WHERE state = 2 AND acked_ms < ?1",
+                "DELETE FROM downstream WHERE state >= 2 AND acked_ms < ?1",
                 [horizon],
             ) {
                 tracing::warn!(error = %e, "pruning acked messages failed");
@@ -483,6 +484,19 @@ const MESSAGE_COLUMNS: &str = "msg_id, parent_id, timestamp, resource_version, s
 const STATE_PENDING: i64 = 0;
 const STATE_IN_FLIGHT: i64 = 1;
 const STATE_ACKED: i64 = 2;
+/// The edge answered with an error; `error` holds its reason, `acked_ms` when.
+const STATE_FAILED: i64 = 3;
+
+/// Columns added after the first release, for databases created before them.
+fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let has_error: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('downstream') WHERE name = 'error'")?
+        .exists([])?;
+    if !has_error {
+        conn.execute_batch("ALTER TABLE downstream ADD COLUMN error TEXT")?;
+    }
+    Ok(())
+}
 
 impl State {
     fn load(conn: &Connection) -> Result<Self, rusqlite::Error> {
@@ -754,6 +768,37 @@ impl MessageStore for SqliteStore {
         })
     }
 
+    fn mark_failed(
+        &self,
+        node: &str,
+        id: &str,
+        reason: &str,
+    ) -> StoreFuture<'static, Result<Option<u64>, StoreError>> {
+        let node = node.to_owned();
+        let id = id.to_owned();
+        let reason = reason.to_owned();
+        self.submit(move |b| {
+            for from in [STATE_IN_FLIGHT, STATE_PENDING] {
+                let failed: Option<i64> =
+                    b.tx.prepare_cached(
+                        "UPDATE downstream SET state = ?1, acked_ms = ?2, error = ?3
+                         WHERE node = ?4 AND msg_id = ?5 AND state = ?6 AND needs_ack = 1
+                         RETURNING seq",
+                    )?
+                    .query_row(
+                        params![STATE_FAILED, b.now_ms, reason, node, id, from],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if let Some(seq) = failed {
+                    b.state.forget_open(&node, from);
+                    return Ok(Some(to_u64(seq)));
+                }
+            }
+            Ok(None)
+        })
+    }
+
     fn remove(&self, node: &str, seq: u64) -> StoreFuture<'static, Result<(), StoreError>> {
         let node = node.to_owned();
         self.submit(move |b| {
@@ -779,17 +824,23 @@ impl MessageStore for SqliteStore {
         let node = node.to_owned();
         let id = id.to_owned();
         self.submit(move |b| {
-            let row: Option<(i64, i64, Option<i64>)> = b
-                .tx
-                .prepare_cached(
-                    "SELECT state, attempts, acked_ms FROM downstream WHERE node = ?1 AND msg_id = ?2",
+            let row: Option<(i64, i64, Option<i64>, Option<String>)> =
+                b.tx.prepare_cached(
+                    "SELECT state, attempts, acked_ms, error FROM downstream
+                     WHERE node = ?1 AND msg_id = ?2",
                 )?
-                .query_row(params![node, id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .query_row(params![node, id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
                 .optional()?;
-            Ok(row.map(|(st, attempts, acked)| match st {
+            Ok(row.map(|(st, attempts, acked, error)| match st {
                 STATE_PENDING => MessageState::Pending,
                 STATE_IN_FLIGHT => MessageState::InFlight {
                     attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                },
+                STATE_FAILED => MessageState::Failed {
+                    at_ms: acked.unwrap_or(0),
+                    reason: error.unwrap_or_default(),
                 },
                 _ => MessageState::Acked {
                     at_ms: acked.unwrap_or(0),

@@ -71,6 +71,15 @@ pub enum Unroutable {
     UnknownGroup,
 }
 
+impl std::fmt::Display for Unroutable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::UnknownUserSource => "no edge module handles user messages from this source",
+            Self::UnknownGroup => "no edge module handles this route group",
+        })
+    }
+}
+
 /// The routing decision for one cloud message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Routing {

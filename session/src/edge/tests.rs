@@ -44,7 +44,7 @@ struct Harness {
     /// Whether the cloud's transport answers each received message with a sign of life.
     cloud_pongs: bool,
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
-    pending: std::collections::HashMap<u64, Delivery>,
+    pending: HashMap<u64, Delivery>,
     seq: u64,
     /// The generation the cloud currently serves (None: no connection).
     cloud_conn: Option<Generation>,
@@ -72,7 +72,7 @@ impl Harness {
             cloud_acks: true,
             cloud_pongs: true,
             queue: BinaryHeap::new(),
-            pending: std::collections::HashMap::new(),
+            pending: HashMap::new(),
             seq: 0,
             cloud_conn: None,
             received: Vec::new(),
@@ -1149,4 +1149,90 @@ fn a_configuration_fault_is_retried_slowly_and_reported_as_repeated() {
     let config = h.session.config().clone();
     let wait = h.session.timer(Timer::Backoff).unwrap() - h.now;
     assert!(wait <= config.backoff.ceiling(4), "{wait:?}");
+}
+
+/// A session connected as generation 1 at `now`, with its start-up output drained.
+fn connected_session(now: Instant) -> EdgeSession {
+    let mut s = EdgeSession::new(SessionConfig::new(HB), now, || 0.5);
+    let generation = Generation(1);
+    s.handle_event(
+        now,
+        Event::Connected {
+            generation,
+            upstream_ack: true,
+        },
+    );
+    while s.poll_transmit(now).is_some() {}
+    while s.poll_action().is_some() {}
+    while s.poll_event().is_some() {}
+    s
+}
+
+/// The error answers the session hands out now: (parent id, text).
+fn error_answers(s: &mut EdgeSession, now: Instant) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while let Some(t) = s.poll_transmit(now) {
+        assert_eq!(t.kind, TransmitKind::Answer, "{t:?}");
+        assert_eq!(t.message.route.operation, "error");
+        out.push((
+            t.message.header.parent_id.clone(),
+            t.message.content.as_text().unwrap_or_default().to_owned(),
+        ));
+    }
+    out
+}
+
+#[test]
+fn an_unroutable_cloud_message_is_answered_with_an_error_each_time_it_comes() {
+    let now = Instant::now();
+    let mut s = connected_session(now);
+    let g = Generation(1);
+    let typo = Message::with_header("n1", "", 0).route("cloud", "nosuch", "ns/thing/a", "update");
+    for _ in 0..2 {
+        s.handle_message(now, g, typo.clone());
+        let answers = error_answers(&mut s, now);
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].0, "n1");
+        assert!(answers[0].1.contains("nosuch"), "{answers:?}");
+        assert!(matches!(
+            s.poll_event(),
+            Some(SessionEvent::Unroutable { .. })
+        ));
+        assert_eq!(s.poll_event(), None);
+    }
+    // A response that matches nothing awaits no answer; neither does a message without an id.
+    let stray = Message::with_header("n2", "q", 0).route("cloud", "nosuch", "r", "response");
+    let anonymous = Message::with_header("", "", 0).route("cloud", "nosuch", "r", "update");
+    s.handle_message(now, g, stray);
+    s.handle_message(now, g, anonymous);
+    assert!(error_answers(&mut s, now).is_empty());
+    let stats = s.stats();
+    assert_eq!((stats.unroutable, stats.refused), (4, 2));
+}
+
+#[test]
+fn a_message_the_bus_refused_is_answered_and_its_resend_is_not_delivered_again() {
+    let now = Instant::now();
+    let mut s = connected_session(now);
+    let g = Generation(1);
+    let twin = Message::with_header("t1", "", 0).route("cloud", "twin", "dev/1", "update");
+    s.handle_message(now, g, twin.clone());
+    assert!(matches!(s.poll_event(), Some(SessionEvent::Deliver { .. })));
+    // The driver found no module of group twin.
+    s.refuse(&twin, "no started module in group \"twin\"");
+    assert_eq!(
+        error_answers(&mut s, now),
+        [(
+            "t1".to_owned(),
+            "no started module in group \"twin\"".to_owned()
+        )]
+    );
+    // The answer was lost and the cloud resends: answered again, not delivered.
+    s.handle_message(now, g, twin);
+    assert_eq!(s.poll_event(), None);
+    assert_eq!(error_answers(&mut s, now).len(), 1);
+    // Other messages are delivered as before.
+    let other = Message::with_header("t2", "", 0).route("cloud", "twin", "dev/1", "update");
+    s.handle_message(now, g, other);
+    assert!(matches!(s.poll_event(), Some(SessionEvent::Deliver { .. })));
 }

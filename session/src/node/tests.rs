@@ -254,6 +254,12 @@ impl Pair {
                         self.acks.push((id, latency));
                         self.refill();
                     }
+                    SessionEvent::Failed { seq, .. } => {
+                        if let Some(seq) = seq {
+                            self.store.remove(&seq);
+                        }
+                        self.refill();
+                    }
                     SessionEvent::Closed(reason) => self.closed = Some(reason),
                 }
             }
@@ -824,4 +830,68 @@ fn causeway_edges_and_unpaced_configs_get_no_ack_messages_at_once() {
         assert_eq!(drain_transmits(&mut s).len(), 100);
         assert_eq!(s.stats().paced, 0);
     }
+}
+
+/// An edge's error answer to `id` (KubeEdge's `NewErrorMessage`).
+fn error_answer(id: &str, text: &str) -> Message {
+    Message::with_header(format!("err-{id}"), id, 0)
+        .route("", "", "r", OP_ERROR)
+        .content(Content::text(text))
+}
+
+#[test]
+fn an_error_answer_ends_the_message_and_frees_its_resource() {
+    let t0 = Instant::now();
+    let mut s = NodeSession::new(config(), t0);
+    s.queue(t0, [down(1, "pod/a", true), down(2, "pod/a", true)]);
+    let sent: Vec<_> = drain_transmits(&mut s)
+        .into_iter()
+        .map(|t| t.message.header.id)
+        .collect();
+    assert_eq!(sent, ["down-1"], "per-resource order holds the second back");
+    s.handle_message(t0 + secs(1), error_answer("down-1", "no edge module"));
+    let events = drain_events(&mut s);
+    assert_eq!(
+        events[0],
+        SessionEvent::Failed {
+            id: "down-1".into(),
+            seq: Some(1),
+            reason: "no edge module".into(),
+        }
+    );
+    // The error itself still goes up to the applications.
+    assert!(
+        matches!(&events[1], SessionEvent::Upstream(m) if m.header.id == "err-down-1"),
+        "{events:?}"
+    );
+    assert_eq!(s.stats().failed, 1);
+    // Never resent; the resource's next message goes at once.
+    let sent: Vec<_> = drain_transmits(&mut s)
+        .into_iter()
+        .filter(|t| matches!(t.kind, TransmitKind::Delivery { .. }))
+        .map(|t| t.message.header.id)
+        .collect();
+    assert_eq!(sent, ["down-2"]);
+    s.handle_timeout(t0 + secs(300));
+    let resent: Vec<_> = drain_transmits(&mut s)
+        .into_iter()
+        .map(|t| t.message.header.id)
+        .collect();
+    assert!(resent.iter().all(|id| id == "down-2"), "{resent:?}");
+    assert_eq!(s.in_flight(), 1);
+}
+
+#[test]
+fn an_error_answer_to_a_message_not_held_is_left_to_the_store() {
+    let t0 = Instant::now();
+    let mut s = NodeSession::new(config(), t0);
+    // Not awaiting an ACK here: the no-ACK message pending in this session is not failed.
+    s.queue(t0, [down(1, "pod/a", false)]);
+    s.handle_message(t0, error_answer("unknown", "x"));
+    let events = drain_events(&mut s);
+    assert!(
+        matches!(&events[0], SessionEvent::Failed { id, seq: None, .. } if id == "unknown"),
+        "{events:?}"
+    );
+    assert_eq!(s.stats().failed, 0);
 }

@@ -1,0 +1,136 @@
+//! End to end with the real `cloudcore` and `edgecore` on loopback, over each protocol: a
+//! message that needs an ACK but that the edge cannot deliver is answered with an error and
+//! fails at once in the cloud instead of being resent forever, and the messages queued after it
+//! for the same resource are delivered and acknowledged (issue 9: every queue has a way back to
+//! empty). Two cases: a group no edge handler serves (`nosuch`, refused by the edge session)
+//! and a group whose module this edge does not run (`twin`: edgecore has no devicetwin, refused
+//! by the bus).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use causeway_tests::daemon::{
+    CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http, json_of, outbox_rows, wait_until,
+};
+use serde_json::{Value, json};
+
+/// Bound on anything that should happen within a few heartbeats.
+const PATIENCE: Duration = Duration::from_secs(90);
+/// The node every test edge runs as.
+const NODE: &str = "edge-refused-e2e";
+
+fn edge_config(dir: &Path, protocol: &str, cloud: &Cloud) -> PathBuf {
+    let d = dir.display();
+    let server = cloud.server(protocol);
+    let https = cloud.https;
+    let token = bootstrap_token(dir);
+    let config = dir.join("edgecore.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "edgehub:
+  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {NODE} }}
+  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
+  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
+  http-server: 'https://{https}'
+  token: '{token}'
+  outbox: {{ path: {d}/edge/outbox.db }}
+modules:
+  local-store: {{ path: {d}/edge/local.db, listen: '127.0.0.1:0' }}
+"
+        ),
+    )
+    .expect("write edge config");
+    config
+}
+
+fn message(id: &str, group: &str, resource: &str) -> String {
+    json!({
+        "header": {"msg_id": id},
+        "route": {"source": "e2e", "group": group, "operation": "update", "resource": resource},
+        "content": {"id": id}
+    })
+    .to_string()
+}
+
+/// POSTs with `?ack=true&wait=ack` and returns the answer (200 expected).
+fn post_and_wait(cloud: &Cloud, id: &str, group: &str, resource: &str) -> Value {
+    let (code, body) = http(
+        cloud.api,
+        "POST",
+        &format!("/v1/nodes/{NODE}/messages?ack=true&wait=ack&timeout=60s"),
+        &message(id, group, resource),
+    );
+    assert_eq!(code, 200, "{body}");
+    json_of(&body)
+}
+
+fn message_state(cloud: &Cloud, id: &str) -> Value {
+    let (code, body) = http(
+        cloud.api,
+        "GET",
+        &format!("/v1/nodes/{NODE}/messages/{id}"),
+        "",
+    );
+    assert_eq!(code, 200, "{body}");
+    json_of(&body)
+}
+
+fn refused_messages_fail_and_their_resource_drains(protocol: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let cloud = Cloud::start(root, [0; 4], 30, PATIENCE);
+    let config = edge_config(root, protocol, &cloud);
+    let edge = Edge::start(&config, PATIENCE);
+    edge.wait_connected();
+
+    for (id, group, why) in [("typo-1", "nosuch", "nosuch"), ("twin-1", "twin", "twin")] {
+        let resource = format!("default/configmap/{id}");
+        let started = Instant::now();
+        let answer = post_and_wait(&cloud, id, group, &resource);
+        let took = started.elapsed();
+        assert_eq!(answer["acked"], false, "{answer}");
+        assert_eq!(answer["failed"], true, "{answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{answer}");
+        println!("{protocol}: group {group:?} failed after {took:?}: {error}");
+        let state = message_state(&cloud, id);
+        assert_eq!(state["state"], "failed", "{state}");
+        assert_eq!(state["error"], error, "{state}");
+        // The resource is not held back: the next message for it is delivered and acked.
+        let next = format!("{id}-next");
+        let answer = post_and_wait(&cloud, &next, "resource", &resource);
+        assert_eq!(answer["acked"], true, "{answer}");
+        assert_eq!(edge.received().get(&next), Some(&1));
+        assert_eq!(edge.received().get(id), None);
+    }
+    let metrics = http(cloud.api, "GET", "/metrics", "").1;
+    assert!(
+        metrics.contains("cloudhub_downstream_failed_total 2"),
+        "{metrics}"
+    );
+
+    // Every queue drained: the edge's outbox is empty, the cloud's queue has nothing open.
+    wait_until("queues drained", PATIENCE, || {
+        let rows = outbox_rows(&root.join("edge/outbox.db"));
+        let (_, body) = http(cloud.api, "GET", &format!("/v1/nodes/{NODE}"), "");
+        let queue = json_of(&body)["queue"].clone();
+        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
+            Ok(())
+        } else {
+            Err(format!("outbox {rows} rows, cloud queue {queue}"))
+        }
+    });
+    assert_eq!(edge.daemon.stop(), Some(0), "edgecore exits 0 on SIGTERM");
+    assert_eq!(cloud.daemon.stop(), Some(0), "cloudcore exits 0 on SIGTERM");
+}
+
+#[test]
+fn websocket_refused_messages_fail_and_their_resource_drains() {
+    refused_messages_fail_and_their_resource_drains("websocket");
+}
+
+#[test]
+fn quic_refused_messages_fail_and_their_resource_drains() {
+    refused_messages_fail_and_their_resource_drains("quic");
+}
