@@ -80,8 +80,14 @@ pub struct PostAnswer {
     pub duplicate: bool,
     /// Whether the cloud waits for the edge's ACK (and resends until it comes).
     pub needs_ack: bool,
-    /// With `wait=ack`: whether the ACK came within the timeout.
+    /// With `wait=ack`: whether the ACK came within the timeout (`false` also when the edge
+    /// refused the message: see `failed`).
     pub acked: Option<bool>,
+    /// With `wait=ack`: `true` when the edge answered with an error instead of an ACK (it could
+    /// not deliver the message): it failed and will not be resent (200).
+    pub failed: Option<bool>,
+    /// With `failed`: the edge's reason.
+    pub error: Option<String>,
     /// With `wait=ack`, for a duplicate of a message acked earlier: when.
     pub acked_at_ms: Option<i64>,
     /// With `wait=ack`: milliseconds from the first send to the ACK.
@@ -97,12 +103,17 @@ pub struct MessageStatus {
     pub id: String,
     /// The node.
     pub node: String,
-    /// `pending` (queued), `in_flight` (written, waiting for the ACK) or `acked`.
+    /// `pending` (queued), `in_flight` (written, waiting for the ACK), `acked`, or `failed`
+    /// (the edge answered with an error: it could not deliver it; never resent).
     pub state: String,
     /// Sends so far in the current session (`in_flight` only).
     pub attempts: Option<u32>,
     /// When the ACK came, Unix milliseconds (`acked` only).
     pub acked_at_ms: Option<i64>,
+    /// When the edge's error answer came, Unix milliseconds (`failed` only).
+    pub failed_at_ms: Option<i64>,
+    /// The edge's reason (`failed` only).
+    pub error: Option<String>,
 }
 
 /// The `data:` of each `message` event of `GET /v1/messages` (`api::record_event`). The event's

@@ -205,6 +205,13 @@ pub(crate) fn run_send(args: SendArgs) -> anyhow::Result<()> {
             .with_context(|| format!("POST {url}"))?;
         let body = response_json(resp, &url).await?;
         println!("{}", serde_json::to_string(&body)?);
+        if args.wait_ack && body["failed"] == Value::Bool(true) {
+            bail!(
+                "the edge could not deliver message {}: {}; it failed and is not resent",
+                body["id"],
+                body["error"].as_str().unwrap_or("no reason given")
+            );
+        }
         if args.wait_ack && body["acked"] != Value::Bool(true) {
             bail!(
                 "message {} was queued but not acknowledged within {:?}; it stays queued",
