@@ -72,6 +72,24 @@ Examples:
   causeway tail --node edge-1 --group resource
   causeway tail --node edge-1 --count 1 --timeout 30s")]
     Tail(cmd::api::TailArgs),
+    /// Create or replace objects (desired state) from a YAML or JSON file.
+    #[command(after_help = "\
+Examples:
+  causeway apply -f demo-configmap.yaml
+  causeway apply -f pods.yaml -n edge-apps")]
+    Apply(cmd::objects::ApplyArgs),
+    /// List objects, or show one as JSON.
+    #[command(after_help = "\
+Examples:
+  causeway get configmaps
+  causeway get pods -n default -l app=web
+  causeway get nodes edge-1")]
+    Get(cmd::objects::GetArgs),
+    /// Delete an object; the nodes that hold it are told.
+    #[command(after_help = "\
+Examples:
+  causeway delete configmap demo -n default")]
+    Delete(cmd::objects::DeleteArgs),
     /// Create, list and revoke the cloud API's bearer tokens (offline with --dir, or via the API).
     #[command(name = "api-token")]
     ApiToken(cmd::api_token::Args),
@@ -96,6 +114,9 @@ fn main() -> ExitCode {
         Command::Nodes(args) => cmd::api::run_nodes(args),
         Command::Send(args) => cmd::api::run_send(args),
         Command::Tail(args) => cmd::api::run_tail(args),
+        Command::Apply(args) => cmd::objects::run_apply(args),
+        Command::Get(args) => cmd::objects::run_get(args),
+        Command::Delete(args) => cmd::objects::run_delete(args),
         Command::ApiToken(args) => cmd::api_token::run(args),
         Command::Conformance(args) => cmd::conformance::run(args),
     };

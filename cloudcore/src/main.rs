@@ -22,6 +22,7 @@ use cloudhub::auth::TokenStore;
 use cloudhub::bootstrap::BootstrapConfig;
 use cloudhub::config::{CloudcoreConfig, DEFAULT_YAML};
 use cloudhub::module::{ApiServing, Bound, CloudHubModule};
+use cloudhub::objects::sqlite::SqliteObjects;
 use cloudhub::store::sqlite::SqliteStore;
 use transport::ListenConfig;
 
@@ -63,6 +64,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
     let hub = Hub::new(hub_config.hub_config(), Arc::new(store));
+    let objects_path = hub_config.objects_path();
+    let objects = Arc::new(
+        SqliteObjects::open(&objects_path)
+            .with_context(|| format!("opening the object store {}", objects_path.display()))?,
+    );
     // Installed before anything runs, so a signal during start-up is not lost.
     let signals = TerminationSignals::install()?;
     let bound = Bound::bind(hub_config)
@@ -87,6 +93,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ApiServing {
             options: ApiOptions {
                 tokens: Some(Arc::new(tokens)),
+                objects: Some(Arc::clone(&objects)),
                 ..hub_config.api_options()
             },
             tls: if api_tls {

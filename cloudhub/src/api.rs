@@ -57,6 +57,8 @@ use crate::hub::{AckInfo, Hub, NodeView, SendError};
 use crate::store::{MessageState, MessageStore, UpstreamRecord};
 use session::node::delivery::needs_ack;
 
+mod objects;
+
 /// Largest accepted POST body: the transport's per-message cap.
 pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// Default and longest `wait=ack` timeouts.
@@ -84,6 +86,9 @@ pub struct ApiOptions {
     /// How long a request waits for its turn before it is refused with 503 `overloaded` and
     /// `Retry-After`.
     pub request_wait: Duration,
+    /// The object store served under `/v1/namespaces/...` and `/v1/cluster/...`; `None`: those
+    /// endpoints answer 404.
+    pub objects: Option<Arc<crate::objects::sqlite::SqliteObjects>>,
 }
 
 impl Default for ApiOptions {
@@ -95,6 +100,7 @@ impl Default for ApiOptions {
             max_connections: 1024,
             max_concurrent_requests: 64,
             request_wait: Duration::from_secs(5),
+            objects: None,
         }
     }
 }
@@ -105,6 +111,7 @@ struct ApiState {
     hub: Hub,
     auth: Arc<ApiAuth>,
     turns: Arc<Turns>,
+    objects: objects::Objects,
 }
 
 /// The bound on requests handled at once.
@@ -147,7 +154,8 @@ async fn take_turn(
     mut req: Request,
     next: Next,
 ) -> Response {
-    if matched.as_ref().is_some_and(|m| takes_no_turn(m.as_str())) {
+    let path = matched.as_ref().map_or("", |m| m.as_str());
+    if takes_no_turn(path) || objects::is_watch(path, req.uri().query()) {
         return next.run(req).await;
     }
     let slot = tokio::time::timeout(turns.wait, Arc::clone(&turns.slots).acquire_owned()).await;
@@ -216,6 +224,7 @@ pub fn router_with_options(hub: Hub, options: ApiOptions) -> Router {
             slots: Arc::new(Semaphore::new(options.max_concurrent_requests.max(1))),
             wait: options.request_wait,
         }),
+        objects: objects::Objects(options.objects),
     };
     let (routes, _) = documented_routes().split_for_parts();
     routes
@@ -238,6 +247,18 @@ fn documented_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(stream_messages))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
+        .routes(routes!(
+            objects::put_namespaced,
+            objects::get_namespaced,
+            objects::delete_namespaced
+        ))
+        .routes(routes!(objects::list_namespaced, objects::post_namespaced))
+        .routes(routes!(
+            objects::put_cluster,
+            objects::get_cluster,
+            objects::delete_cluster
+        ))
+        .routes(routes!(objects::list_cluster, objects::post_cluster))
         .routes(routes!(metrics))
         .routes(routes!(healthz))
         .routes(routes!(openapi_json_handler))

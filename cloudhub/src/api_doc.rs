@@ -20,7 +20,9 @@ pub struct ErrorBody {
     pub error: String,
     /// What went wrong, for programs; stable: `bad_query`, `bad_body`, `too_large`,
     /// `malformed_message`, `missing_route`, `unknown_node`, `unknown_message`,
-    /// `unknown_token`, `name_taken`, `not_found`, `unauthenticated` (401), `invalid_token`
+    /// `unknown_token`, `name_taken`, `not_found`, objects: `invalid_object`, `kind_mismatch`,
+    /// `name_mismatch`, `unknown_resource`, `bad_selector`, `already_exists` (409), `conflict`
+    /// (409), `gone` (410), `insufficient_storage` (507); `unauthenticated` (401), `invalid_token`
     /// (401), `forbidden` (403), `queue_full` (503), `overloaded` (503), `store_error` (500).
     pub code: String,
 }
@@ -206,6 +208,7 @@ impl Modify for Security {
         (name = "nodes", description = "The nodes the cloud knows"),
         (name = "messages", description = "Messages to and from nodes"),
         (name = "tokens", description = "API tokens (scope admin)"),
+        (name = "objects", description = "Desired state: Kubernetes-shaped objects edgecontroller syncs to the nodes"),
         (name = "operations", description = "Health, metrics, this document")
     )
 )]

@@ -540,6 +540,11 @@ impl CloudHubConfig {
         }
     }
 
+    /// The object store's file: `objects.db` beside the message store (`queue.path`).
+    pub fn objects_path(&self) -> PathBuf {
+        self.queue.path.with_file_name("objects.db")
+    }
+
     /// The API token file.
     pub fn api_token_path(&self) -> PathBuf {
         self.api_server

@@ -21,6 +21,8 @@
 //!   registry).
 //! - [`bootstrap`]: the certificate bootstrap server (`/ca.crt`, `/edge.crt`).
 //! - [`api`]: the cloud API (nodes, send, SSE stream of upstream messages, metrics).
+//! - [`objects`]: the object store (Kubernetes-shaped desired state, `objects.db`) the API's
+//!   object endpoints write and edgecontroller reads.
 //! - [`auth`]: the cloud API's credentials (hashed bearer tokens with scopes, client certificates).
 //! - [`metrics`]: counters and the Prometheus text exposition.
 //! - [`config`]: `cloudcore.yaml`, typed.
@@ -45,6 +47,7 @@ mod driver;
 pub mod hub;
 pub mod metrics;
 pub mod module;
+pub mod objects;
 mod registry;
 pub mod store;
 

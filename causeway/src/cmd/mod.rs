@@ -7,6 +7,7 @@ pub(crate) mod api_token;
 pub(crate) mod certs;
 pub(crate) mod conformance;
 pub(crate) mod frame;
+pub(crate) mod objects;
 pub(crate) mod token;
 
 use std::fmt;
