@@ -154,22 +154,8 @@ pub async fn run(config: &CloudRoleConfig, report: &mut Report<'_>, mut say: imp
         "conformance: identity refused",
     )
     .await;
-    match server.next(quiet).await {
-        Ok(_) => report.record(
-            "close-identity-refused",
-            Outcome::Fail(format!(
-                "the edge reconnected within {} ms after 4003",
-                ms(quiet)
-            )),
-        ),
-        Err(_) => report.record(
-            "close-identity-refused",
-            Outcome::Pass(format!(
-                "no reconnect within {} ms (three heartbeats) after 4003",
-                ms(quiet)
-            )),
-        ),
-    }
+    let outcome = stays_away(&mut server, quiet, "4003", "").await;
+    report.record("close-identity-refused", outcome);
     // It comes back eventually (Causeway: after the longest backoff, eight heartbeats).
     let link = match server.next(c.heartbeat * 10 + c.patience).await {
         Ok(link) => link,
@@ -186,25 +172,32 @@ pub async fn run(config: &CloudRoleConfig, report: &mut Report<'_>, mut say: imp
         "conformance: replaced by a newer connection",
     )
     .await;
-    match server.next(quiet).await {
-        Ok(_) => report.record(
-            "close-takeover",
-            Outcome::Fail(format!(
-                "the edge reconnected within {} ms after 4001: it would fight the newer session",
-                ms(quiet)
-            )),
-        ),
-        Err(_) => report.record(
-            "close-takeover",
-            Outcome::Pass(format!(
-                "no reconnect within {} ms (three heartbeats) after 4001",
-                ms(quiet)
-            )),
-        ),
-    }
+    let outcome = stays_away(
+        &mut server,
+        quiet,
+        "4001",
+        ": it would fight the newer session",
+    )
+    .await;
+    report.record("close-takeover", outcome);
 }
 
 /// One line of standard input (`--edge-api -`: the edge's endpoint is known only once it runs).
+/// Passes when the edge does not reconnect within `quiet` (three heartbeats) after the close
+/// `code`; `why` says what a reconnect would mean.
+async fn stays_away(server: &mut Server, quiet: Duration, code: &str, why: &str) -> Outcome {
+    match server.next(quiet).await {
+        Ok(_) => Outcome::Fail(format!(
+            "the edge reconnected within {} ms after {code}{why}",
+            ms(quiet)
+        )),
+        Err(_) => Outcome::Pass(format!(
+            "no reconnect within {} ms (three heartbeats) after {code}",
+            ms(quiet)
+        )),
+    }
+}
+
 async fn read_line_from_stdin(within: Duration) -> Result<String, String> {
     use tokio::io::AsyncBufReadExt;
     let mut line = String::new();

@@ -9,11 +9,13 @@
 //! - [`node`]: [`node::NodeSession`], the cloud's session with one connected node (keepalive
 //!   check, upstream dedup and ACK, windowed downstream delivery with resends), and
 //!   [`node::delivery`], which downstream messages need an ACK.
+//! - [`timer`]: [`timer::TimerTable`], the one-slot-per-kind timer table both sessions keep.
 //!
 //! CI checks that no I/O crate (tokio, quinn, rustls, mio) enters this crate's dependency tree.
 
 pub mod edge;
 pub mod node;
+pub mod timer;
 
 #[cfg(test)]
 mod tests {
@@ -29,6 +31,7 @@ mod tests {
             ("node.rs", include_str!("node.rs")),
             ("node/delivery.rs", include_str!("node/delivery.rs")),
             ("node/timer.rs", include_str!("node/timer.rs")),
+            ("timer.rs", include_str!("timer.rs")),
         ] {
             let source = source
                 .split("#[cfg(test)]\nmod tests {")

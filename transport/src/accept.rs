@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::{AcceptError, BoxFuture, Connection, Listener};
+use crate::{AcceptError, BoxFuture, Connection, Listener, Shutdown};
 
 /// What a handshake task yields.
 pub(crate) type Accepted = Result<Box<dyn Connection>, AcceptError>;
@@ -30,6 +30,18 @@ impl Handshakes {
     /// Waits until fewer than the configured number of handshakes run.
     pub(crate) async fn permit(&self) -> Option<OwnedSemaphorePermit> {
         self.permits.clone().acquire_owned().await.ok()
+    }
+
+    /// Waits for a handshake slot as [`Handshakes::permit`] does; `None` once `shutdown`
+    /// completes first. Both adapters' accept loops start each turn with it.
+    pub(crate) async fn permit_until(
+        &self,
+        shutdown: &mut Shutdown,
+    ) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            () = shutdown => None,
+            permit = self.permit() => permit,
+        }
     }
 
     /// Runs `handshake` in its own task; its outcome is queued for `accept`.

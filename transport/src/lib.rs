@@ -30,6 +30,47 @@
 //! negligible next to a TLS record, and the trait stays open for a third adapter, which an enum
 //! would not.
 
+/// Implements [`Adapter`] for an adapter type from its inherent `connect(&DialConfig)` and
+/// `listen(socket, ListenConfig, Shutdown)`: the two adapters differ only in their protocol and
+/// the kind of socket they listen on (`ListenSocket::$socket`; the other kind is refused).
+macro_rules! impl_adapter {
+    ($adapter:ty, $protocol:expr, $socket:ident, $other:ident, $expected:literal) => {
+        impl $crate::Adapter for $adapter {
+            fn protocol(&self) -> $crate::Protocol {
+                $protocol
+            }
+
+            fn connect<'a>(
+                &'a self,
+                config: &'a $crate::DialConfig,
+            ) -> $crate::BoxFuture<'a, Result<Box<dyn $crate::Connection>, $crate::ConnectError>>
+            {
+                Box::pin(async move {
+                    let conn = Self::connect(config).await?;
+                    Ok(Box::new(conn) as Box<dyn $crate::Connection>)
+                })
+            }
+
+            fn listen(
+                &self,
+                socket: $crate::ListenSocket,
+                config: $crate::ListenConfig,
+                shutdown: $crate::Shutdown,
+            ) -> Result<Box<dyn $crate::Listener>, $crate::ListenError> {
+                match socket {
+                    $crate::ListenSocket::$socket(socket) => {
+                        Ok(Box::new(Self::listen(socket, config, shutdown)?))
+                    }
+                    $crate::ListenSocket::$other(_) => Err($crate::ListenError::WrongSocket {
+                        protocol: $protocol,
+                        expected: $expected,
+                    }),
+                }
+            }
+        }
+    };
+}
+
 pub mod config;
 pub mod error;
 pub mod quic;

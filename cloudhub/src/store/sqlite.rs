@@ -424,7 +424,29 @@ impl AsStoreError for EnqueueError {
     }
 }
 
-const SCHEMA: &str = "
+/// The message columns of both queues, in [`MESSAGE_COLUMNS`] order ([`MessageRow`]'s fields).
+macro_rules! message_column_defs {
+    () => {
+        "
+    msg_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    resource_version TEXT NOT NULL,
+    sync INTEGER NOT NULL,
+    msg_type TEXT NOT NULL,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    content_kind INTEGER NOT NULL,
+    content BLOB NOT NULL
+"
+    };
+}
+
+const SCHEMA: &str = concat!(
+    "
 CREATE TABLE IF NOT EXISTS nodes (
     id TEXT PRIMARY KEY,
     project TEXT NOT NULL,
@@ -439,43 +461,22 @@ CREATE TABLE IF NOT EXISTS downstream (
     attempts INTEGER NOT NULL DEFAULT 0,
     enqueued_ms INTEGER NOT NULL,
     acked_ms INTEGER,
-    msg_id TEXT NOT NULL,
-    parent_id TEXT NOT NULL,
-    timestamp INTEGER NOT NULL,
-    resource_version TEXT NOT NULL,
-    sync INTEGER NOT NULL,
-    msg_type TEXT NOT NULL,
-    source TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    grp TEXT NOT NULL,
-    operation TEXT NOT NULL,
-    resource TEXT NOT NULL,
-    content_kind INTEGER NOT NULL,
-    content BLOB NOT NULL
-);
+",
+    message_column_defs!(),
+    ");
 CREATE UNIQUE INDEX IF NOT EXISTS downstream_id ON downstream(node, msg_id);
 CREATE INDEX IF NOT EXISTS downstream_open ON downstream(node, seq) WHERE state < 2;
 CREATE TABLE IF NOT EXISTS upstream (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     node TEXT NOT NULL,
     accepted_ms INTEGER NOT NULL,
-    msg_id TEXT NOT NULL,
-    parent_id TEXT NOT NULL,
-    timestamp INTEGER NOT NULL,
-    resource_version TEXT NOT NULL,
-    sync INTEGER NOT NULL,
-    msg_type TEXT NOT NULL,
-    source TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    grp TEXT NOT NULL,
-    operation TEXT NOT NULL,
-    resource TEXT NOT NULL,
-    content_kind INTEGER NOT NULL,
-    content BLOB NOT NULL
-);
+",
+    message_column_defs!(),
+    ");
 CREATE UNIQUE INDEX IF NOT EXISTS upstream_id ON upstream(node, msg_id);
 CREATE INDEX IF NOT EXISTS upstream_node_seq ON upstream(node, seq);
-";
+"
+);
 
 /// The twelve message columns, in table order starting at `msg_id`.
 const MESSAGE_COLUMNS: &str = "msg_id, parent_id, timestamp, resource_version, sync, msg_type, \

@@ -35,9 +35,8 @@ use crate::accept::{self, Accepted, split_host_port, verify_node};
 use crate::config::LinkConfig;
 use crate::tls::QUIC_ALPN;
 use crate::{
-    AcceptError, Adapter, BoxFuture, Capabilities, ConnectError, Connection, DialConfig,
-    ListenConfig, ListenError, ListenSocket, Listener, PeerIdentity, Protocol, RejectReason,
-    Shutdown, tls,
+    AcceptError, Capabilities, ConnectError, DialConfig, ListenConfig, ListenError, Listener,
+    PeerIdentity, Protocol, RejectReason, Shutdown, tls,
 };
 use stream::{FrameReader, ReadEnd};
 
@@ -91,36 +90,7 @@ pub mod code {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct QuicAdapter;
 
-impl Adapter for QuicAdapter {
-    fn protocol(&self) -> Protocol {
-        Protocol::Quic
-    }
-
-    fn connect<'a>(
-        &'a self,
-        config: &'a DialConfig,
-    ) -> BoxFuture<'a, Result<Box<dyn Connection>, ConnectError>> {
-        Box::pin(async move {
-            let conn = Self::connect(config).await?;
-            Ok(Box::new(conn) as Box<dyn Connection>)
-        })
-    }
-
-    fn listen(
-        &self,
-        socket: ListenSocket,
-        config: ListenConfig,
-        shutdown: Shutdown,
-    ) -> Result<Box<dyn Listener>, ListenError> {
-        match socket {
-            ListenSocket::Udp(socket) => Ok(Box::new(Self::listen(socket, config, shutdown)?)),
-            ListenSocket::Tcp(_) => Err(ListenError::WrongSocket {
-                protocol: Protocol::Quic,
-                expected: "UDP",
-            }),
-        }
-    }
-}
+impl_adapter!(QuicAdapter, Protocol::Quic, Udp, Tcp, "UDP");
 
 /// quinn's transport settings for a link: idle timeout = read deadline, PINGs at the keep-alive
 /// interval, bidirectional streams only, bounded windows.
@@ -182,12 +152,8 @@ impl QuicAdapter {
             config.max_concurrent_handshakes,
             move |mut handshakes| async move {
                 loop {
-                    let permit = tokio::select! {
-                        () = &mut shutdown => break,
-                        permit = handshakes.permit() => match permit {
-                            Some(p) => p,
-                            None => break,
-                        },
+                    let Some(permit) = handshakes.permit_until(&mut shutdown).await else {
+                        break;
                     };
                     let incoming = tokio::select! {
                         () = &mut shutdown => break,

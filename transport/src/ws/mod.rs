@@ -34,9 +34,8 @@ pub use connection::WsConnection;
 use crate::accept::{self, Accepted, verify_node};
 use crate::config::LinkConfig;
 use crate::{
-    AcceptError, Adapter, BoxFuture, Capabilities, ConnectError, Connection, DialConfig,
-    ListenConfig, ListenError, ListenSocket, Listener, PeerIdentity, Protocol, RejectReason,
-    Shutdown, tls,
+    AcceptError, Capabilities, ConnectError, DialConfig, ListenConfig, ListenError, Listener,
+    PeerIdentity, Protocol, RejectReason, Shutdown, tls,
 };
 use handshake::{ClientUpgradeError, HeadError};
 
@@ -52,36 +51,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 #[derive(Clone, Copy, Debug, Default)]
 pub struct WsAdapter;
 
-impl Adapter for WsAdapter {
-    fn protocol(&self) -> Protocol {
-        Protocol::WebSocket
-    }
-
-    fn connect<'a>(
-        &'a self,
-        config: &'a DialConfig,
-    ) -> BoxFuture<'a, Result<Box<dyn Connection>, ConnectError>> {
-        Box::pin(async move {
-            let conn = Self::connect(config).await?;
-            Ok(Box::new(conn) as Box<dyn Connection>)
-        })
-    }
-
-    fn listen(
-        &self,
-        socket: ListenSocket,
-        config: ListenConfig,
-        shutdown: Shutdown,
-    ) -> Result<Box<dyn Listener>, ListenError> {
-        match socket {
-            ListenSocket::Tcp(listener) => Ok(Box::new(Self::listen(listener, config, shutdown)?)),
-            ListenSocket::Udp(_) => Err(ListenError::WrongSocket {
-                protocol: Protocol::WebSocket,
-                expected: "TCP",
-            }),
-        }
-    }
-}
+impl_adapter!(WsAdapter, Protocol::WebSocket, Tcp, Udp, "TCP");
 
 /// The tungstenite settings: the size cap enforced while reading, before buffering a frame.
 fn ws_config(link: &LinkConfig) -> WebSocketConfig {
@@ -134,12 +104,8 @@ impl WsAdapter {
             config.max_concurrent_handshakes,
             move |mut handshakes| async move {
                 loop {
-                    let permit = tokio::select! {
-                        () = &mut shutdown => break,
-                        permit = handshakes.permit() => match permit {
-                            Some(p) => p,
-                            None => break,
-                        },
+                    let Some(permit) = handshakes.permit_until(&mut shutdown).await else {
+                        break;
                     };
                     let accepted = tokio::select! {
                         () = &mut shutdown => break,
