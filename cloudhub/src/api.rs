@@ -6,6 +6,7 @@
 //! | `GET /v1/nodes/{id}` | read | one node (404 if unknown) |
 //! | `POST /v1/nodes/{id}/messages` | send | queue a KubeEdge JSON message for the node (id and timestamp filled in if absent); `?ack=true\|false` overrides the ACK classification, `?wait=ack&timeout=10s` waits for the edge's ACK; 503 `queue_full` or 507 `insufficient_storage` (the store's disk is full) with `Retry-After` when nothing was queued |
 //! | `GET /v1/nodes/{id}/messages/{msg_id}` | read | where a queued message stands (pending, in flight, acked, failed with the edge's `error`) |
+//! | any method `/v1/nodes/{id}/proxy/{port}[/{path}]` | send | call an HTTP service on the node through its servicebus ([`crate::proxy`]); answers with the service's status, headers and body; 503 `node_offline` (never queued), 504 `edge_timeout` |
 //! | `GET /v1/messages?node=&group=&since=` | read | upstream messages as Server-Sent Events (`id:` = log sequence; resume with `Last-Event-ID` or `since`) |
 //! | `GET /v1/api-tokens` | admin | the API tokens (names, scopes, times; never the tokens) |
 //! | `POST /v1/api-tokens` | admin | create a token `{"name", "scope"}`; the answer holds it, once |
@@ -31,7 +32,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{
     ConnectInfo, DefaultBodyLimit, FromRef, MatchedPath, Path, Query, Request, State,
 };
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -54,6 +55,7 @@ use crate::auth::{
 use crate::bootstrap::{PeerInfo, TlsListener};
 use crate::conn_limit::ConnLimit;
 use crate::hub::{AckInfo, Hub, NodeView, SendError};
+use crate::proxy::ProxyError;
 use crate::store::{MessageState, MessageStore, UpstreamRecord};
 use session::node::delivery::needs_ack;
 
@@ -244,6 +246,8 @@ fn documented_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(get_node))
         .routes(routes!(post_message))
         .routes(routes!(get_message))
+        .routes(routes!(proxy_root))
+        .routes(routes!(proxy_path))
         .routes(routes!(stream_messages))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
@@ -266,7 +270,39 @@ fn documented_routes() -> OpenApiRouter<ApiState> {
 
 /// The API's OpenAPI 3.1 document (what `/v1/openapi.json` serves; `docs/openapi.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    documented_routes().split_for_parts().1
+    let mut doc = documented_routes().split_for_parts().1;
+    // axum's catch-all `{*path}` is OpenAPI's `{path}` (a parameter that may hold `/`).
+    let paths = std::mem::take(&mut doc.paths.paths);
+    doc.paths.paths = paths
+        .into_iter()
+        .map(|(path, mut item)| {
+            // One handler serving several methods names each operation alike; ids must differ.
+            let ops = [
+                ("get", &mut item.get),
+                ("put", &mut item.put),
+                ("post", &mut item.post),
+                ("delete", &mut item.delete),
+                ("patch", &mut item.patch),
+            ];
+            let ids: Vec<_> = ops
+                .iter()
+                .filter_map(|(_, op)| op.as_ref().map(|o| o.operation_id.clone()))
+                .collect();
+            if ids
+                .iter()
+                .any(|id| ids.iter().filter(|other| *other == id).count() > 1)
+            {
+                for (method, op) in ops {
+                    if let Some(op) = op.as_mut() {
+                        let id = op.operation_id.take().unwrap_or_default();
+                        op.operation_id = Some(format!("{id}_{method}"));
+                    }
+                }
+            }
+            (path.replace("{*", "{"), item)
+        })
+        .collect();
+    doc
 }
 
 /// [`openapi`] as pretty JSON with a final newline, byte for byte `docs/openapi.json`.
@@ -361,6 +397,8 @@ fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     match path {
         "/healthz" | "/v1/openapi.json" => None,
         p if p.starts_with("/v1/api-tokens") => Some(Scope::Admin),
+        // A proxied GET makes the node act as much as a POST does.
+        p if p.starts_with("/v1/nodes/{id}/proxy/") => Some(Scope::Send),
         _ if method == Method::GET || method == Method::HEAD => Some(Scope::Read),
         _ => Some(Scope::Send),
     }
@@ -836,6 +874,239 @@ fn edge_refused(mut out: Value, reason: &str) -> Response {
     out["failed"] = json!(true);
     out["error"] = json!(reason);
     (StatusCode::OK, axum::Json(out)).into_response()
+}
+
+/// Default and longest wait of a proxy call for the node's answer (`X-Causeway-Timeout`). Longer
+/// than the edge's own call timeout (10 s by default), so the edge's 504 names the service.
+const DEFAULT_PROXY_WAIT: Duration = Duration::from_secs(30);
+/// Largest request body a proxy call carries (base64 in a message, under the transport's cap).
+pub const MAX_PROXY_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// The request header that sets a proxy call's wait; not forwarded.
+const PROXY_TIMEOUT_HEADER: &str = "x-causeway-timeout";
+
+/// Calls `/` of a service on the node: see [`proxy_path`].
+#[utoipa::path(method(get, post, put, patch, delete),
+    path = "/v1/nodes/{id}/proxy/{port}", tag = "proxy",
+    description = "Scope: send (whatever the method). The same as \
+        `/v1/nodes/{id}/proxy/{port}/{path}` with the path `/`.",
+    params(("id" = String, Path, description = "Node id"),
+        ("port" = u16, Path, description = "The service's port on the node (one of its allowed targets)"),
+        ("X-Causeway-Timeout" = Option<String>, Header, description = "How long to wait for the node's answer: `30s` (default), `500ms`, `2m`; at most 300 s. Not forwarded")),
+    request_body(content = Vec<u8>, description = "Forwarded as is", content_type = "*/*"),
+    responses(
+        (status = 200, description = "The service's answer: its status (any), headers and body. Answers the edge makes itself carry `Server: causeway-edgecore` and an `ErrorBody`: 400 `bad_request`, 403 `target_not_allowed`, 502 `connection_refused` / `connect_failed` / `response_too_large` / `bad_response`, 503 `busy`, 504 `timeout`", body = Vec<u8>, content_type = "*/*"),
+        (status = 400, description = "`bad_target`: the port or path cannot be a servicebus resource", body = ErrorBody),
+        (status = 404, description = "`unknown_node`: it never connected", body = ErrorBody),
+        (status = 413, description = "`too_large`: the request body is over 8 MiB", body = ErrorBody),
+        (status = 502, description = "`bad_reply`: the node answered something that is not an HTTPResponse", body = ErrorBody),
+        (status = 503, description = "`node_offline`: the node is not connected (calls are not queued), `queue_full`, or `overloaded`; retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32))),
+        (status = 504, description = "`edge_timeout`: the node did not answer in time (is its servicebus enabled?)", body = ErrorBody),
+        (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody), (status = 500, description = "`store_error`: the store failed", body = ErrorBody)))]
+async fn proxy_root(
+    State(hub): State<Hub>,
+    turn: Option<Extension<Turn>>,
+    Path((node, port)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    proxy(
+        hub,
+        turn,
+        node,
+        port,
+        "/".to_owned(),
+        method,
+        uri,
+        headers,
+        body,
+    )
+    .await
+}
+
+/// Calls an HTTP service on the node through its servicebus and answers with the service's
+/// status, headers and body.
+#[utoipa::path(method(get, post, put, patch, delete),
+    path = "/v1/nodes/{id}/proxy/{port}/{*path}", tag = "proxy",
+    description = "Scope: send (whatever the method). The cloud sends the node KubeEdge's \
+        servicebus request (op = the method, resource `<port>:/<path>?<query>`, content \
+        HTTPRequest) and waits for its `upload` reply. The node calls `<allowed target with \
+        that port>/<path>?<query>` with the method, the headers (but `Authorization`, which is \
+        this API's, hop-by-hop headers and `X-Causeway-Timeout`) and the body. Nothing is \
+        queued: an offline node is 503 at once, and a call that times out is taken out of the \
+        node's queue if it was not sent yet. The edge's own refusals (a port it does not \
+        allow, a refused connection, its timeout, an oversized answer) carry \
+        `Server: causeway-edgecore` and an ErrorBody.",
+    params(("id" = String, Path, description = "Node id"),
+        ("port" = u16, Path, description = "The service's port on the node (one of its allowed targets)"),
+        ("path" = String, Path, description = "The path on the service (may contain `/`); the query string is passed on"),
+        ("X-Causeway-Timeout" = Option<String>, Header, description = "How long to wait for the node's answer: `30s` (default), `500ms`, `2m`; at most 300 s. Not forwarded")),
+    request_body(content = Vec<u8>, description = "Forwarded as is", content_type = "*/*"),
+    responses(
+        (status = 200, description = "The service's answer: its status (any), headers and body. Answers the edge makes itself carry `Server: causeway-edgecore` and an `ErrorBody`: 400 `bad_request`, 403 `target_not_allowed`, 502 `connection_refused` / `connect_failed` / `response_too_large` / `bad_response`, 503 `busy`, 504 `timeout`", body = Vec<u8>, content_type = "*/*"),
+        (status = 400, description = "`bad_target`: the port or path cannot be a servicebus resource; `bad_query` for a bad `X-Causeway-Timeout`", body = ErrorBody),
+        (status = 404, description = "`unknown_node`: it never connected", body = ErrorBody),
+        (status = 413, description = "`too_large`: the request body is over 8 MiB", body = ErrorBody),
+        (status = 502, description = "`bad_reply`: the node answered something that is not an HTTPResponse", body = ErrorBody),
+        (status = 503, description = "`node_offline`: the node is not connected (calls are not queued), `queue_full`, or `overloaded`; retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32))),
+        (status = 504, description = "`edge_timeout`: the node did not answer in time (is its servicebus enabled?)", body = ErrorBody),
+        (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody), (status = 500, description = "`store_error`: the store failed", body = ErrorBody)))]
+async fn proxy_path(
+    State(hub): State<Hub>,
+    turn: Option<Extension<Turn>>,
+    Path((node, port, path)): Path<(String, String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let path = format!("/{path}");
+    proxy(hub, turn, node, port, path, method, uri, headers, body).await
+}
+
+/// Both proxy routes: checks the call, hands it to [`Hub::proxy`] and writes the answer.
+#[allow(clippy::too_many_arguments)]
+async fn proxy(
+    hub: Hub,
+    turn: Option<Extension<Turn>>,
+    node: String,
+    port: String,
+    path: String,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) if b.len() > MAX_PROXY_BODY_BYTES => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("a proxied request body may be at most {MAX_PROXY_BODY_BYTES} bytes"),
+            );
+        }
+        Ok(b) => b,
+        Err(e) => {
+            let status = e.status();
+            let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "too_large"
+            } else {
+                "bad_body"
+            };
+            return error(status, code, e.body_text());
+        }
+    };
+    let timeout = match headers
+        .get(PROXY_TIMEOUT_HEADER)
+        .map(|v| v.to_str().ok().and_then(parse_duration))
+    {
+        None => DEFAULT_PROXY_WAIT,
+        Some(Some(d)) if !d.is_zero() && d <= MAX_WAIT => d,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!(
+                    "{PROXY_TIMEOUT_HEADER} must be a duration such as 30s or 500ms, above 0 \
+                     and at most {MAX_WAIT:?}"
+                ),
+            );
+        }
+    };
+    let path = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let target = match proto::http::ServiceTarget::parse(&format!("{port}:{path}")) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_target", e),
+    };
+    let mut forwarded = proto::http::HeaderValues::new();
+    for (name, value) in &headers {
+        let name = name.as_str();
+        if proto::http::is_hop_by_hop(name)
+            || name == header::AUTHORIZATION.as_str()
+            || name == PROXY_TIMEOUT_HEADER
+        {
+            continue;
+        }
+        let Ok(value) = value.to_str() else { continue };
+        forwarded
+            .entry(proto::http::canonical_header_name(name))
+            .or_default()
+            .push(value.to_owned());
+    }
+    let request = proto::http::HttpRequest {
+        header: forwarded,
+        body: body.to_vec(),
+        method: method.as_str().to_owned(),
+        url: String::new(),
+    };
+    // Waiting for the node holds no turn from other requests.
+    if let Some(Extension(turn)) = &turn {
+        turn.release();
+    }
+    match hub.proxy(&node, &target, request, timeout).await {
+        Ok(answer) => proxied_response(&node, answer),
+        Err(e) => proxy_error(e),
+    }
+}
+
+/// The node's answer as this API's response: status, end-to-end headers, body.
+fn proxied_response(node: &str, answer: proto::http::HttpResponse) -> Response {
+    let Ok(status) = StatusCode::from_u16(answer.status_code) else {
+        return error(
+            StatusCode::BAD_GATEWAY,
+            "bad_reply",
+            format!("node {node:?} answered with status {}", answer.status_code),
+        );
+    };
+    let mut resp = (status, answer.body).into_response();
+    let out = resp.headers_mut();
+    out.remove(header::CONTENT_TYPE);
+    for (name, values) in &answer.header {
+        if proto::http::is_hop_by_hop(name) {
+            continue;
+        }
+        let Ok(name) = header::HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        for value in values {
+            if let Ok(value) = header::HeaderValue::from_str(value) {
+                out.append(name.clone(), value);
+            }
+        }
+    }
+    resp
+}
+
+fn proxy_error(e: ProxyError) -> Response {
+    let retry_after = |mut resp: Response, secs: &'static str| {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static(secs));
+        resp
+    };
+    match e {
+        ProxyError::UnknownNode(_) => error(StatusCode::NOT_FOUND, "unknown_node", e),
+        ProxyError::NodeOffline(_) => retry_after(
+            error(StatusCode::SERVICE_UNAVAILABLE, "node_offline", e),
+            "5",
+        ),
+        ProxyError::TooManyCalls => {
+            retry_after(error(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e), "1")
+        }
+        ProxyError::QueueFull(_) => {
+            retry_after(error(StatusCode::SERVICE_UNAVAILABLE, "queue_full", e), "5")
+        }
+        ProxyError::Store(s) if s.is_disk_full() => retry_after(
+            error(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", s),
+            "5",
+        ),
+        ProxyError::Store(s) => store_error(s),
+        ProxyError::Timeout { .. } => error(StatusCode::GATEWAY_TIMEOUT, "edge_timeout", e),
+        ProxyError::BadReply { .. } => error(StatusCode::BAD_GATEWAY, "bad_reply", e),
+    }
 }
 
 /// Where a queued message stands.

@@ -23,7 +23,11 @@ pub struct ErrorBody {
     /// `unknown_token`, `name_taken`, `not_found`, objects: `invalid_object`, `kind_mismatch`,
     /// `name_mismatch`, `unknown_resource`, `bad_selector`, `already_exists` (409), `conflict`
     /// (409), `gone` (410), `insufficient_storage` (507); `unauthenticated` (401), `invalid_token`
-    /// (401), `forbidden` (403), `queue_full` (503), `overloaded` (503), `store_error` (500).
+    /// (401), `forbidden` (403), `queue_full` (503), `overloaded` (503), `store_error` (500);
+    /// proxy calls: `bad_target` (400), `node_offline` (503), `edge_timeout` (504), `bad_reply`
+    /// (502), and from the edge itself (`Server: causeway-edgecore`) `bad_request`,
+    /// `target_not_allowed`, `connection_refused`, `connect_failed`, `response_too_large`,
+    /// `bad_response`, `busy`, `timeout`.
     pub code: String,
 }
 
@@ -194,11 +198,12 @@ impl Modify for Security {
     info(
         title = "Causeway cloud API",
         description = "Applications' API of cloudcore: the nodes, queueing messages for them \
-            (durably, with KubeEdge's ACK contract), the stream of messages from them, and API \
-            tokens. Every error is JSON (`ErrorBody`). Credentials are required on every \
-            endpoint but /healthz and /v1/openapi.json once an API token exists, and always \
-            when the API is not on loopback (then it is HTTPS): 401 without a usable one \
-            (with `WWW-Authenticate: Bearer`), 403 when its scope is too small. See docs/api.md.",
+            (durably, with KubeEdge's ACK contract), the stream of messages from them, calls to \
+            HTTP services on them (servicebus), and API tokens. Every error is JSON \
+            (`ErrorBody`). Credentials are required on every endpoint but /healthz and \
+            /v1/openapi.json once an API token exists, and always when the API is not on \
+            loopback (then it is HTTPS): 401 without a usable one (with `WWW-Authenticate: \
+            Bearer`), 403 when its scope is too small. See docs/api.md.",
         license(name = "Apache-2.0")
     ),
     components(schemas(ErrorBody, KubeEdgeMessage, UpstreamEvent)),
@@ -207,6 +212,7 @@ impl Modify for Security {
     tags(
         (name = "nodes", description = "The nodes the cloud knows"),
         (name = "messages", description = "Messages to and from nodes"),
+        (name = "proxy", description = "Calls to HTTP services on a node, through its servicebus"),
         (name = "tokens", description = "API tokens (scope admin)"),
         (name = "objects", description = "Desired state: Kubernetes-shaped objects edgecontroller syncs to the nodes"),
         (name = "operations", description = "Health, metrics, this document")

@@ -182,52 +182,68 @@ impl Driver {
         session: &mut NodeSession,
         work: &mut StoreWork,
     ) -> Result<(), CloseCause> {
-        while let Some(transmit) = session.poll_transmit() {
-            if let Err(e) = self.conn.send(transmit.message).await {
-                return Err(CloseCause::SendFailed(e.fault()));
-            }
-            self.metrics.sent(self.entry.info.protocol);
-            let record = match transmit.kind {
-                TransmitKind::Delivery {
-                    seq,
-                    needs_ack: false,
-                    ..
-                } => {
-                    self.metrics.unconfirmed();
-                    Record::Remove(seq)
+        // Again after the events when a consumed servicebus reply queued its acknowledgement.
+        let mut again = true;
+        while std::mem::take(&mut again) {
+            while let Some(transmit) = session.poll_transmit() {
+                if let Err(e) = self.conn.send(transmit.message).await {
+                    return Err(CloseCause::SendFailed(e.fault()));
                 }
-                TransmitKind::Delivery { seq, attempt, .. } => Record::InFlight { seq, attempt },
-                TransmitKind::UpstreamAck => continue,
-            };
-            work.record(record);
-        }
-        while let Some(event) = session.poll_event() {
-            match event {
-                SessionEvent::Upstream(msg) => work.accept(Box::new(msg)),
-                SessionEvent::Acked {
-                    id,
-                    latency,
-                    response,
-                    ..
-                } => {
-                    self.metrics.ack(latency);
-                    let info = Box::new(AckInfo {
-                        id: id.clone(),
-                        latency,
-                        response: Some(response),
-                        failed: None,
-                    });
-                    work.ack(id, info);
-                }
-                SessionEvent::Failed { id, seq, reason } => {
-                    if seq.is_some() {
-                        tracing::warn!(node = %self.node, %id, %reason,
-                            "the edge could not deliver the message; it failed");
+                self.metrics.sent(self.entry.info.protocol);
+                let record = match transmit.kind {
+                    TransmitKind::Delivery {
+                        seq,
+                        needs_ack: false,
+                        ..
+                    } => {
+                        self.metrics.unconfirmed();
+                        Record::Remove(seq)
                     }
-                    work.fail(id, reason);
+                    TransmitKind::Delivery { seq, attempt, .. } => {
+                        Record::InFlight { seq, attempt }
+                    }
+                    TransmitKind::UpstreamAck => continue,
+                };
+                work.record(record);
+            }
+            while let Some(event) = session.poll_event() {
+                match event {
+                    // A servicebus reply goes to the API call waiting for it (KubeEdge: CloudHub
+                    // routes `upload`/`user` to the router), never to the upstream log; it is
+                    // acknowledged at once so the edge's outbox forgets it.
+                    SessionEvent::Upstream(msg) if proto::http::is_reply(&msg) => {
+                        let id = msg.header.id.clone();
+                        self.metrics.upstream(false);
+                        self.registry.replies().deliver(&self.node, msg);
+                        session.upstream_accepted(&id);
+                        again = true;
+                    }
+                    SessionEvent::Upstream(msg) => work.accept(Box::new(msg)),
+                    SessionEvent::Acked {
+                        id,
+                        latency,
+                        response,
+                        ..
+                    } => {
+                        self.metrics.ack(latency);
+                        let info = Box::new(AckInfo {
+                            id: id.clone(),
+                            latency,
+                            response: Some(response),
+                            failed: None,
+                        });
+                        work.ack(id, info);
+                    }
+                    SessionEvent::Failed { id, seq, reason } => {
+                        if seq.is_some() {
+                            tracing::warn!(node = %self.node, %id, %reason,
+                                "the edge could not deliver the message; it failed");
+                        }
+                        work.fail(id, reason);
+                    }
+                    // Seen through `close_reason` by the loop.
+                    SessionEvent::Closed(_) => {}
                 }
-                // Seen through `close_reason` by the loop.
-                SessionEvent::Closed(_) => {}
             }
         }
         Ok(())

@@ -56,7 +56,7 @@ pub(crate) struct Inner {
     config: HubConfig,
     store: Arc<dyn MessageStore>,
     metrics: Arc<Metrics>,
-    registry: Arc<Registry>,
+    pub(crate) registry: Arc<Registry>,
 }
 
 /// A node as the API shows it.

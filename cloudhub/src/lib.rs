@@ -20,9 +20,11 @@
 //!   which uses only the registry's narrow driver end (no import circle: hub → driver →
 //!   registry).
 //! - [`bootstrap`]: the certificate bootstrap server (`/ca.crt`, `/edge.crt`).
-//! - [`api`]: the cloud API (nodes, send, SSE stream of upstream messages, metrics).
+//! - [`api`]: the cloud API (nodes, send, SSE stream of upstream messages, proxy calls, metrics).
 //! - [`objects`]: the object store (Kubernetes-shaped desired state, `objects.db`) the API's
 //!   object endpoints write and edgecontroller reads.
+//! - [`proxy`]: servicebus's cloud end: [`Hub::proxy`] calls a service on a node and waits for
+//!   the reply, handed over by the node's driver.
 //! - [`auth`]: the cloud API's credentials (hashed bearer tokens with scopes, client certificates).
 //! - [`metrics`]: counters and the Prometheus text exposition.
 //! - [`config`]: `cloudcore.yaml`, typed.
@@ -48,6 +50,7 @@ pub mod hub;
 pub mod metrics;
 pub mod module;
 pub mod objects;
+pub mod proxy;
 mod registry;
 pub mod store;
 

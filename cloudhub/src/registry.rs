@@ -1,8 +1,8 @@
 //! The per-node registry: which node has a live session (one per node id, each admitted
 //! connection with a fresh *generation*), who waits for which message's ACK, and how many drivers
 //! run. [`crate::Hub`] admits connections into it and reads it for the API; a driver uses only
-//! its narrow end: [`Registry::remove_if_current`], [`Registry::notify_ack`] and
-//! [`Registry::driver_done`].
+//! its narrow end: [`Registry::remove_if_current`], [`Registry::notify_ack`],
+//! [`Registry::replies`] and [`Registry::driver_done`].
 //!
 //! Reconnect safety (fixes KubeEdge's W9): a newer connection of the same node replaces the entry
 //! and tells the old driver to stop ([`Stop::Replaced`]); a driver removes the entry only if it
@@ -18,6 +18,8 @@ use std::time::Duration;
 use proto::Message;
 use tokio::sync::{Notify, oneshot};
 use transport::Protocol;
+
+use crate::proxy::Replies;
 
 /// Why the registry tells a driver to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +94,8 @@ pub(crate) struct Registry {
     drivers: AtomicUsize,
     drivers_done: Notify,
     shutting_down: AtomicBool,
+    /// Proxy calls waiting for servicebus replies (`proxy.rs`).
+    replies: Arc<Replies>,
 }
 
 /// Everyone waiting for one message's ACK.
@@ -249,6 +253,11 @@ impl Registry {
                 let _ = tx.send(info.clone());
             }
         }
+    }
+
+    /// The callers waiting for servicebus replies; the driver hands replies to them.
+    pub(crate) fn replies(&self) -> &Arc<Replies> {
+        &self.replies
     }
 
     /// A driver finished. The driver's end.

@@ -48,7 +48,9 @@ fn operations() -> Vec<(Method, String, String)> {
             let concrete = path
                 .replace("{id}", "edge-x")
                 .replace("{msg_id}", "m-1")
-                .replace("{name}", "nobody");
+                .replace("{name}", "nobody")
+                .replace("{port}", "8080")
+                .replace("{path}", "a/b");
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
             out.push((m, path.clone(), concrete));
         }

@@ -127,22 +127,16 @@ impl HttpRequest {
         from_content(content, "HTTPRequest")
     }
 
-    /// The message asking `node`'s servicebus to send this request to `target`: op `method`,
-    /// resource `node/<node>/<port>:<path>` (the cloud-internal form; CloudHub trims the prefix),
-    /// with the given id and timestamp.
-    pub fn into_message(
-        self,
-        node: &str,
-        target: &ServiceTarget,
-        id: String,
-        timestamp_ms: i64,
-    ) -> Message {
+    /// The message asking a node's servicebus to send this request to `target`: op = the
+    /// method, resource `<port>:<path>` (the wire form; a cloud module addressing CloudHub
+    /// prefixes `node/<id>/`), with the given id and timestamp.
+    pub fn into_message(self, target: &ServiceTarget, id: String, timestamp_ms: i64) -> Message {
         let method = self.method.clone();
         Message::with_header(id, "", timestamp_ms)
             .route(
                 SOURCE_ROUTER_SERVICEBUS,
                 GROUP_USER,
-                format!("node/{node}/{}", target.resource()),
+                target.resource(),
                 method,
             )
             .content(Content::Json(to_json(&self)))
@@ -206,6 +200,23 @@ pub fn is_hop_by_hop(name: &str) -> bool {
         "content-length",
     ];
     HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) || name.eq_ignore_ascii_case("host")
+}
+
+/// Go's `CanonicalMIMEHeaderKey`: the first letter and each letter after `-` upper case, the
+/// rest lower case (`content-type` → `Content-Type`), as `http.Header` keys are written.
+pub fn canonical_header_name(name: &str) -> String {
+    let mut upper = true;
+    name.chars()
+        .map(|c| {
+            let out = if upper {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            };
+            upper = c == '-';
+            out
+        })
+        .collect()
 }
 
 fn from_content<T: for<'de> Deserialize<'de>>(
@@ -316,10 +327,10 @@ mod tests {
             ..HttpRequest::default()
         };
         let target = ServiceTarget::parse("9000:/p").unwrap();
-        let msg = req.clone().into_message("edge-1", &target, "r-1".into(), 5);
+        let msg = req.clone().into_message(&target, "r-1".into(), 5);
         assert_eq!(msg.route.source, "router_servicebus");
         assert_eq!(msg.route.group, "user");
-        assert_eq!(msg.route.resource, "node/edge-1/9000:/p");
+        assert_eq!(msg.route.resource, "9000:/p");
         assert_eq!(msg.route.operation, "POST");
         assert_eq!(HttpRequest::from_content(&msg.content).unwrap(), req);
 
@@ -335,6 +346,13 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&back.body).unwrap();
         assert_eq!(body["code"], "target_not_allowed");
         assert_eq!(body["error"], "port 9000 is not allowed");
+    }
+
+    #[test]
+    fn canonical_names() {
+        assert_eq!(canonical_header_name("content-type"), "Content-Type");
+        assert_eq!(canonical_header_name("x-REQUEST-id"), "X-Request-Id");
+        assert_eq!(canonical_header_name("etag"), "Etag");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use proto::Message;
-use proto::http::{HttpRequest, HttpResponse, ServiceTarget, is_hop_by_hop};
+use proto::http::{HttpRequest, HttpResponse, ServiceTarget, canonical_header_name, is_hop_by_hop};
 
 use crate::config::ServiceBusConfig;
 
@@ -191,7 +191,7 @@ pub fn shape_response(status: StatusCode, headers: &HeaderMap, body: Bytes) -> H
             continue;
         }
         out.header
-            .entry(canonical_name(name.as_str()))
+            .entry(canonical_header_name(name.as_str()))
             .or_default()
             .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
@@ -272,23 +272,6 @@ impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Go's `CanonicalMIMEHeaderKey`: the first letter and each letter after `-` upper case, the
-/// rest lower case (`content-type` → `Content-Type`).
-fn canonical_name(name: &str) -> String {
-    let mut upper = true;
-    name.chars()
-        .map(|c| {
-            let out = if upper {
-                c.to_ascii_uppercase()
-            } else {
-                c.to_ascii_lowercase()
-            };
-            upper = c == '-';
-            out
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -435,13 +418,6 @@ mod tests {
         assert_eq!(resp.header["X-Request-Id"], ["7"]);
         assert!(!resp.header.contains_key("Transfer-Encoding"));
         assert!(!resp.is_edge_error());
-    }
-
-    #[test]
-    fn canonical_names() {
-        assert_eq!(canonical_name("content-type"), "Content-Type");
-        assert_eq!(canonical_name("x-REQUEST-id"), "X-Request-Id");
-        assert_eq!(canonical_name("etag"), "Etag");
     }
 
     /// The one I/O path run against a real listener: a refused port and a server that never

@@ -228,16 +228,13 @@ mod tests {
                 ..HttpRequest::default()
             }
             .into_message(
-                "edge-1",
                 &ServiceTarget::parse(&format!("{port}:/x")).unwrap(),
                 id.into(),
                 1,
             )
         };
-        let mut refused = request("r-refused", closed.port());
-        refused.route.resource = format!("{}:/x", closed.port());
-        let mut forbidden = request("r-forbidden", 1);
-        forbidden.route.resource = "1:/x".into();
+        let refused = request("r-refused", closed.port());
+        let forbidden = request("r-forbidden", 1);
         let mut malformed = request("r-bad", closed.port());
         malformed.route.resource = "not a resource".into();
         let mut unrelated = Message::with_header("r-other", "", 1).route(

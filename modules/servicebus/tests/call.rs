@@ -58,9 +58,7 @@ fn call_msg(
         url: String::new(),
     };
     let target = ServiceTarget::parse(&format!("{}:{path}", addr.port())).unwrap();
-    let mut msg = req.into_message("edge-1", &target, "r-1".into(), 1);
-    msg.route.resource = target.resource();
-    msg
+    req.into_message(&target, "r-1".into(), 1)
 }
 
 #[tokio::test]
