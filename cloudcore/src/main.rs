@@ -24,6 +24,7 @@ use cloudhub::config::{CloudcoreConfig, DEFAULT_YAML};
 use cloudhub::module::{ApiServing, Bound, CloudHubModule};
 use cloudhub::objects::sqlite::SqliteObjects;
 use cloudhub::store::sqlite::SqliteStore;
+use edgecontroller::EdgeController;
 use transport::ListenConfig;
 
 /// The Causeway cloud daemon: serves edge nodes (WebSocket, QUIC), certificate bootstrap and
@@ -112,9 +113,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         edge_cert_days: hub_config.edge_cert_signing_duration.get(),
         ..BootstrapConfig::new(Arc::new(pki.ca), pki.server)
     };
+    let controller = EdgeController::new(
+        hub.clone(),
+        Arc::clone(&objects) as Arc<dyn cloudhub::objects::ObjectSource>,
+        hub_config.object_sync_path(),
+    );
     let module = CloudHubModule::new(hub, bound, listen, Some(bootstrap)).with_api(api);
     let mut beehive = Beehive::new();
     beehive.register(module, true)?;
+    beehive.register(controller, true)?;
     let report = beehive.start().run_until_signal(signals).await;
     beehive::daemon::outcome("cloudcore", &report)?;
     Ok(())

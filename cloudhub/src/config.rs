@@ -545,6 +545,11 @@ impl CloudHubConfig {
         self.queue.path.with_file_name("objects.db")
     }
 
+    /// edgecontroller's ObjectSync rows: `objectsync.db` beside the message store.
+    pub fn object_sync_path(&self) -> PathBuf {
+        self.queue.path.with_file_name("objectsync.db")
+    }
+
     /// The API token file.
     pub fn api_token_path(&self) -> PathBuf {
         self.api_server

@@ -18,7 +18,9 @@ use crate::driver::Driver;
 use crate::metrics::{Gauges, Metrics};
 pub use crate::registry::{AckInfo, AckWaiter};
 use crate::registry::{Admission, LiveInfo, Registry};
-use crate::store::{EnqueueError, Enqueued, MessageState, MessageStore, QueueDepth, StoreError};
+use crate::store::{
+    EnqueueError, Enqueued, MessageState, MessageStore, QueueDepth, StoreError, Superseded,
+};
 use session::node::SessionConfig;
 
 /// Settings of the session manager. Defaults are KubeEdge's where it has one.
@@ -235,6 +237,39 @@ impl Hub {
         };
         self.inner.registry.wake(node);
         Ok(queued)
+    }
+
+    /// Queues `msg` for `node` in place of the node's open messages with the same source, group
+    /// and resource ([`MessageStore::enqueue_superseding`]), and wakes its session. For cloud
+    /// modules that sync objects: per node and object only the newest version is sent.
+    pub async fn send_superseding(
+        &self,
+        node: &str,
+        msg: Message,
+        needs_ack: bool,
+    ) -> Result<Superseded, SendError> {
+        if !self.is_known(node).await? {
+            return Err(SendError::UnknownNode(node.to_owned()));
+        }
+        let done = match self
+            .inner
+            .store
+            .enqueue_superseding(node, msg, needs_ack)
+            .await
+        {
+            Ok(d) => d,
+            Err(e @ EnqueueError::QueueFull { .. }) => return Err(SendError::QueueFull(e)),
+            Err(EnqueueError::Store(e)) => return Err(SendError::Store(e)),
+        };
+        self.inner.registry.wake(node);
+        Ok(done)
+    }
+
+    /// Every ACK (and refusal: [`AckInfo::failed`]) of every node from now on, for cloud modules
+    /// that track their deliveries. A receiver that lags misses some; it can ask
+    /// [`Hub::message_state`] where its messages stand.
+    pub fn subscribe_acks(&self) -> tokio::sync::broadcast::Receiver<Arc<(String, AckInfo)>> {
+        self.inner.registry.subscribe_acks()
     }
 
     /// Registers interest in the ACK of message `id` for `node`. Register *before* queueing the

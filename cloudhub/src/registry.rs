@@ -96,7 +96,13 @@ pub(crate) struct Registry {
     shutting_down: AtomicBool,
     /// Proxy calls waiting for servicebus replies (`proxy.rs`).
     replies: Arc<Replies>,
+    /// Every ACK (and refusal) for cloud modules that track their deliveries
+    /// ([`crate::Hub::subscribe_acks`]); created on first subscription.
+    acks: std::sync::OnceLock<tokio::sync::broadcast::Sender<Arc<(String, AckInfo)>>>,
 }
+
+/// Capacity of the ACK feed; a subscriber that lags asks the store where its messages stand.
+const ACK_FEED: usize = 8192;
 
 /// Everyone waiting for one message's ACK.
 type Waiters = Vec<oneshot::Sender<AckInfo>>;
@@ -204,6 +210,15 @@ impl Registry {
         }
     }
 
+    /// A feed of every ACK and refusal from now on, with the node's id.
+    pub(crate) fn subscribe_acks(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<Arc<(String, AckInfo)>> {
+        self.acks
+            .get_or_init(|| tokio::sync::broadcast::channel(ACK_FEED).0)
+            .subscribe()
+    }
+
     /// Refuses admissions from now on (see [`Registry::is_shutting_down`]) and tells every
     /// running driver to stop.
     pub(crate) fn shut_down(&self) {
@@ -247,6 +262,10 @@ impl Registry {
 
     /// Hands an ACK to whoever waits for it. The driver's end.
     pub(crate) fn notify_ack(&self, node: &str, info: &AckInfo) {
+        if let Some(feed) = self.acks.get() {
+            // No subscriber is fine.
+            let _ = feed.send(Arc::new((node.to_owned(), info.clone())));
+        }
         let key = (node.to_owned(), info.id.clone());
         if let Some(list) = lock(&self.waiters).remove(&key) {
             for tx in list {

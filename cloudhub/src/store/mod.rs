@@ -51,6 +51,19 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
         needs_ack: bool,
     ) -> StoreFuture<'static, Result<Enqueued, EnqueueError>>;
 
+    /// Queues `msg` for `node` *in place of* every open (pending or in-flight) message of the
+    /// node with the same route source, group and resource, in one all-or-nothing step: per node
+    /// and object only the newest version is worth sending (edgecontroller's object sync). The
+    /// replaced messages leave the queue as if they had never been queued and their ids are
+    /// returned. A session that already holds a replaced message in memory may still send it
+    /// once; the store forgets its ACK.
+    fn enqueue_superseding(
+        &self,
+        node: &str,
+        msg: Message,
+        needs_ack: bool,
+    ) -> StoreFuture<'static, Result<Superseded, EnqueueError>>;
+
     /// Up to `limit` messages for `node` not yet acked (pending or in flight) with a sequence
     /// number above `after`, in queue order.
     fn pending(
@@ -140,6 +153,15 @@ pub struct Enqueued {
     pub seq: u64,
     /// Whether a message with that id was already queued (nothing new was stored).
     pub duplicate: bool,
+}
+
+/// Result of [`MessageStore::enqueue_superseding`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superseded {
+    /// The new message's place.
+    pub enqueued: Enqueued,
+    /// Ids of the open messages it replaced.
+    pub replaced: Vec<String>,
 }
 
 /// Result of [`MessageStore::accept_upstream`].

@@ -30,7 +30,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::{
     Accepted, EnqueueError, Enqueued, MessageState, MessageStore, NodeRecord, QueueDepth,
-    StoreError, StoreFuture, UpstreamRecord,
+    StoreError, StoreFuture, Superseded, UpstreamRecord,
 };
 use session::node::Downstream;
 
@@ -678,6 +678,80 @@ impl MessageStore for SqliteStore {
             Ok(Enqueued {
                 seq: to_u64(seq),
                 duplicate: false,
+            })
+        })
+    }
+
+    fn enqueue_superseding(
+        &self,
+        node: &str,
+        msg: Message,
+        needs_ack: bool,
+    ) -> StoreFuture<'static, Result<Superseded, EnqueueError>> {
+        let node = node.to_owned();
+        self.submit(move |b| {
+            // Two writes: a savepoint makes the job all-or-nothing (see `Batch::isolated`).
+            let sp = b.tx.savepoint().map_err(StoreError::from)?;
+            let mut replaced = Vec::new();
+            let (mut pending, mut in_flight) = (0u64, 0u64);
+            {
+                let mut stmt = sp
+                    .prepare_cached(
+                        "DELETE FROM downstream WHERE node = ?1 AND state < 2 AND source = ?2
+                         AND grp = ?3 AND resource = ?4 RETURNING msg_id, state",
+                    )
+                    .map_err(StoreError::from)?;
+                let mut rows = stmt
+                    .query(params![
+                        node,
+                        msg.route.source,
+                        msg.route.group,
+                        msg.route.resource
+                    ])
+                    .map_err(StoreError::from)?;
+                while let Some(row) = rows.next().map_err(StoreError::from)? {
+                    replaced.push(row.get::<_, String>(0).map_err(StoreError::from)?);
+                    if row.get::<_, i64>(1).map_err(StoreError::from)? == STATE_PENDING {
+                        pending += 1;
+                    } else {
+                        in_flight += 1;
+                    }
+                }
+            }
+            let limit = b.config.queue_limit;
+            let depth = b.state.depth.get(&node).copied().unwrap_or_default();
+            if depth.total().saturating_sub(pending + in_flight) >= limit {
+                return Err(EnqueueError::QueueFull {
+                    node: node.clone(),
+                    limit,
+                });
+            }
+            let mut values = vec![
+                rusqlite::types::Value::Text(node.clone()),
+                rusqlite::types::Value::Integer(i64::from(needs_ack)),
+                rusqlite::types::Value::Integer(b.now_ms),
+            ];
+            values.extend(message_values(&msg));
+            let sql = format!(
+                "INSERT INTO downstream (node, needs_ack, enqueued_ms, {MESSAGE_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                 RETURNING seq"
+            );
+            let seq: i64 = sp
+                .prepare_cached(&sql)
+                .map_err(StoreError::from)?
+                .query_row(rusqlite::params_from_iter(values), |r| r.get(0))
+                .map_err(StoreError::from)?;
+            sp.commit().map_err(StoreError::from)?;
+            let depth = b.state.depth.entry(node.clone()).or_default();
+            depth.pending = depth.pending.saturating_sub(pending) + 1;
+            depth.in_flight = depth.in_flight.saturating_sub(in_flight);
+            Ok(Superseded {
+                enqueued: Enqueued {
+                    seq: to_u64(seq),
+                    duplicate: false,
+                },
+                replaced,
             })
         })
     }

@@ -1,0 +1,408 @@
+//! edgecontroller: the cloud module that sends every edge node the objects it needs, reliably.
+//!
+//! It reads desired state through [`cloudhub::objects::ObjectSource`] (the embedded object store
+//! today; a Kubernetes informer could feed the same seam), decides placement
+//! ([`placement`]: pods by `spec.nodeName`, the configmaps and secrets they reference, the node
+//! object), and keeps per node and object what the node ACKed (the ObjectSync rows, durable in
+//! `objectsync.db`). The pure [`planner`] turns the two into messages; this module only sends
+//! them and records answers:
+//!
+//! - messages are KubeEdge's (MODULES.md §1.1): source `edgecontroller`, group `resource`,
+//!   resource `{ns}/{type}/{name}` (`null/node/{name}`), op `insert` / `update` / `delete`
+//!   (secrets and nodes always `update`), header `resourceversion`, content the object JSON;
+//!   every one needs an ACK;
+//! - they go through [`cloudhub::Hub::send_superseding`], so an older queued version of the same
+//!   object is replaced, not sent: a node back from an outage gets one message per changed object;
+//! - answers come from [`cloudhub::Hub::subscribe_acks`]: an ACK records the version, a refusal
+//!   (op `error`) schedules a resend with backoff, for ever; when the feed lags, outstanding
+//!   messages are looked up in the store ([`cloudhub::Hub::message_state`]);
+//! - a tombstone is purged from the object store once no node holds the object.
+
+pub mod placement;
+pub mod planner;
+mod sync_store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use beehive::{BoxFuture, Module, ModuleContext, ModuleError};
+use cloudhub::Hub;
+use cloudhub::hub::SendError;
+use cloudhub::objects::{ObjectError, ObjectSource, StoredObject};
+use cloudhub::store::MessageState;
+use proto::Message;
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use planner::{Action, Outstanding, SyncRow, Want};
+use sync_store::SyncStore;
+
+/// The module's name and group.
+pub const MODULE_NAME: &str = "edgecontroller";
+/// How often the whole state is planned again (retries due, nodes that appeared).
+const TICK: Duration = Duration::from_secs(1);
+/// How long an outstanding message waits before the store is asked where it stands (in case its
+/// answer was missed).
+const CHECK_AFTER_MS: i64 = 15_000;
+/// Objects read per step when loading.
+const LOAD_BATCH: usize = 1024;
+
+/// The edgecontroller beehive module.
+#[derive(Debug)]
+pub struct EdgeController {
+    hub: Hub,
+    objects: Arc<dyn ObjectSource>,
+    sync_path: PathBuf,
+}
+
+impl EdgeController {
+    /// A controller sending `objects` to the nodes of `hub`, keeping its ObjectSync rows in
+    /// `sync_path` (SQLite).
+    pub fn new(hub: Hub, objects: Arc<dyn ObjectSource>, sync_path: PathBuf) -> Self {
+        Self {
+            hub,
+            objects,
+            sync_path,
+        }
+    }
+}
+
+impl Module for EdgeController {
+    fn name(&self) -> &str {
+        MODULE_NAME
+    }
+
+    fn group(&self) -> &str {
+        MODULE_NAME
+    }
+
+    fn start(self: Arc<Self>, ctx: ModuleContext) -> BoxFuture<'static, Result<(), ModuleError>> {
+        Box::pin(async move {
+            let sync = SyncStore::open(&self.sync_path).map_err(|e| {
+                ModuleError::msg(format!(
+                    "edgecontroller: opening {}: {e}",
+                    self.sync_path.display()
+                ))
+            })?;
+            let mut controller = Controller {
+                hub: self.hub.clone(),
+                objects: Arc::clone(&self.objects),
+                rows: sync.load().map_err(|e| ModuleError::msg(e.to_string()))?,
+                sync,
+                cache: BTreeMap::new(),
+                cursor: 0,
+                by_id: HashMap::new(),
+            };
+            controller.index();
+            controller.run(ctx).await;
+            Ok(())
+        })
+    }
+}
+
+struct Controller {
+    hub: Hub,
+    objects: Arc<dyn ObjectSource>,
+    sync: SyncStore,
+    /// Every object by wire resource, tombstones included.
+    cache: BTreeMap<String, Arc<StoredObject>>,
+    /// Highest resourceVersion in the cache.
+    cursor: u64,
+    /// ObjectSync rows: node → wire resource → row.
+    rows: BTreeMap<String, BTreeMap<String, SyncRow>>,
+    /// Outstanding message id → (node, wire resource).
+    by_id: HashMap<String, (String, String)>,
+}
+
+impl Controller {
+    fn index(&mut self) {
+        self.by_id.clear();
+        for (node, rows) in &self.rows {
+            for (key, row) in rows {
+                if let Some(out) = &row.out {
+                    self.by_id
+                        .insert(out.id.clone(), (node.clone(), key.clone()));
+                }
+            }
+        }
+    }
+
+    async fn run(&mut self, mut ctx: ModuleContext) {
+        let mut changes = self.objects.subscribe();
+        let mut acks = self.hub.subscribe_acks();
+        self.catch_up();
+        let mut tick = tokio::time::interval(TICK);
+        let shutdown = ctx.shutdown_signal();
+        let mut last_check = proto::now_millis();
+        loop {
+            tokio::select! {
+                // Answers before changes: a change planned after its object's ACK was recorded
+                // is an `update`, not a second `insert`.
+                biased;
+                () = shutdown.triggered() => break,
+                // Messages to this module (upstream routing) are not handled yet.
+                msg = ctx.recv() => if msg.is_none() { break },
+                ack = acks.recv() => match ack {
+                    Ok(ack) => {
+                        let (node, info) = &*ack;
+                        self.answered(node, &info.id, info.failed.is_some());
+                        if let Some(why) = &info.failed {
+                            tracing::info!(%node, id = %info.id, reason = %why,
+                                "edge refused an object; resending after a backoff");
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => self.check_outstanding().await,
+                    Err(RecvError::Closed) => break,
+                },
+                change = changes.recv() => match change {
+                    Ok(change) => {
+                        self.remember(change.object);
+                        self.reconcile().await;
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        self.catch_up();
+                        self.reconcile().await;
+                    }
+                    Err(RecvError::Closed) => break,
+                },
+                _ = tick.tick() => {
+                    let now = proto::now_millis();
+                    if now - last_check >= CHECK_AFTER_MS {
+                        last_check = now;
+                        self.check_outstanding().await;
+                    }
+                    self.reconcile().await;
+                }
+            }
+        }
+    }
+
+    fn remember(&mut self, object: Arc<StoredObject>) {
+        self.cursor = self.cursor.max(object.rv);
+        self.cache.insert(object.wire_resource(), object);
+    }
+
+    /// Reads every change after the cursor from the object store.
+    fn catch_up(&mut self) {
+        loop {
+            match self.objects.changed_since(self.cursor, LOAD_BATCH) {
+                Ok(batch) if batch.is_empty() => return,
+                Ok(batch) => {
+                    for o in batch {
+                        self.remember(o);
+                    }
+                }
+                // Tombstones below the floor were purged: everything above it is still there.
+                Err(ObjectError::Gone { floor, .. }) => self.cursor = floor,
+                Err(e) => {
+                    tracing::warn!(error = %e, "edgecontroller: cannot read the object store");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Applies an answer to message `id` of `node`.
+    fn answered(&mut self, node: &str, id: &str, refused: bool) {
+        let Some((n, key)) = self.by_id.get(id).cloned() else {
+            tracing::debug!(%node, %id, "edgecontroller: answer to a message it does not track");
+            return;
+        };
+        tracing::debug!(%node, %id, resource = %key, refused, "edgecontroller: answered");
+        if n != node {
+            return;
+        }
+        let Some(row) = self.rows.get_mut(node).and_then(|r| r.remove(&key)) else {
+            return;
+        };
+        match planner::answered(row, id, refused, proto::now_millis()) {
+            Some(row) => {
+                if !refused {
+                    self.by_id.remove(id);
+                }
+                self.save(node, &key, &row);
+                self.rows
+                    .entry(node.to_owned())
+                    .or_default()
+                    .insert(key, row);
+            }
+            None => {
+                self.by_id.remove(id);
+                self.forget(node, &key);
+            }
+        }
+    }
+
+    /// Asks the store where every outstanding message stands, for answers the ACK
+    /// feed did not bring (a lagging feed, a restart).
+    async fn check_outstanding(&mut self) {
+        let ids: Vec<(String, String)> = self
+            .by_id
+            .iter()
+            .map(|(id, (node, _))| (id.clone(), node.clone()))
+            .collect();
+        for (id, node) in ids {
+            match self.hub.message_state(&node, &id).await {
+                Ok(Some(MessageState::Acked { .. })) => self.answered(&node, &id, false),
+                Ok(Some(MessageState::Failed { .. })) => self.answered(&node, &id, true),
+                // Unknown (acked long ago and pruned, or lost): send again.
+                Ok(None) => self.answered(&node, &id, true),
+                Ok(Some(_)) | Err(_) => {}
+            }
+        }
+    }
+
+    /// Plans every node and sends what it says.
+    async fn reconcile(&mut self) {
+        let placement = placement::place(self.cache.values());
+        let known: Vec<String> = match self.hub.nodes().await {
+            Ok(nodes) => nodes.into_iter().map(|n| n.id).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "edgecontroller: cannot list nodes");
+                return;
+            }
+        };
+        let now = proto::now_millis();
+        for node in known {
+            let wants: BTreeMap<String, Want> = placement
+                .get(&node)
+                .into_iter()
+                .flatten()
+                .map(|(k, o)| {
+                    (
+                        k.clone(),
+                        Want {
+                            rv: o.rv,
+                            uid: o.uid.clone(),
+                        },
+                    )
+                })
+                .collect();
+            let empty = BTreeMap::new();
+            let actions = planner::plan(&wants, self.rows.get(&node).unwrap_or(&empty), now);
+            for action in actions {
+                self.act(&node, action).await;
+            }
+        }
+        self.purge_tombstones();
+    }
+
+    async fn act(&mut self, node: &str, action: Action) {
+        let (key, delete, first) = match action {
+            Action::Forget { key } => {
+                self.forget(node, &key);
+                return;
+            }
+            Action::Send { key, first } => (key, false, first),
+            Action::Delete { key } => (key, true, false),
+        };
+        let row = self
+            .rows
+            .get(node)
+            .and_then(|r| r.get(&key))
+            .cloned()
+            .unwrap_or_default();
+        let object = self.cache.get(&key).cloned();
+        let (rv, uid, content) = match &object {
+            Some(o) => (o.rv, o.uid.clone(), o.body.clone()),
+            // Only a delete can lack its object; send what the node needs to find it.
+            None => {
+                let mut parts = key.splitn(3, '/');
+                let (ns, _, name) = (parts.next(), parts.next(), parts.next());
+                let meta =
+                    json!({"namespace": ns.filter(|n| *n != "null"), "name": name, "uid": row.uid});
+                (row.acked_rv, row.uid.clone(), json!({ "metadata": meta }))
+            }
+        };
+        let wire = key.split('/').nth(1).unwrap_or("");
+        let op = if delete {
+            "delete"
+        } else if first && wire != "secret" && wire != "node" {
+            "insert"
+        } else {
+            "update"
+        };
+        let mut msg = Message::new("")
+            .route(MODULE_NAME, "resource", key.clone(), op)
+            .content(content);
+        msg.header.resource_version = rv.to_string();
+        let id = msg.header.id.clone();
+        tracing::debug!(%node, %id, resource = %key, op, rv, "edgecontroller: sending");
+        match self.hub.send_superseding(node, msg, true).await {
+            Ok(done) => {
+                for old in done.replaced {
+                    self.by_id.remove(&old);
+                }
+                let row = SyncRow {
+                    out: Some(Outstanding {
+                        id: id.clone(),
+                        rv,
+                        uid,
+                        delete,
+                        failures: row.out.as_ref().map_or(0, |o| o.failures),
+                        retry_at_ms: None,
+                    }),
+                    ..row
+                };
+                if let Some(old) = self
+                    .rows
+                    .get(node)
+                    .and_then(|r| r.get(&key))
+                    .and_then(|r| r.out.as_ref())
+                {
+                    self.by_id.remove(&old.id);
+                }
+                self.by_id.insert(id, (node.to_owned(), key.clone()));
+                self.save(node, &key, &row);
+                self.rows
+                    .entry(node.to_owned())
+                    .or_default()
+                    .insert(key, row);
+            }
+            Err(SendError::UnknownNode(_)) => {}
+            Err(e) => {
+                tracing::warn!(%node, resource = %key, error = %e,
+                    "edgecontroller: object not queued; trying again");
+            }
+        }
+    }
+
+    fn save(&self, node: &str, key: &str, row: &SyncRow) {
+        if let Err(e) = self.sync.save(node, key, row) {
+            tracing::warn!(%node, resource = %key, error = %e, "edgecontroller: ObjectSync row not saved");
+        }
+    }
+
+    fn forget(&mut self, node: &str, key: &str) {
+        if let Some(rows) = self.rows.get_mut(node) {
+            rows.remove(key);
+        }
+        if let Err(e) = self.sync.forget(node, key) {
+            tracing::warn!(%node, resource = %key, error = %e, "edgecontroller: ObjectSync row not removed");
+        }
+    }
+
+    /// Drops tombstones no node holds any more, here and in the object store.
+    fn purge_tombstones(&mut self) {
+        let held = |key: &str| self.rows.values().any(|r| r.contains_key(key));
+        let dead: Vec<Arc<StoredObject>> = self
+            .cache
+            .iter()
+            .filter(|(k, o)| o.deleted && !held(k))
+            .map(|(_, o)| Arc::clone(o))
+            .collect();
+        for o in dead {
+            match self
+                .objects
+                .purge_tombstone(&o.resource, &o.namespace, &o.name, o.rv)
+            {
+                Ok(()) => {
+                    self.cache.remove(&o.wire_resource());
+                }
+                Err(e) => tracing::warn!(error = %e, "edgecontroller: tombstone not purged"),
+            }
+        }
+    }
+}
