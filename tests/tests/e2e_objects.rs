@@ -240,19 +240,21 @@ fn objects(protocol: &str) {
         "/v1/namespaces/default/pods/p2",
         &json!({"spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "busybox", "envFrom": env_from}]}}),
     );
-    let before = wait_until("the edge holds 100 configmaps", PATIENCE, || {
+    wait_until("the edge holds 100 configmaps", PATIENCE, || {
         let m = edge_messages(&edge);
         let held = edge_state(&m)
             .iter()
             .filter(|(k, (op, _))| k.starts_with("default/configmap/cm-") && op == "insert")
             .count();
         if held == 100 {
-            Ok(m)
+            Ok(())
         } else {
             Err(format!("{held}"))
         }
     });
     wait_until("the queue drained", PATIENCE, || queue_drained(api));
+    // Taken once the queue drained: every earlier message (the pod too) has arrived.
+    let before = edge_messages(&edge);
 
     // The edge goes away; 100 objects change meanwhile (150 changes).
     assert_eq!(edge.daemon.stop(), Some(0));
