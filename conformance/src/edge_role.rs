@@ -504,16 +504,43 @@ async fn node_limit(
         "{} fresh nodes were all admitted; the limit is {limit}",
         limit + 1
     ));
+    // The earlier cases' sessions may still count while the cloud tears them down: a node
+    // below the limit refused with 4002 is retried until the patience runs out.
+    let deadline = Instant::now() + c.patience;
+    let node_limit = u64::from(SessionCloseCode::NodeLimit.code());
     for i in 0..=limit {
         let node = NodeId::new(format!("conformance-limit-{i}")).map_err(|e| e.to_string())?;
         let issued = ca.issue_node(&node, validity).map_err(|e| e.to_string())?;
         let mut config = dial_config(c, Capabilities::ALL);
         config.node_id = node.clone();
         config.identity = issued.identity;
-        let conn = match transport::connect(c.protocol, &config).await {
+        let conn = loop {
+            match transport::connect(c.protocol, &config).await {
+                Ok(conn) => break Ok(conn),
+                // Refused at the door (before the session) is as good as a 4002 close.
+                Err(ConnectError::Rejected {
+                    status: Some(status),
+                    ..
+                }) if status == node_limit && i == limit => {
+                    break Err(Ok(format!(
+                        "node {} of at most {} refused with 4002 when it connected",
+                        i + 1,
+                        limit + 1
+                    )));
+                }
+                Err(ConnectError::Rejected {
+                    status: Some(status),
+                    ..
+                }) if status == node_limit && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => break Err(Err(format!("node {i}: connect failed: {e}"))),
+            }
+        };
+        let conn = match conn {
             Ok(conn) => conn,
-            Err(e) => {
-                result = Err(format!("node {i}: connect failed: {e}"));
+            Err(outcome) => {
+                result = outcome;
                 break;
             }
         };

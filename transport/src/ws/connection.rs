@@ -136,6 +136,7 @@ impl WsConnection {
             outbound_rx,
             control_rx,
             shared.clone(),
+            done_rx.clone(),
             link.write_deadline,
             link.effective_keep_alive(),
         ));
@@ -324,27 +325,53 @@ fn close_frame(code: CloseCode, reason: &str) -> WsMessage {
     }))
 }
 
+/// Why the writer stopped writing.
+#[derive(Debug)]
+enum WriteFailure {
+    /// The closing handshake is under way (tungstenite refuses to send after the peer's close
+    /// frame was read): the reader records why the connection ended, not the writer.
+    Closing,
+    /// The link failed while writing.
+    Failed(CloseReason),
+}
+
+impl From<tungstenite::Error> for WriteFailure {
+    fn from(err: tungstenite::Error) -> Self {
+        use tungstenite::error::ProtocolError;
+        match err {
+            tungstenite::Error::Protocol(ProtocolError::SendAfterClosing)
+            | tungstenite::Error::ConnectionClosed
+            | tungstenite::Error::AlreadyClosed => Self::Closing,
+            other => Self::Failed(reason_from_ws_error(other)),
+        }
+    }
+}
+
 /// Feeds one frame, bounded by the write deadline.
 async fn feed(
     sink: &mut SplitSink<WsStream, WsMessage>,
     frame: WsMessage,
     deadline: Duration,
-) -> Result<(), CloseReason> {
+) -> Result<(), WriteFailure> {
     match timeout(deadline, sink.feed(frame)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(reason_from_ws_error(e)),
-        Err(_) => Err(CloseReason::WriteTimeout { after: deadline }),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(WriteFailure::Failed(CloseReason::WriteTimeout {
+            after: deadline,
+        })),
     }
 }
 
 async fn flush(
     sink: &mut SplitSink<WsStream, WsMessage>,
     deadline: Duration,
-) -> Result<(), CloseReason> {
+) -> Result<(), WriteFailure> {
     match timeout(deadline, sink.flush()).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(reason_from_ws_error(e)),
-        Err(_) => Err(CloseReason::WriteTimeout { after: deadline }),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(WriteFailure::Failed(CloseReason::WriteTimeout {
+            after: deadline,
+        })),
     }
 }
 
@@ -355,13 +382,14 @@ async fn writer(
     mut outbound: ByteReceiver<Outbound>,
     mut control: mpsc::Receiver<Control>,
     shared: Arc<Shared>,
+    mut reader_done: watch::Receiver<bool>,
     deadline: Duration,
     keep_alive: Duration,
 ) {
     let mut ping = tokio::time::interval_at(Instant::now() + keep_alive, keep_alive);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut control_open = true;
-    let outcome: Result<Option<SplitStream<WsStream>>, CloseReason> = async {
+    let outcome: Result<Option<SplitStream<WsStream>>, WriteFailure> = async {
         loop {
             tokio::select! {
                 biased;
@@ -415,8 +443,18 @@ async fn writer(
     }
     .await;
     match outcome {
-        Err(reason) => {
+        Err(WriteFailure::Failed(reason)) => {
             shared.end(reason);
+            shared.abort_tasks();
+        }
+        Err(WriteFailure::Closing) => {
+            // The peer's close frame is in: let the reader record it (and its code) rather
+            // than a "sending after closing" error that would hide why the peer closed.
+            let _ = timeout(FAREWELL_TIMEOUT, reader_done.wait_for(|d| *d)).await;
+            shared.end(CloseReason::Io {
+                kind: std::io::ErrorKind::NotConnected,
+                detail: "WebSocket already closed".to_owned(),
+            });
             shared.abort_tasks();
         }
         Ok(Some(stream)) => linger(sink, stream).await,
@@ -481,7 +519,13 @@ async fn reader(
             Some(Ok(WsMessage::Text(text))) => bytes::Bytes::from(text),
             Some(Ok(WsMessage::Binary(bytes))) => bytes,
             Some(Ok(WsMessage::Close(frame))) => {
-                peer_close = Some(peer_close_reason(frame.as_ref()));
+                let reason = peer_close_reason(frame.as_ref());
+                if !shared.closing.load(Ordering::Acquire) {
+                    // Recorded now, not when the stream ends: a write racing the closing
+                    // handshake must not stand as the reason and hide the peer's close code.
+                    shared.end(reason.clone());
+                }
+                peer_close = Some(reason);
                 continue;
             }
             // Pings (answered by tungstenite) and pongs only prove the peer is alive.
