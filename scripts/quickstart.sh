@@ -55,10 +55,8 @@ edgehub:
   http-server: "https://127.0.0.1:$https_port"
   outbox: { path: $work/outbox.db }
 modules:
-  local-store:
-    enable: true
-    path: $work/local.db
-    listen: "127.0.0.1:$local_port"
+  metamanager: { path: $work/meta.db }
+  local-api: { listen: "127.0.0.1:$local_port" }
 EOF
 
 pids=()

@@ -2,13 +2,13 @@
 //! per-module switches. Unknown keys and invalid values are refused with their key path.
 
 use std::net::SocketAddr;
-use std::num::NonZeroU64;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
 use edgehub::EdgeHubConfig;
 use edgehub::config::ConfigError;
+use metamanager::MetaManagerConfig;
 use servicebus::ServiceBusConfig;
 
 /// The whole file.
@@ -29,9 +29,12 @@ pub struct ModulesConfig {
     /// EdgeHub itself.
     #[serde(default)]
     pub edgehub: Enable,
-    /// The local store: keeps cloud messages for local applications.
+    /// metamanager: the node's objects from the cloud, their queries and MetaServer's data.
     #[serde(default)]
-    pub local_store: LocalStoreConfig,
+    pub metamanager: MetaManagerConfig,
+    /// The local HTTP endpoint for applications on the node (MetaServer's routes too).
+    #[serde(default)]
+    pub local_api: LocalApiConfig,
     /// servicebus: lets the cloud call allowed HTTP services on this node (default off).
     #[serde(default)]
     pub service_bus: ServiceBusConfig,
@@ -52,36 +55,24 @@ impl Default for Enable {
     }
 }
 
-/// `modules.local-store`: see [`crate::localstore`].
+/// `modules.local-api`: see [`crate::localapi`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct LocalStoreConfig {
+pub struct LocalApiConfig {
     /// Whether it runs. Default true.
     #[serde(default = "yes")]
     pub enable: bool,
-    /// The bus group it joins, so cloud messages routed to that group reach it. Default `meta`
-    /// (where `resource` and `func` messages go, KubeEdge's metamanager group).
-    #[serde(default = "default_group")]
-    pub group: String,
-    /// Its SQLite file. Default `/var/lib/causeway/local.db`.
-    #[serde(default = "default_store_path")]
-    pub path: PathBuf,
-    /// Most messages kept; the oldest are deleted beyond it. Default 100000.
-    #[serde(default = "default_max_messages")]
-    pub max_messages: NonZeroU64,
-    /// The HTTP endpoint for local applications. Must be a loopback address: the endpoint has no
-    /// authentication. Default `127.0.0.1:10550`.
+    /// Its address: MetaServer (`/api/v1/...`), the journal, upstream sends and status. Must be
+    /// a loopback address: the endpoint has no authentication. Default `127.0.0.1:10550`
+    /// (KubeEdge's MetaServer address).
     #[serde(default = "default_listen", deserialize_with = "loopback")]
     pub listen: SocketAddr,
 }
 
-impl Default for LocalStoreConfig {
+impl Default for LocalApiConfig {
     fn default() -> Self {
         Self {
             enable: true,
-            group: default_group(),
-            path: default_store_path(),
-            max_messages: default_max_messages(),
             listen: default_listen(),
         }
     }
@@ -142,11 +133,16 @@ edgehub:
 modules:
   edgehub:
     enable: true
-  local-store:
+  # The node's objects from the cloud (pods, configmaps, secrets, the node), applied in
+  # resource-version order and acknowledged once stored; served to edge modules and MetaServer.
+  metamanager:
     enable: true
-    group: meta                     # cloud resource/func messages go to group meta
-    path: /var/lib/causeway/local.db
-    max-messages: 100000
+    path: /var/lib/causeway/meta.db
+    journal-max: 100000             # cloud messages remembered (/v1/messages, resend detection)
+    remote-query-timeout: 10        # a configmap/secret missing here is asked of the cloud
+  # MetaServer (/api/v1/...), /v1/messages, /v1/upstream, /v1/status for local applications.
+  local-api:
+    enable: true
     listen: "127.0.0.1:10550"       # loopback only: no authentication
   service-bus:
     # Lets the cloud call HTTP services on this node (cloud API: /v1/nodes/<id>/proxy/<port>/...).
@@ -160,18 +156,6 @@ modules:
 
 fn yes() -> bool {
     true
-}
-
-fn default_group() -> String {
-    session::edge::route::GROUP_META.to_owned()
-}
-
-fn default_store_path() -> PathBuf {
-    "/var/lib/causeway/local.db".into()
-}
-
-fn default_max_messages() -> NonZeroU64 {
-    NonZeroU64::MIN.saturating_add(99_999)
 }
 
 fn default_listen() -> SocketAddr {
@@ -213,24 +197,25 @@ mod tests {
             config.edgehub.controller.protocol,
             transport::Protocol::Quic
         );
-        assert!(config.modules.local_store.enable);
+        assert!(config.modules.metamanager.enable);
+        assert!(config.modules.local_api.enable);
     }
 
     #[test]
     fn module_keys_are_checked_with_their_path() {
         let base = "edgehub:\n  controller: { node-id: e }\n";
         let e = EdgecoreConfig::parse(
-            &format!("{base}modules:\n  metamanager: {{ enable: true }}\n"),
+            &format!("{base}modules:\n  metamanager: {{ enabled: true }}\n"),
             "f",
         )
         .unwrap_err();
-        assert_eq!(e.key(), Some("modules.metamanager"));
+        assert_eq!(e.key(), Some("modules.metamanager.enabled"));
         let e = EdgecoreConfig::parse(
-            &format!("{base}modules:\n  local-store: {{ listen: '0.0.0.0:10550' }}\n"),
+            &format!("{base}modules:\n  local-api: {{ listen: '0.0.0.0:10550' }}\n"),
             "f",
         )
         .unwrap_err();
-        assert_eq!(e.key(), Some("modules.local-store.listen"));
+        assert_eq!(e.key(), Some("modules.local-api.listen"));
         assert!(e.to_string().contains("loopback"), "{e}");
         let e = EdgecoreConfig::parse(
             &format!("{base}modules:\n  edgehub: {{ enable: maybe }}\n"),

@@ -1,8 +1,8 @@
 //! The edge daemon's parts, as a library so tests can run them in-process: the configuration
-//! file ([`config`]) and the local store module ([`localstore`]). The binary (`src/main.rs`)
-//! wires them to EdgeHub on a beehive.
+//! file ([`config`]) and the local endpoint module ([`localapi`]). The binary (`src/main.rs`)
+//! wires them to EdgeHub and metamanager on a beehive.
 //!
 //! What it is not: the link logic (that is `edgehub`) or the transport.
 
 pub mod config;
-pub mod localstore;
+pub mod localapi;

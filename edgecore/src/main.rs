@@ -1,8 +1,9 @@
 //! `edgecore`: the Causeway edge daemon. It loads `edgecore.yaml`, makes sure the node has a
 //! certificate (bootstrapping one with the configured token if needed), then runs EdgeHub (the
-//! link to the cloud), the local store (cloud messages for local applications) and servicebus
-//! (the cloud's calls to local HTTP services, when enabled) on a beehive until SIGINT or SIGTERM,
-//! and exits 0 after a graceful shutdown.
+//! link to the cloud), metamanager (the node's objects), the local endpoint (MetaServer and
+//! upstream sends for local applications) and servicebus (the cloud's calls to local HTTP
+//! services, when enabled) on a beehive until SIGINT or SIGTERM, and exits 0 after a graceful
+//! shutdown.
 //!
 //! Logs go to stderr (`RUST_LOG` respected, default `info`): one line per connect, disconnect
 //! (with the reason) and reconnect attempt.
@@ -21,7 +22,8 @@ use edgehub::outbox::Outbox;
 use servicebus::ServiceBus;
 
 use causeway_edgecore::config::{DEFAULT_YAML, EdgecoreConfig};
-use causeway_edgecore::localstore::LocalStore;
+use causeway_edgecore::localapi::LocalApi;
+use metamanager::MetaManager;
 
 /// The Causeway edge daemon: keeps this node's link to the cloud (WebSocket or QUIC) and serves
 /// cloud messages to local applications.
@@ -70,24 +72,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let outbox = config.edgehub.outbox_config();
         drop(Outbox::open(outbox).context("opening the outbox")?);
     }
-    if config.modules.local_store.enable {
-        let store = &config.modules.local_store;
-        drop(
-            causeway_edgecore::localstore::MessageTable::open(
-                &store.path,
-                store.max_messages.get(),
-            )
-            .context("opening the local store")?,
-        );
-    }
+    let meta_enabled = config.modules.metamanager.enable;
+    // Opened here, so a bad path fails the start with the path in the message.
+    let meta = if meta_enabled {
+        Some(
+            MetaManager::open(config.modules.metamanager.clone())
+                .context("opening metamanager's store")?,
+        )
+    } else {
+        None
+    };
     let hub = EdgeHubModule::new(config.edgehub.clone());
     let reconnect = hub.reconnect_trigger();
     let link = hub.stats_handle();
     let mut beehive = Beehive::new();
     beehive.register(hub, hub_enabled)?;
-    let store = config.modules.local_store.clone();
-    let store_enabled = store.enable;
-    beehive.register(LocalStore::new(store).with_link(link), store_enabled)?;
+    let mut local_api = LocalApi::new(config.modules.local_api.clone()).with_link(link);
+    if let Some(meta) = meta {
+        local_api = local_api.with_meta(meta.store());
+        beehive.register(meta, true)?;
+    }
+    beehive.register(local_api, config.modules.local_api.enable)?;
     let service_bus = config.modules.service_bus.clone();
     let service_bus_enabled = service_bus.enable;
     beehive.register(ServiceBus::new(service_bus), service_bus_enabled)?;
@@ -127,7 +132,7 @@ async fn obtain_certificate(config: &EdgecoreConfig) -> anyhow::Result<()> {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(60));
             }
-            // Not fatal: the local store keeps serving and the outbox keeps what applications
+            // Not fatal: the local API and metamanager keep serving and the outbox keeps what applications
             // send, the hub keeps dialling (slowly, with backoff; the cloud's refusal shows on
             // /v1/status) and picks up new certificate files at its next dial. Said once.
             Err(e @ BootstrapError::NoToken { .. })

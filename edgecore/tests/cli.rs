@@ -40,7 +40,8 @@ fn defaultconfig_is_complete_commented_and_parses() {
         "http-server:",
         "token:",
         "outbox:",
-        "local-store:",
+        "metamanager:",
+        "local-api:",
     ] {
         assert!(text.contains(key), "{key} missing");
     }
@@ -71,8 +72,8 @@ fn unknown_keys_and_invalid_values_are_refused_with_the_key_path() {
             "edgehub.controller.node-id",
         ),
         (
-            "edgehub:\n  controller: { node-id: e }\nmodules:\n  local-store: { listen: '10.0.0.1:1' }\n",
-            "modules.local-store.listen",
+            "edgehub:\n  controller: { node-id: e }\nmodules:\n  local-api: { listen: '10.0.0.1:1' }\n",
+            "modules.local-api.listen",
         ),
     ];
     for (i, (yaml, key)) in cases.into_iter().enumerate() {
@@ -101,7 +102,7 @@ fn a_missing_certificate_without_token_is_a_clear_error() {
     std::fs::write(
         &path,
         format!(
-            "edgehub:\n  controller: {{ node-id: edge-1 }}\n  tls: {{ ca-file: {d}/ca.crt, cert-file: {d}/n.crt, key-file: {d}/n.key }}\n  outbox: {{ path: {d}/o.db }}\nmodules:\n  local-store: {{ path: {d}/l.db, listen: '127.0.0.1:0' }}\n"
+            "edgehub:\n  controller: {{ node-id: edge-1 }}\n  tls: {{ ca-file: {d}/ca.crt, cert-file: {d}/n.crt, key-file: {d}/n.key }}\n  outbox: {{ path: {d}/o.db }}\nmodules:\n  metamanager: {{ path: {d}/m.db }}\n  local-api: {{ listen: '127.0.0.1:0' }}\n"
         ),
     )
     .unwrap();
@@ -121,7 +122,7 @@ fn start_daemon(dir: &tempfile::TempDir) -> Child {
     std::fs::write(
         &path,
         format!(
-            "edgehub:\n  controller: {{ node-id: edge-1 }}\n  outbox: {{ path: {d}/o.db }}\nmodules:\n  edgehub: {{ enable: false }}\n  local-store: {{ path: {d}/l.db, listen: '127.0.0.1:0' }}\n"
+            "edgehub:\n  controller: {{ node-id: edge-1 }}\n  outbox: {{ path: {d}/o.db }}\nmodules:\n  edgehub: {{ enable: false }}\n  metamanager: {{ path: {d}/m.db }}\n  local-api: {{ listen: '127.0.0.1:0' }}\n"
         ),
     )
     .unwrap();
@@ -142,7 +143,7 @@ fn start_daemon(dir: &tempfile::TempDir) -> Child {
     }
     let started = loop {
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.contains("local store listening") => break true,
+            Ok(line) if line.contains("local API listening") => break true,
             Ok(_) => {}
             Err(_) => break false,
         }
@@ -195,7 +196,7 @@ fn config_with_certificate(dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::write(
         &path,
         format!(
-            "edgehub:\n  controller: {{ node-id: edge-1 }}\n  websocket: {{ server: '127.0.0.1:9' }}\n  tls: {{ ca-file: {d}/ca.crt, cert-file: {d}/n.crt, key-file: {d}/n.key }}\n  outbox: {{ path: {d}/o.db }}\nmodules:\n  local-store: {{ path: {d}/l.db, listen: '127.0.0.1:0' }}\n"
+            "edgehub:\n  controller: {{ node-id: edge-1 }}\n  websocket: {{ server: '127.0.0.1:9' }}\n  tls: {{ ca-file: {d}/ca.crt, cert-file: {d}/n.crt, key-file: {d}/n.key }}\n  outbox: {{ path: {d}/o.db }}\nmodules:\n  metamanager: {{ path: {d}/m.db }}\n  local-api: {{ listen: '127.0.0.1:0' }}\n"
         ),
     )
     .unwrap();
@@ -228,7 +229,7 @@ fn run_to_exit(config: &std::path::Path) -> (Option<i32>, String) {
 
 #[test]
 fn a_damaged_or_locked_store_is_one_clear_line_and_exit_1() {
-    for file in ["o.db", "l.db"] {
+    for file in ["o.db", "m.db"] {
         // Damaged: garbage where the SQLite file should be.
         let dir = tempfile::tempdir().unwrap();
         let config = config_with_certificate(dir.path());

@@ -402,10 +402,10 @@ impl EdgeCore {
     /// [`EdgeCore::wait_connected`].
     pub fn start(config: &Path, patience: Duration) -> Self {
         let mut daemon = Daemon::start("edgecore", config, patience);
-        let line = daemon.logged("local store listening");
+        let line = daemon.logged("local API listening");
         let local = fields(&line)["addr"]
             .parse()
-            .unwrap_or_else(|_| panic!("local store address in {line}"));
+            .unwrap_or_else(|_| panic!("local API address in {line}"));
         Self {
             daemon,
             local,

@@ -217,7 +217,8 @@ fn kit_cloud_against_edgecore(protocol: &'static str) {
   tls: {{ ca-file: {d}/ca.crt, cert-file: {d}/node.crt, key-file: {d}/node.key }}
   outbox: {{ path: {d}/outbox.db }}
 modules:
-  local-store: {{ path: {d}/local.db, listen: '127.0.0.1:0' }}
+  metamanager: {{ path: {d}/meta.db }}
+  local-api: {{ listen: '127.0.0.1:0' }}
 "
         ),
     );

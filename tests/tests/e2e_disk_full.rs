@@ -63,7 +63,8 @@ fn edge_config(dir: &Path, data: &Path, protocol: &str, node: &str, cloud: &Clou
   token: '{token}'
   outbox: {{ path: {data}/outbox.db, dedup-pending-ttl: 2 }}
 modules:
-  local-store: {{ path: {data}/local.db, listen: '127.0.0.1:0' }}
+  metamanager: {{ path: {data}/meta.db }}
+  local-api: {{ listen: '127.0.0.1:0' }}
 "
         ),
     )
@@ -224,7 +225,7 @@ fn edge_disk_full(protocol: &str) {
     // One line for the episode and one for its end, however many messages were refused.
     assert_eq!(edge.daemon.count_logged("outbox: the disk is full"), 1);
     assert_eq!(edge.daemon.count_logged("outbox: storage works again"), 1);
-    assert!(edge.daemon.count_logged("local store: the disk is full") <= 1);
+    assert!(edge.daemon.count_logged("metamanager: the disk is full") <= 1);
     // An open event stream would hold the cloud API's graceful shutdown.
     drop(sse);
 
@@ -439,7 +440,8 @@ fn cloud_disk_full(protocol: &str) {
   tls: {{ ca-file: {e}/ca.crt, cert-file: {e}/node.crt, key-file: {e}/node.key }}
   outbox: {{ path: {e}/outbox.db }}
 modules:
-  local-store: {{ path: {e}/local.db, listen: '127.0.0.1:0' }}
+  metamanager: {{ path: {e}/meta.db }}
+  local-api: {{ listen: '127.0.0.1:0' }}
 "
         ),
     )

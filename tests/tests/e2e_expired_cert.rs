@@ -29,7 +29,8 @@ fn write_config(root: &Path, protocol: &str, node: &str, cloud: &Cloud, token: O
   http-server: 'https://{https}'
 {token}  outbox: {{ path: {d}/edge/outbox.db }}
 modules:
-  local-store: {{ path: {d}/edge/local.db, listen: '127.0.0.1:0' }}
+  metamanager: {{ path: {d}/edge/meta.db }}
+  local-api: {{ listen: '127.0.0.1:0' }}
 "
         ),
     )

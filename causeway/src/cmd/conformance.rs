@@ -81,7 +81,7 @@ pub(crate) struct Args {
     /// --role cloud: the edge's heartbeat (edgehub.controller.heartbeat).
     #[arg(long, default_value = "15s", value_parser = crate::duration::parse)]
     heartbeat: Duration,
-    /// --role cloud: the edge's local endpoint (http://host:port, edgecore's local store), to
+    /// --role cloud: the edge's local endpoint (http://host:port, edgecore's local API), to
     /// make the edge send upstream data and to count what it stored.
     #[arg(long)]
     edge_api: Option<String>,
