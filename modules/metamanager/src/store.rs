@@ -1,7 +1,8 @@
 //! metamanager's SQLite file: the `meta` table of objects (KubeEdge's `key`, `type`, `value`,
 //! plus the parts of the key, the resource version, the uid and a tombstone flag) and the
 //! `journal` of cloud messages applied, once per message id and bounded, in arrival order (what
-//! local applications follow on `/v1/messages`, and how a resent message is recognised).
+//! local applications follow on `/v1/messages`, and how a resent message is recognised), each
+//! row in proto's one message-row encoding ([`proto::row::HeadRow`]).
 //!
 //! [`MetaStore::apply`] runs [`crate::decide::decide`] against the stored row and writes its plan,
 //! the journal row included, in one transaction; only once it returns `Ok` may the message be
@@ -16,6 +17,7 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use proto::Message;
+use proto::row::HeadRow;
 
 use crate::decide::{self, Action, CloudChange, Plan, StoredState};
 
@@ -166,7 +168,9 @@ impl MetaStore {
                  seq INTEGER PRIMARY KEY AUTOINCREMENT,
                  id TEXT NOT NULL UNIQUE,
                  received_ms INTEGER NOT NULL,
-                 body TEXT NOT NULL
+                 head TEXT NOT NULL,
+                 content_kind INTEGER NOT NULL,
+                 content BLOB NOT NULL
              );",
         )
         .map_err(sqlite)?;
@@ -321,22 +325,37 @@ impl MetaStore {
     }
 
     /// Up to `limit` journaled cloud messages after `after`, oldest first, as (seq, KubeEdge
-    /// JSON).
+    /// JSON). A row that no longer reads as a message (a damaged file) is `null`.
     pub fn journal(&self, after: i64, limit: usize) -> Result<Vec<(i64, Value)>, StoreError> {
         let conn = lock(&self.conn);
         let mut stmt = conn
-            .prepare_cached("SELECT seq, body FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+            .prepare_cached(
+                "SELECT seq, head, content_kind, content FROM journal WHERE seq > ?1
+                 ORDER BY seq LIMIT ?2",
+            )
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(
                 params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                |r| {
+                    let row = HeadRow {
+                        head: r.get(1)?,
+                        content_kind: r.get(2)?,
+                        content: r.get(3)?,
+                    };
+                    Ok((r.get::<_, i64>(0)?, row))
+                },
             )
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, body) = row.map_err(|e| self.err(e))?;
-            out.push((seq, serde_json::from_str(&body).unwrap_or(Value::Null)));
+            let (seq, row) = row.map_err(|e| self.err(e))?;
+            let json = row
+                .into_message()
+                .ok()
+                .and_then(|m| serde_json::from_slice(&proto::json::to_vec(&m)).ok())
+                .unwrap_or(Value::Null);
+            out.push((seq, json));
         }
         Ok(out)
     }
@@ -368,15 +387,22 @@ impl MetaStore {
     }
 
     fn journal_in(&self, tx: &Transaction<'_>, msg: &Message) -> rusqlite::Result<()> {
-        let body = String::from_utf8_lossy(&proto::json::to_vec(msg)).into_owned();
+        let row = HeadRow::from_message(msg);
         let id = if msg.header.id.is_empty() {
             proto::new_id()
         } else {
             msg.header.id.clone()
         };
         tx.execute(
-            "INSERT INTO journal (id, received_ms, body) VALUES (?1, ?2, ?3)",
-            params![id, proto::now_millis(), body],
+            "INSERT INTO journal (id, received_ms, head, content_kind, content)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                id,
+                proto::now_millis(),
+                row.head,
+                row.content_kind,
+                row.content
+            ],
         )?;
         let seq = tx.last_insert_rowid();
         let keep = i64::try_from(self.journal_max).unwrap_or(i64::MAX);
