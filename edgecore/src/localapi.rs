@@ -147,8 +147,9 @@ async fn run(module: &LocalApi, mut ctx: ModuleContext) -> Result<(), LocalApiEr
         meta: module.meta.clone(),
     });
     let shutdown = ctx.shutdown_signal();
+    let app = router(shared, shutdown.clone());
     let server = tokio::spawn(
-        axum::serve(listener, router(shared))
+        axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.triggered().await })
             .into_future(),
     );
@@ -158,14 +159,15 @@ async fn run(module: &LocalApi, mut ctx: ModuleContext) -> Result<(), LocalApiEr
     Ok(())
 }
 
-fn router(shared: Arc<Shared>) -> Router {
+/// Its own routes and, with metamanager, MetaServer's (whose watches end at `stop`).
+fn router(shared: Arc<Shared>, stop: beehive::Shutdown) -> Router {
     let own = Router::new()
         .route("/v1/upstream", post(send_upstream))
         .route("/v1/status", get(status))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(shared.clone());
     match &shared.meta {
-        Some(store) => own.merge(metamanager::metaserver::router(store.clone())),
+        Some(store) => own.merge(metamanager::metaserver::router(store.clone(), stop)),
         None => own,
     }
 }

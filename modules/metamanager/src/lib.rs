@@ -20,6 +20,7 @@ pub mod decide;
 pub mod metaserver;
 pub mod module;
 pub mod resource;
+pub mod selector;
 pub mod store;
 
 pub use config::MetaManagerConfig;
