@@ -60,6 +60,8 @@ pub struct LocalApi {
     link: Option<StatsHandle>,
     /// metamanager's store, when metamanager runs: its routes are served then.
     meta: Option<Arc<MetaStore>>,
+    /// How long MetaServer waits for metamanager when it asks the cloud for an object.
+    meta_query_timeout: Duration,
 }
 
 /// Why the local endpoint could not start.
@@ -80,6 +82,7 @@ struct Shared {
     bus: Bus,
     link: Option<StatsHandle>,
     meta: Option<Arc<MetaStore>>,
+    meta_query_timeout: Duration,
 }
 
 impl LocalApi {
@@ -90,6 +93,7 @@ impl LocalApi {
             bound: Arc::default(),
             link: None,
             meta: None,
+            meta_query_timeout: Duration::ZERO,
         }
     }
 
@@ -99,9 +103,11 @@ impl LocalApi {
         self
     }
 
-    /// Serves metamanager's routes over its store.
-    pub fn with_meta(mut self, store: Arc<MetaStore>) -> Self {
+    /// Serves metamanager's routes over its store; a get of a configmap or secret it lacks
+    /// asks metamanager, waiting `remote_query_timeout` (metamanager's) and a margin.
+    pub fn with_meta(mut self, store: Arc<MetaStore>, remote_query_timeout: Duration) -> Self {
         self.meta = Some(store);
+        self.meta_query_timeout = remote_query_timeout + Duration::from_secs(5);
         self
     }
 
@@ -145,6 +151,7 @@ async fn run(module: &LocalApi, mut ctx: ModuleContext) -> Result<(), LocalApiEr
         bus: ctx.bus().clone(),
         link: module.link.clone(),
         meta: module.meta.clone(),
+        meta_query_timeout: module.meta_query_timeout,
     });
     let shutdown = ctx.shutdown_signal();
     let app = router(shared, shutdown.clone());
@@ -167,7 +174,17 @@ fn router(shared: Arc<Shared>, stop: beehive::Shutdown) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .with_state(shared.clone());
     match &shared.meta {
-        Some(store) => own.merge(metamanager::metaserver::router(store.clone(), stop)),
+        Some(store) => {
+            let remote = metamanager::metaserver::RemoteGet {
+                bus: shared.bus.clone(),
+                timeout: shared.meta_query_timeout,
+            };
+            own.merge(metamanager::metaserver::router(
+                store.clone(),
+                Some(remote),
+                stop,
+            ))
+        }
         None => own,
     }
 }

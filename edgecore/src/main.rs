@@ -89,7 +89,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     beehive.register(hub, hub_enabled)?;
     let mut local_api = LocalApi::new(config.modules.local_api.clone()).with_link(link);
     if let Some(meta) = meta {
-        local_api = local_api.with_meta(meta.store());
+        local_api = local_api.with_meta(meta.store(), meta.config().remote_query_timeout());
         beehive.register(meta, true)?;
     }
     beehive.register(local_api, config.modules.local_api.enable)?;

@@ -50,7 +50,7 @@ async fn serves_the_journal_and_status_and_forwards_local_apps() {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..LocalApiConfig::default()
     })
-    .with_meta(meta.store());
+    .with_meta(meta.store(), Duration::from_secs(1));
     let bound = api.bound_addr();
     // EdgeHub's place on the bus: record what is sent to the cloud.
     let (tx, mut to_cloud) = mpsc::channel(16);

@@ -387,17 +387,17 @@ impl CloudCore {
     }
 }
 
-/// A running `edgecore` with its local store's address (the edge applications' endpoint).
+/// A running `edgecore` with its local API's address (the edge applications' endpoint).
 pub struct EdgeCore {
     /// The process.
     pub daemon: Daemon,
-    /// The local store's HTTP endpoint.
+    /// The local API's HTTP endpoint.
     pub local: SocketAddr,
     patience: Duration,
 }
 
 impl EdgeCore {
-    /// Starts edgecore with `config` and waits until its local store serves (the address comes
+    /// Starts edgecore with `config` and waits until its local API serves (the address comes
     /// from its log, whatever else was logged first). It may not be connected yet: see
     /// [`EdgeCore::wait_connected`].
     pub fn start(config: &Path, patience: Duration) -> Self {
@@ -413,7 +413,7 @@ impl EdgeCore {
         }
     }
 
-    /// The local store's `/v1/status`.
+    /// The local API's `/v1/status`.
     pub fn status(&self) -> Value {
         let (code, body) = http(self.local, "GET", "/v1/status", "");
         assert_eq!(code, 200, "{body}");
@@ -442,7 +442,7 @@ impl EdgeCore {
         self.wait_cloud(true);
     }
 
-    /// Sends an upstream message through the local store (group `user`); once this returns
+    /// Sends an upstream message through the local API (group `user`); once this returns
     /// the edge has it durably. Returns its id.
     pub fn send(&self, n: usize) -> String {
         self.send_content(&serde_json::json!({ "n": n }))
@@ -457,7 +457,7 @@ impl EdgeCore {
         json_of(&body)["id"].as_str().expect("id").to_owned()
     }
 
-    /// The cloud message `id` as the edge's local store holds it (KubeEdge JSON).
+    /// The cloud message `id` as the edge's metamanager journaled it (KubeEdge JSON).
     pub fn stored(&self, id: &str) -> Option<Value> {
         let (code, body) = http(self.local, "GET", "/v1/messages?after=0&limit=1000", "");
         assert_eq!(code, 200, "{body}");
@@ -468,7 +468,7 @@ impl EdgeCore {
             .find(|m| m["header"]["msg_id"] == id)
     }
 
-    /// How often each cloud message id is stored at the edge's local store.
+    /// How often each cloud message id is journaled by the edge's metamanager.
     pub fn received(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
         let mut after = 0;
@@ -576,6 +576,28 @@ impl Sse {
             assert!(
                 Instant::now() < deadline,
                 "{id} never reached the event stream"
+            );
+            self.read_some();
+        }
+    }
+
+    /// Reads until a message for which `wanted` holds appeared; that message (KubeEdge JSON).
+    pub fn message_where(&mut self, wanted: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + self.patience;
+        loop {
+            let found = self
+                .text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+                .map(|event| event["message"].clone())
+                .find(|m| wanted(m));
+            if let Some(message) = found {
+                return message;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no such message reached the event stream"
             );
             self.read_some();
         }

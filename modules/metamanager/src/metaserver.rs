@@ -5,20 +5,22 @@
 //! | Method & path | What |
 //! |---|---|
 //! | `GET /api/v1/namespaces/{ns}/{plural}` | the objects of that type in `ns` as a Kubernetes list (`ConfigMapList`, `metadata.resourceVersion` = the highest version stored) |
-//! | `GET /api/v1/namespaces/{ns}/{plural}/{name}` | one object; 404 as a Kubernetes `Status` |
+//! | `GET /api/v1/namespaces/{ns}/{plural}/{name}` | one object; 404 as a Kubernetes `Status`. A configmap or secret not stored here is asked of the cloud through metamanager while the cloud is connected (stored, then served; the cloud's NotFound is a 404, no answer in time a 503) |
 //! | `GET /api/v1/{plural}` | every namespace's objects; for cluster-scoped types (`nodes`, `namespaces`, `persistentvolumes`) all of them |
 //! | `GET /api/v1/{plural}/{name}` | one cluster-scoped object (`/api/v1/nodes/edge-1`) |
 //! | `?labelSelector=app=web,tier!=db` | on lists and watches: Kubernetes label selector forms |
 //! | `?watch=true` | on any of the above: chunked JSON lines `{"type":"ADDED","object":…}`, first the current contents, then each change (`ADDED`, `MODIFIED`, `DELETED`) as metamanager commits it; a watcher more than 1024 changes behind is ended (re-watch) |
 //! | `GET /v1/messages?after=<seq>&limit=<n>` | the journal: cloud messages applied, after `seq` (default 0), oldest first, at most `n` (default 100, max 1000): `{"messages": [{"seq": 1, "message": <KubeEdge JSON>}], "next": <last seq>}` |
 //!
-//! Departures from KubeEdge: no request goes to the cloud (KubeEdge asks dynamiccontroller
-//! first, 10 s per request, M6); a watch's `resourceVersion` is ignored and the current contents
+//! Departures from KubeEdge: the local store answers first, and only a missing configmap or
+//! secret is asked of the cloud (KubeEdge asks dynamiccontroller first for every get and list,
+//! 10 s per request, M6); a watch's `resourceVersion` is ignored and the current contents
 //! are replayed as `ADDED`, as KubeEdge does; no writes (KubeEdge forwards them to the cloud).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -30,16 +32,35 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use beehive::Shutdown;
+use beehive::{Bus, Shutdown};
+use proto::message::OP_ERROR;
+use proto::{Content, Message};
+use session::edge::route::GROUP_META;
 
+use crate::decide::OP_QUERY;
+use crate::module::MODULE_NAME;
 use crate::resource::{CLUSTER_SCOPE, Kind, kind_of_plural};
 use crate::selector::Selector;
 use crate::store::{Change, ChangeEvent, MetaStore, StoredObject};
 
-/// The routes over `store`. Open watches end when `stop` is triggered, so they never hold a
-/// graceful shutdown.
-pub fn router(store: Arc<MetaStore>, stop: Shutdown) -> Router {
-    let state = Arc::new(Server { store, stop });
+/// How MetaServer asks metamanager (and through it the cloud) for an object it does not hold.
+#[derive(Debug, Clone)]
+pub struct RemoteGet {
+    /// The bus metamanager runs on.
+    pub bus: Bus,
+    /// How long a get waits for metamanager's answer (its remote query timeout, and a margin).
+    pub timeout: Duration,
+}
+
+/// The routes over `store`; with `remote`, a get that misses a configmap or secret asks
+/// metamanager. Open watches end when `stop` is triggered, so they never hold a graceful
+/// shutdown.
+pub fn router(store: Arc<MetaStore>, remote: Option<RemoteGet>, stop: Shutdown) -> Router {
+    let state = Arc::new(Server {
+        store,
+        remote,
+        stop,
+    });
     Router::new()
         .route("/api/v1/namespaces/{ns}/{plural}", get(namespaced_list))
         .route(
@@ -52,8 +73,12 @@ pub fn router(store: Arc<MetaStore>, stop: Shutdown) -> Router {
         .with_state(state)
 }
 
+/// The route source of MetaServer's queries to metamanager.
+const MODULE_METASERVER: &str = "metaserver";
+
 struct Server {
     store: Arc<MetaStore>,
+    remote: Option<RemoteGet>,
     stop: Shutdown,
 }
 
@@ -88,7 +113,73 @@ async fn namespaced_object(
     Path((ns, plural, name)): Path<(String, String, String)>,
     Query(p): Query<Params>,
 ) -> Response {
+    if p.watch.is_none()
+        && let Some(missing) = remote_get(&s, &plural, &ns, &name).await
+    {
+        return missing;
+    }
     serve(&s, &plural, Some(ns), Some(name), p)
+}
+
+/// A get of a configmap or secret the store does not hold, asked of metamanager (which asks the
+/// cloud while connected). `None`: serve it locally (stored, another type, or no bus).
+async fn remote_get(s: &Server, plural: &str, ns: &str, name: &str) -> Option<Response> {
+    let remote = s.remote.as_ref()?;
+    let kind = kind_of_plural(plural).filter(|k| k.remote && k.api_version == "v1")?;
+    let key = format!("{ns}/{}/{name}", kind.name);
+    if !matches!(s.store.get(&key), Ok(None)) {
+        return None;
+    }
+    let ask = Message::new("").route(MODULE_METASERVER, GROUP_META, key, OP_QUERY);
+    let not_found = || {
+        status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{} \"{name}\" not found", kind.plural),
+            Some(json!({"name": name, "kind": kind.plural})),
+        )
+    };
+    let answer = match remote.bus.send_sync(MODULE_NAME, ask, remote.timeout).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            return Some(status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                &format!("metamanager did not answer: {e}"),
+                None,
+            ));
+        }
+    };
+    if answer.route.operation == OP_ERROR {
+        let text = String::from_utf8_lossy(&answer.content.to_bytes()).into_owned();
+        return Some(if text.contains("not found") {
+            status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &text,
+                Some(json!({"name": name, "kind": kind.plural})),
+            )
+        } else {
+            status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                &text,
+                None,
+            )
+        });
+    }
+    // The answer was stored: serve it as any stored object (or 404 if there was none).
+    let object = match &answer.content {
+        Content::Json(Value::Array(items)) => items
+            .first()
+            .and_then(Value::as_str)
+            .map(|text| serde_json::from_str(text).unwrap_or(Value::String(text.to_owned()))),
+        _ => None,
+    };
+    Some(match object {
+        Some(object) => axum::Json(object).into_response(),
+        None => not_found(),
+    })
 }
 
 async fn cluster_list(

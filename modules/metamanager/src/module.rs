@@ -70,6 +70,11 @@ impl MetaManager {
     pub fn store(&self) -> Arc<MetaStore> {
         self.store.clone()
     }
+
+    /// The configuration.
+    pub fn config(&self) -> &MetaManagerConfig {
+        &self.config
+    }
 }
 
 impl Module for MetaManager {

@@ -35,7 +35,7 @@ fn configmap(ns: &str, name: &str, app: &str, rv: u64) -> Value {
 async fn serve(store: Arc<MetaStore>, stop: Shutdown) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = router(store, stop.clone());
+    let app = router(store, None, stop.clone());
     tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.triggered().await })

@@ -1,0 +1,348 @@
+//! The resource path on the edge with the real `cloudcore` and `edgecore` over each protocol:
+//! resource messages from the cloud (posted through the cloud API, as edgecontroller would send
+//! them) are stored by metamanager and acknowledged; an older version is acknowledged but not
+//! applied, a delete of another uid leaves the object, a bad resource string is refused (the cloud
+//! marks the message failed); MetaServer serves the objects, a watch sees each change and stays
+//! open through a cloud outage; a configmap missing at the edge is asked of the cloud (the test
+//! answers in edgecontroller's place through the cloud API), stored and served, a NotFound answer
+//! is a 404 and is not stored; every message id is journaled once and every queue drains; and
+//! edgecore restarted with the cloud down still serves every object (offline autonomy).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use causeway_tests::daemon::{
+    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, outbox_rows,
+    wait_until,
+};
+use serde_json::{Value, json};
+
+/// Bound on each wait; generous, since the suite runs beside builds on two cores.
+const PATIENCE: Duration = Duration::from_secs(60);
+const NODE: &str = "edge-meta";
+
+fn edge_config(dir: &Path, protocol: &str, cloud: &Cloud, token: &str) -> PathBuf {
+    let d = dir.display();
+    let server = cloud.server(protocol);
+    let https = cloud.https;
+    let config = dir.join("edgecore.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "edgehub:
+  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {NODE} }}
+  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 2, write-deadline: 2 }}
+  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
+  http-server: 'https://{https}'
+  token: '{token}'
+  outbox: {{ path: {d}/edge/outbox.db }}
+modules:
+  metamanager: {{ path: {d}/edge/meta.db, remote-query-timeout: 20 }}
+  local-api: {{ listen: '127.0.0.1:0' }}
+"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn configmap(name: &str, rv: u64) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap",
+           "metadata": {"namespace": "default", "name": name, "uid": format!("uid-{name}"),
+                        "resourceVersion": rv.to_string(), "labels": {"app": "demo"}},
+           "data": {"version": rv.to_string()}})
+}
+
+fn pod(uid: &str, rv: u64) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"namespace": "default", "name": "p1", "uid": uid,
+                        "resourceVersion": rv.to_string()},
+           "spec": {"nodeName": NODE}})
+}
+
+/// Posts a resource message as edgecontroller sends it and waits for the edge's answer.
+fn post(
+    cloud: &Cloud,
+    id: &str,
+    op: &str,
+    resource: &str,
+    rv: u64,
+    parent: &str,
+    object: Value,
+) -> Value {
+    let msg = json!({
+        "header": {"msg_id": id, "parent_msg_id": parent, "timestamp": proto::now_millis(),
+                   "resourceversion": rv.to_string()},
+        "route": {"source": "edgecontroller", "group": "resource", "operation": op,
+                  "resource": resource},
+        "content": object,
+    });
+    let (code, body) = http(
+        cloud.api,
+        "POST",
+        &format!("/v1/nodes/{NODE}/messages?ack=true&wait=ack&timeout=60s"),
+        &msg.to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
+    json_of(&body)
+}
+
+fn acked(cloud: &Cloud, id: &str, op: &str, resource: &str, rv: u64, object: Value) {
+    let answer = post(cloud, id, op, resource, rv, "", object);
+    assert_eq!(answer["acked"], true, "{id}: {answer}");
+}
+
+/// A GET on the edge's MetaServer.
+fn meta(edge: &Edge, path: &str) -> (u16, Value) {
+    let (code, body) = http(edge.local, "GET", path, "");
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// An open `?watch=true` stream on MetaServer, read as it comes.
+struct Watch {
+    stream: TcpStream,
+    text: String,
+}
+
+impl Watch {
+    fn open(edge: &Edge, path: &str) -> Self {
+        let mut stream = TcpStream::connect(edge.local).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: edge\r\n\r\n").unwrap();
+        Self {
+            stream,
+            text: String::new(),
+        }
+    }
+
+    /// The watch events so far (chunk-size lines skipped).
+    fn events(&self) -> Vec<Value> {
+        self.text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+            .filter(|v| v.get("type").is_some())
+            .collect()
+    }
+
+    /// Reads until `n` events arrived.
+    fn until(&mut self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + PATIENCE;
+        while self.events().len() < n {
+            assert!(Instant::now() < deadline, "watch events: {}", self.text);
+            let mut buf = [0u8; 8192];
+            match self.stream.read(&mut buf) {
+                Ok(0) => panic!("the watch ended:\n{}", self.text),
+                Ok(k) => self.text.push_str(&String::from_utf8_lossy(&buf[..k])),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("reading the watch: {e}"),
+            }
+        }
+        self.events()
+    }
+}
+
+/// A MetaServer GET that asks the cloud: run it beside the test, which answers in the cloud's
+/// place once the query reached the cloud's stream.
+fn remote_get(
+    edge: &Edge,
+    sse: &mut Sse,
+    cloud: &Cloud,
+    path: &str,
+    resource: &str,
+    answer_id: &str,
+    answer: Value,
+) -> (u16, Value) {
+    let local = edge.local;
+    let path = path.to_owned();
+    let get = std::thread::spawn(move || {
+        let (code, body) = http(local, "GET", &path, "");
+        (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+    });
+    let query = sse.message_where(|m| {
+        m["route"]["operation"] == "query" && m["route"]["resource"] == resource
+    });
+    assert_eq!(query["route"]["source"], "metamanager", "{query}");
+    assert_eq!(query["route"]["group"], "meta", "{query}");
+    let query_id = query["header"]["msg_id"].as_str().unwrap();
+    let delivered = post(cloud, answer_id, "response", resource, 20, query_id, answer);
+    assert_eq!(
+        delivered["acked"], true,
+        "the answer is ACKed once stored: {delivered}"
+    );
+    get.join().unwrap()
+}
+
+fn node_queue(cloud: &Cloud) -> Value {
+    let (code, body) = http(cloud.api, "GET", &format!("/v1/nodes/{NODE}"), "");
+    assert_eq!(code, 200, "{body}");
+    json_of(&body)["queue"].clone()
+}
+
+fn resource_path(protocol: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cloud = Cloud::start(root, [0; 4], 5, PATIENCE);
+    let ports = cloud.ports();
+    let token = bootstrap_token(root);
+    let config = edge_config(root, protocol, &cloud, &token);
+    let edge = Edge::start(&config, PATIENCE);
+    edge.wait_connected();
+    let mut sse = Sse::open(cloud.api, PATIENCE, &format!("node={NODE}&since=0"));
+    let mut watch = Watch::open(&edge, "/api/v1/namespaces/default/configmaps?watch=true");
+
+    // Stored and acknowledged; versions in order; an older one acknowledged, not applied.
+    let cm = "default/configmap/cm1";
+    acked(&cloud, "c1", "insert", cm, 5, configmap("cm1", 5));
+    acked(&cloud, "c2", "update", cm, 7, configmap("cm1", 7));
+    acked(&cloud, "c3", "update", cm, 6, configmap("cm1", 6));
+    let (code, got) = meta(&edge, "/api/v1/namespaces/default/configmaps/cm1");
+    assert_eq!(code, 200, "{got}");
+    assert_eq!(got["data"]["version"], "7", "{got}");
+    let events = watch.until(2);
+    assert_eq!(
+        (events[0]["type"].as_str(), events[1]["type"].as_str()),
+        (Some("ADDED"), Some("MODIFIED"))
+    );
+    assert_eq!(events[1]["object"]["data"]["version"], "7");
+
+    // A delete of another incarnation leaves the pod; its own uid deletes it.
+    let p = "default/pod/p1";
+    acked(&cloud, "p1", "insert", p, 10, pod("u1", 10));
+    acked(&cloud, "p2", "delete", p, 11, pod("u-other", 11));
+    assert_eq!(meta(&edge, "/api/v1/namespaces/default/pods/p1").0, 200);
+    acked(&cloud, "p3", "delete", p, 10, pod("u1", 10));
+    let (code, gone) = meta(&edge, "/api/v1/namespaces/default/pods/p1");
+    assert_eq!(
+        (code, gone["kind"].as_str()),
+        (404, Some("Status")),
+        "{gone}"
+    );
+
+    // A bad resource string is refused: the cloud marks the message failed with the reason.
+    let refused = post(
+        &cloud,
+        "bad1",
+        "update",
+        "default/configmap",
+        12,
+        "",
+        json!({}),
+    );
+    assert_eq!(refused["failed"], true, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("bad resource")),
+        "{refused}"
+    );
+
+    // A configmap missing here is asked of the cloud, stored, ACKed and served.
+    let (code, remote) = remote_get(
+        &edge,
+        &mut sse,
+        &cloud,
+        "/api/v1/namespaces/default/configmaps/remote",
+        "default/configmap/remote",
+        "r1",
+        configmap("remote", 20),
+    );
+    assert_eq!(code, 200, "{remote}");
+    assert_eq!(remote["metadata"]["name"], "remote");
+    assert_eq!(
+        watch.until(3)[2]["type"],
+        "ADDED",
+        "the stored answer is a change too"
+    );
+    // A NotFound answer is a 404 and is never stored as the object (KubeEdge's M2).
+    let not_found = json!({"ErrStatus": {"metadata": {}, "status": "Failure", "reason": "NotFound",
+                                         "message": "secrets \"gone\" not found", "code": 404}});
+    let (code, gone) = remote_get(
+        &edge,
+        &mut sse,
+        &cloud,
+        "/api/v1/namespaces/default/secrets/gone",
+        "default/secret/gone",
+        "r2",
+        not_found,
+    );
+    assert_eq!(
+        (code, gone["reason"].as_str()),
+        (404, Some("NotFound")),
+        "{gone}"
+    );
+    let (_, secrets) = meta(&edge, "/api/v1/namespaces/default/secrets");
+    assert_eq!(secrets["items"], json!([]), "the error was not stored");
+
+    let (_, list) = meta(
+        &edge,
+        "/api/v1/namespaces/default/configmaps?labelSelector=app%3Ddemo",
+    );
+    assert_eq!(list["kind"], "ConfigMapList");
+    assert_eq!(list["items"].as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list["metadata"]["resourceVersion"], "20");
+
+    // Each applied message journaled once; the refused one not at all; every queue drained.
+    let received = edge.received();
+    for id in ["c1", "c2", "c3", "p1", "p2", "p3", "r1", "r2"] {
+        assert_eq!(received.get(id), Some(&1), "{id}: {received:?}");
+    }
+    assert_eq!(received.get("bad1"), None);
+    wait_until("every queue drained", PATIENCE, || {
+        let rows = outbox_rows(&root.join("edge/outbox.db"));
+        let queue = node_queue(&cloud);
+        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
+            Ok(())
+        } else {
+            Err(format!("outbox {rows} rows, cloud queue {queue}"))
+        }
+    });
+    drop(sse);
+
+    // A cloud outage: the watch stays open, MetaServer serves; the next change comes through.
+    assert_eq!(cloud.daemon.stop(), Some(0));
+    edge.wait_cloud(false);
+    assert_eq!(
+        meta(&edge, "/api/v1/namespaces/default/configmaps/cm1").0,
+        200
+    );
+    let cloud = Cloud::start(root, ports, 5, PATIENCE);
+    edge.wait_connected();
+    acked(&cloud, "c4", "update", cm, 8, configmap("cm1", 8));
+    let events = watch.until(4);
+    assert_eq!(events[3]["type"], "MODIFIED");
+    assert_eq!(events[3]["object"]["data"]["version"], "8");
+    drop(watch);
+
+    // Offline autonomy: edgecore restarted with the cloud down serves every object.
+    assert_eq!(edge.daemon.stop(), Some(0));
+    assert_eq!(cloud.daemon.stop(), Some(0));
+    let edge = Edge::start(&config, PATIENCE);
+    assert_eq!(edge.status()["cloud"], "disconnected");
+    let (code, got) = meta(&edge, "/api/v1/namespaces/default/configmaps/cm1");
+    assert_eq!((code, &got["data"]["version"]), (200, &json!("8")), "{got}");
+    let (_, all) = meta(&edge, "/api/v1/configmaps");
+    assert_eq!(all["items"].as_array().unwrap().len(), 2, "{all}");
+    println!(
+        "{protocol}: edge restarted without its cloud serves {} configmaps",
+        2
+    );
+    assert_eq!(edge.daemon.stop(), Some(0));
+}
+
+#[test]
+fn websocket_resource_path() {
+    resource_path("websocket");
+}
+
+#[test]
+fn quic_resource_path() {
+    resource_path("quic");
+}
