@@ -42,7 +42,8 @@ fn edge_config(
   token: '{token}'
   outbox: {{ path: {d}/edge/outbox.db }}
 modules:
-  local-store: {{ path: {d}/edge/local.db, listen: '127.0.0.1:0' }}
+  metamanager: {{ path: {d}/edge/meta.db }}
+  local-api: {{ listen: '127.0.0.1:0' }}
 "
         ),
     )
