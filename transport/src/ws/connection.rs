@@ -353,22 +353,23 @@ async fn feed(
     frame: WsMessage,
     deadline: Duration,
 ) -> Result<(), WriteFailure> {
-    match timeout(deadline, sink.feed(frame)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.into()),
-        Err(_) => Err(WriteFailure::Failed(CloseReason::WriteTimeout {
-            after: deadline,
-        })),
-    }
+    bounded(deadline, sink.feed(frame)).await
 }
 
 async fn flush(
     sink: &mut SplitSink<WsStream, WsMessage>,
     deadline: Duration,
 ) -> Result<(), WriteFailure> {
-    match timeout(deadline, sink.flush()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.into()),
+    bounded(deadline, sink.flush()).await
+}
+
+/// One sink operation within the write deadline.
+async fn bounded(
+    deadline: Duration,
+    op: impl Future<Output = Result<(), tungstenite::Error>>,
+) -> Result<(), WriteFailure> {
+    match timeout(deadline, op).await {
+        Ok(result) => result.map_err(WriteFailure::from),
         Err(_) => Err(WriteFailure::Failed(CloseReason::WriteTimeout {
             after: deadline,
         })),
