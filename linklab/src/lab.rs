@@ -9,6 +9,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -29,6 +30,8 @@ pub const EDGE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 pub const EDGE_REBOUND_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 /// How far each [`Control::rebind_port`] shifts the edge's source ports.
 const PORT_SHIFT: u16 = 1009;
+/// Labs started by this process, for unique device names.
+static LABS: AtomicU32 = AtomicU32::new(0);
 /// The TUN devices' MTU (Ethernet's).
 const MTU: u16 = 1500;
 
@@ -142,7 +145,12 @@ impl Lab {
         check_supported()?;
         let cloud = Netns::create("cloud")?;
         let edge = Netns::create("edge")?;
-        let tag = format!("{:x}", std::process::id() ^ (seed as u32).rotate_left(16));
+        // Device names are global until moved: unique per process and lab (at most 15 bytes).
+        let tag = format!(
+            "{:x}{}",
+            std::process::id(),
+            LABS.fetch_add(1, Ordering::Relaxed)
+        );
         let cloud_dev = device(&cloud, &format!("cwc{tag}"), CLOUD_ADDR, EDGE_ADDR)?;
         // The cloud routes the edge's other address (after an address rebind) to the link too.
         ip(&[

@@ -21,7 +21,7 @@ pub mod scenario;
 mod lab;
 
 pub use lab::{CLOUD_ADDR, Control, EDGE_ADDR, EDGE_REBOUND_ADDR, Lab};
-pub use netns::Netns;
+pub use netns::{Netns, NetnsEntry};
 
 /// Why a lab could not be set up.
 #[derive(Debug)]

@@ -67,8 +67,30 @@ impl Netns {
     /// Moves the calling thread into the namespace. Only for threads made for it: the thread
     /// never comes back to the host's namespace.
     pub fn enter(&self) -> Result<(), LabError> {
-        let path = format!("/run/netns/{}", self.name);
-        let file = File::open(&path).map_err(|e| LabError::Setup(format!("{path}: {e}")))?;
+        self.entry().enter()
+    }
+
+    /// A handle that moves threads into the namespace, for threads started later: a tokio
+    /// runtime whose `on_thread_start` calls it opens every socket of its tasks inside.
+    pub fn entry(&self) -> NetnsEntry {
+        NetnsEntry {
+            path: format!("/run/netns/{}", self.name),
+        }
+    }
+}
+
+/// What [`Netns::entry`] returns: the namespace's path, cheap to clone into a thread hook. It
+/// does not keep the namespace alive.
+#[derive(Clone, Debug)]
+pub struct NetnsEntry {
+    path: String,
+}
+
+impl NetnsEntry {
+    /// Moves the calling thread into the namespace (see [`Netns::enter`]).
+    pub fn enter(&self) -> Result<(), LabError> {
+        let path = &self.path;
+        let file = File::open(path).map_err(|e| LabError::Setup(format!("{path}: {e}")))?;
         setns(&file, CloneFlags::CLONE_NEWNET)
             .map_err(|e| LabError::Setup(format!("setns {path}: {e}")))
     }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -52,7 +52,18 @@ impl Daemon {
     /// Starts the binary `name` with `--config <config>`; [`Daemon::wait_for`] gives up after
     /// `patience` (each test knows how many heartbeats it waits for).
     pub fn start(name: &'static str, config: &Path, patience: Duration) -> Self {
-        let mut child = Command::new(binary(name))
+        Self::spawn(name, Command::new(binary(name)), config, patience)
+    }
+
+    /// [`Daemon::start`] through `command`, which runs the binary `name` (inside a network
+    /// namespace, say: `ip netns exec <ns> <binary>`).
+    pub fn spawn(
+        name: &'static str,
+        mut command: Command,
+        config: &Path,
+        patience: Duration,
+    ) -> Self {
+        let mut child = command
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info")
@@ -298,6 +309,15 @@ pub fn bootstrap_token(dir: &Path) -> String {
     )
 }
 
+/// Where a daemon runs: the address it binds and the command that runs its binary (the
+/// binary itself on loopback; `ip netns exec <ns> <binary>` in a link lab's namespace).
+pub struct Placement<'a> {
+    /// The address the edges' listeners bind (WebSocket, QUIC, certificate bootstrap).
+    pub host: IpAddr,
+    /// The command for a binary's path.
+    pub command: &'a dyn Fn(&Path) -> Command,
+}
+
 /// A running `cloudcore` on loopback, with the addresses it reported it bound.
 pub struct CloudCore {
     /// The process; its log is read through [`Daemon::wait_for`].
@@ -329,20 +349,39 @@ impl CloudCore {
         extra: &str,
         patience: Duration,
     ) -> Self {
+        let loopback = Placement {
+            host: IpAddr::from([127, 0, 0, 1]),
+            command: &|binary: &Path| Command::new(binary),
+        };
+        Self::start_placed(dir, ports, keepalive_interval, extra, patience, &loopback)
+    }
+
+    /// [`CloudCore::start_with`] with the edges' listeners on `placement.host` (the address in
+    /// its server certificate too), run through `placement.command`. The cloud API stays on
+    /// loopback (plain HTTP, as the tests speak it), reached from where cloudcore runs.
+    pub fn start_placed(
+        dir: &Path,
+        ports: [u16; 4],
+        keepalive_interval: u64,
+        extra: &str,
+        patience: Duration,
+        placement: &Placement<'_>,
+    ) -> Self {
         let d = dir.display();
+        let h = placement.host;
         let [ws, quic, https, api] = ports;
         let config = dir.join("cloudcore.yaml");
         std::fs::write(
             &config,
             format!(
                 "cloudhub:
-  websocket: {{ enable: true, address: 127.0.0.1, port: {ws} }}
-  quic: {{ enable: true, address: 127.0.0.1, port: {quic} }}
-  https: {{ enable: true, address: 127.0.0.1, port: {https} }}
+  websocket: {{ enable: true, address: {h}, port: {ws} }}
+  quic: {{ enable: true, address: {h}, port: {quic} }}
+  https: {{ enable: true, address: {h}, port: {https} }}
   api: {{ enable: true, address: 127.0.0.1, port: {api} }}
   keepalive-interval: {keepalive_interval}
   tls: {{ cert-dir: {d}/pki }}
-  advertise-address: [127.0.0.1]
+  advertise-address: [{h}]
   queue: {{ path: {d}/cloudcore.db }}
   delivery: {{ ack-timeout: 1, max-ack-timeout: 2 }}
   link: {{ handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
@@ -350,7 +389,8 @@ impl CloudCore {
             ),
         )
         .expect("write config");
-        let mut daemon = Daemon::start("cloudcore", &config, patience);
+        let command = (placement.command)(&binary("cloudcore"));
+        let mut daemon = Daemon::spawn("cloudcore", command, &config, patience);
         let line = daemon.wait_for("cloudcore listening");
         let f = fields(&line);
         let addr = |k: &str| -> SocketAddr {
@@ -401,7 +441,13 @@ impl EdgeCore {
     /// from its log, whatever else was logged first). It may not be connected yet: see
     /// [`EdgeCore::wait_connected`].
     pub fn start(config: &Path, patience: Duration) -> Self {
-        let mut daemon = Daemon::start("edgecore", config, patience);
+        Self::spawn(Command::new(binary("edgecore")), config, patience)
+    }
+
+    /// [`EdgeCore::start`] through `command`, which runs the edgecore binary (see
+    /// [`Daemon::spawn`]). The local API is then reached from where edgecore runs.
+    pub fn spawn(command: Command, config: &Path, patience: Duration) -> Self {
+        let mut daemon = Daemon::spawn("edgecore", command, config, patience);
         let line = daemon.logged("local API listening");
         let local = fields(&line)["addr"]
             .parse()
@@ -601,6 +647,16 @@ impl Sse {
             );
             self.read_some();
         }
+    }
+
+    /// The messages (KubeEdge JSON) read so far, in stream order.
+    pub fn messages(&self) -> Vec<Value> {
+        self.text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+            .map(|event| event["message"].clone())
+            .collect()
     }
 
     /// Reads until every id in `ids` appeared; returns how often each id appeared.
