@@ -21,6 +21,7 @@ use crate::close::CloseCause;
 use crate::metrics::Metrics;
 use crate::registry::{AckInfo, Entry, Registry};
 use crate::store::{MessageStore, NodeRecord};
+use crate::upstream::UpstreamRouter;
 use session::node::{CloseReason, NodeSession, SessionConfig, SessionEvent, TransmitKind};
 
 mod store_work;
@@ -42,6 +43,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Driver {
     pub(crate) registry: Arc<Registry>,
     pub(crate) store: Arc<dyn MessageStore>,
+    /// Where upstream messages go (cloud modules, else the application path).
+    pub(crate) router: Arc<UpstreamRouter>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) session: SessionConfig,
     pub(crate) close_timeout: Duration,
@@ -56,7 +59,11 @@ impl Driver {
     pub(crate) async fn run(mut self) {
         let (tx, rx) = mpsc::channel(READ_AHEAD);
         let reader = tokio::spawn(read_loop(Arc::clone(&self.conn), tx));
-        let mut work = StoreWork::new(Arc::clone(&self.store), self.node.clone());
+        let mut work = StoreWork::new(
+            Arc::clone(&self.store),
+            Arc::clone(&self.router),
+            self.node.clone(),
+        );
         let cause = self.drive(rx, &mut work).await;
 
         let protocol = self.entry.info.protocol;
@@ -164,7 +171,7 @@ impl Driver {
                         break cause;
                     }
                 }
-                () = until(work.retry_at), if work.retry_at.is_some() => work.retry_now(),
+                () = until(work.retry_at), if work.retry_at.is_some() => work.retry_now(&self.metrics),
                 () = self.entry.wake.notified() => work.maybe_more = true,
                 () = &mut sleep, if timeout.is_some() => {
                     session.handle_timeout(Instant::now().into_std());
@@ -218,7 +225,7 @@ impl Driver {
                         session.upstream_accepted(&id);
                         again = true;
                     }
-                    SessionEvent::Upstream(msg) => work.accept(Box::new(msg)),
+                    SessionEvent::Upstream(msg) => work.accept(Box::new(msg), &self.metrics),
                     SessionEvent::Acked {
                         id,
                         latency,

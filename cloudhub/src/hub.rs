@@ -19,8 +19,10 @@ use crate::metrics::{Gauges, Metrics};
 pub use crate::registry::{AckInfo, AckWaiter};
 use crate::registry::{Admission, LiveInfo, Registry};
 use crate::store::{
-    EnqueueError, Enqueued, MessageState, MessageStore, QueueDepth, StoreError, Superseded,
+    Accepted, EnqueueError, Enqueued, MessageState, MessageStore, QueueDepth, StoreError,
+    StoreFuture, Superseded,
 };
+use crate::upstream::UpstreamRouter;
 use session::node::SessionConfig;
 
 /// Settings of the session manager. Defaults are KubeEdge's where it has one.
@@ -59,6 +61,8 @@ pub(crate) struct Inner {
     store: Arc<dyn MessageStore>,
     metrics: Arc<Metrics>,
     pub(crate) registry: Arc<Registry>,
+    /// Upstream messages to cloud modules (`upstream.rs`).
+    pub(crate) router: Arc<UpstreamRouter>,
 }
 
 /// A node as the API shows it.
@@ -132,6 +136,7 @@ impl Hub {
                 store,
                 metrics: Arc::default(),
                 registry: Arc::default(),
+                router: Arc::default(),
             }),
         }
     }
@@ -209,6 +214,7 @@ impl Hub {
         let driver = Driver {
             registry: Arc::clone(registry),
             store: Arc::clone(&self.inner.store),
+            router: Arc::clone(&self.inner.router),
             metrics: Arc::clone(&self.inner.metrics),
             session: self.inner.config.session.clone(),
             close_timeout: self.inner.config.close_timeout,
@@ -263,6 +269,33 @@ impl Hub {
         };
         self.inner.registry.wake(node);
         Ok(done)
+    }
+
+    /// Hands upstream messages that are not ACKs, keepalives or servicebus replies to the cloud
+    /// modules on `bus` by their source (`upstream.rs`); CloudHub's module calls it when it
+    /// starts. Without it every upstream message takes the application path.
+    pub fn route_upstream_through(&self, bus: beehive::Bus) {
+        self.inner.router.set_bus(bus);
+    }
+
+    /// Puts upstream message `msg` of `node`, as a cloud module received it (resource
+    /// `node/<id>/<resource>`), on the application path (the upstream log, the API's stream)
+    /// exactly as the edge sent it, once per id: what a cloud module does with a message it does
+    /// not handle. The store takes the message when this is called (so calls keep their order);
+    /// the future tells when it is durable.
+    pub fn accept_upstream(
+        &self,
+        node: &str,
+        msg: Message,
+    ) -> StoreFuture<'static, Result<Accepted, StoreError>> {
+        let msg = self.inner.router.original(node, msg);
+        let accepting = self.inner.store.accept_upstream(node, msg);
+        let metrics = Arc::clone(&self.inner.metrics);
+        Box::pin(async move {
+            let accepted = accepting.await?;
+            metrics.upstream(matches!(accepted, Accepted::Duplicate(_)));
+            Ok(accepted)
+        })
     }
 
     /// Every ACK (and refusal: [`AckInfo::failed`]) of every node from now on, for cloud modules

@@ -6,8 +6,9 @@
 //! signs node certificates (KubeEdge-compatible bootstrap on HTTPS), and offers applications a
 //! small HTTP/JSON API.
 //!
-//! It is not a Kubernetes controller: there is no edgecontroller or synccontroller; the
-//! applications behind the API play their part.
+//! Upstream messages that are not ACKs, keepalives or servicebus replies go to the cloud module
+//! KubeEdge would publish them to ([`upstream`]: edgecontroller, devicecontroller, ...), and
+//! whatever no module handles goes to the applications behind the API.
 //!
 //! Layout:
 //! - `session::node` (crate `causeway-session`): `NodeSession`, the per-node state machine
@@ -25,6 +26,8 @@
 //!   object endpoints write and edgecontroller reads.
 //! - [`proxy`]: servicebus's cloud end: [`Hub::proxy`] calls a service on a node and waits for
 //!   the reply, handed over by the node's driver.
+//! - [`upstream`]: which cloud module an edge message goes to (by source, as KubeEdge), handed
+//!   over by the node drivers; modules that are not registered leave it on the application path.
 //! - [`auth`]: the cloud API's credentials (hashed bearer tokens with scopes, client certificates).
 //! - [`metrics`]: counters and the Prometheus text exposition.
 //! - [`config`]: `cloudcore.yaml`, typed.
@@ -53,5 +56,6 @@ pub mod objects;
 pub mod proxy;
 mod registry;
 pub mod store;
+pub mod upstream;
 
 pub use hub::{Hub, HubConfig};

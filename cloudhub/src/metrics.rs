@@ -44,6 +44,10 @@ pub struct Metrics {
     ack_timed: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     disconnects: Mutex<BTreeMap<&'static str, u64>>,
+    /// Upstream messages a cloud module took, by module.
+    routed: Mutex<BTreeMap<&'static str, u64>>,
+    /// Upstream messages for a cloud module that is not registered, by module.
+    unrouted: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// Gauges read from elsewhere at scrape time.
@@ -99,7 +103,19 @@ impl Metrics {
         self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// An upstream message was durably accepted (`duplicate`: it had been before).
+    /// Cloud module `module` took an upstream message.
+    pub fn upstream_routed(&self, module: &'static str) {
+        bump(&self.routed, module);
+    }
+
+    /// An upstream message for cloud module `module`, which is not registered, took the
+    /// application path.
+    pub fn upstream_unrouted(&self, module: &'static str) {
+        bump(&self.unrouted, module);
+    }
+
+    /// An upstream message was durably accepted on the application path (`duplicate`: it had
+    /// been before).
     pub fn upstream(&self, duplicate: bool) {
         let counter = if duplicate {
             &self.upstream_duplicates
@@ -242,6 +258,26 @@ impl Metrics {
             if let Ok(map) = map.lock() {
                 for (reason, n) in map.iter() {
                     line(&mut out, name, &[("reason", reason)], *n);
+                }
+            }
+        }
+        for (name, help, map) in [
+            (
+                "cloudhub_upstream_routed_total",
+                "Upstream messages a cloud module took, by module.",
+                &self.routed,
+            ),
+            (
+                "cloudhub_upstream_unrouted_total",
+                "Upstream messages for a cloud module that is not registered (they took the \
+                 application path), by module.",
+                &self.unrouted,
+            ),
+        ] {
+            header(&mut out, name, "counter", help);
+            if let Ok(map) = map.lock() {
+                for (module, n) in map.iter() {
+                    line(&mut out, name, &[("module", module)], *n);
                 }
             }
         }

@@ -157,6 +157,8 @@ impl Module for CloudHubModule {
             let Some(parts) = parts else {
                 return Err(ModuleError::msg("cloudhub module started twice"));
             };
+            // Upstream messages go to the cloud modules registered on this bus from now on.
+            self.hub.route_upstream_through(ctx.bus().clone());
             let signal = ctx.shutdown_signal();
             let stop = move || {
                 let signal = signal.clone();

@@ -109,3 +109,75 @@ async fn a_known_offline_node_gets_module_messages_later() {
     assert_eq!(pending[0].message.route.resource, "ns/pod/p");
     assert!(pending[0].needs_ack);
 }
+
+/// Upstream routing by source (PROTOCOL.md B§8.3 item 8): a registered cloud module receives its
+/// messages with the `node/<id>/` prefix and the edge's ACK waits for the module's answer (an
+/// error answer is tried again); a message for a module that is not registered takes the
+/// application path (upstream log), counted; nothing is lost either way.
+#[tokio::test]
+async fn upstream_goes_to_the_cloud_module_of_its_source() {
+    let cloud = Cloud::start(HubConfig::default()).await;
+    let listen = ListenConfig::new(cloud.pki.server.clone(), cloud.pki.ca.trust_anchors());
+    let module = CloudHubModule::new(cloud.hub.clone(), Bound::default(), listen, None);
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Message>();
+    // A stand-in edgecontroller (a real beehive module): refuses each message's first hand-over,
+    // takes the second.
+    let controller = beehive::SimpleModule::new(
+        "edgecontroller",
+        "edgecontroller",
+        move |mut ctx: beehive::ModuleContext| {
+            let seen_tx = seen_tx.clone();
+            async move {
+                let mut refused = std::collections::HashSet::new();
+                while let Some(msg) = ctx.recv().await {
+                    let answer = if refused.insert(msg.header.id.clone()) {
+                        Message::error_for(&msg, "not now")
+                    } else {
+                        let _ = seen_tx.send(msg.clone());
+                        Message::response_to(&msg, proto::Content::text("OK"))
+                    };
+                    let _ = ctx.bus().send_resp(answer);
+                }
+                Ok(())
+            }
+        },
+    );
+    let mut beehive = Beehive::new();
+    beehive.register(module, true).expect("register");
+    beehive.register(controller, true).expect("register");
+    let hive = beehive.start();
+    let mut feed = cloud.hub.store().subscribe_upstream();
+
+    let edge = cloud
+        .connect(Protocol::WebSocket, "edge-1", Capabilities::ALL)
+        .await;
+    edge.send(common::keepalive()).await.expect("keepalive");
+    let status = Message::new("").route("edged", "meta", "default/podstatus/p", "update");
+    edge.send(status.clone()).await.expect("send");
+    let ack = within(edge.recv()).await.expect("ok").expect("open");
+    assert_eq!(ack.header.parent_id, status.header.id, "ACKed once taken");
+    let got = within(seen.recv()).await.expect("handed over");
+    assert_eq!(got.header.id, status.header.id);
+    assert_eq!(got.route.resource, "node/edge-1/default/podstatus/p");
+
+    // `metaserver` → dynamiccontroller, which is not registered: the application path.
+    let app = Message::new("").route("metaserver", "meta", "default/pod/p", "query");
+    edge.send(app.clone()).await.expect("send");
+    let ack = within(edge.recv()).await.expect("ok").expect("open");
+    assert_eq!(ack.header.parent_id, app.header.id);
+    let rec = within(feed.recv()).await.expect("logged");
+    assert_eq!(rec.message, app, "unchanged on the application path");
+    let metrics = cloud.hub.metrics_text().await;
+    assert!(
+        metrics.contains("cloudhub_upstream_unrouted_total{module=\"dynamiccontroller\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cloudhub_upstream_routed_total{module=\"edgecontroller\"} 1"),
+        "{metrics}"
+    );
+    assert!(seen.try_recv().is_err(), "the controller saw only its own");
+    let report = within(hive.shutdown()).await;
+    assert!(report.is_clean(), "{report:?}");
+    cloud.stop();
+}

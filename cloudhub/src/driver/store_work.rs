@@ -22,6 +22,7 @@ use crate::close::CloseCause;
 use crate::metrics::Metrics;
 use crate::registry::{AckInfo, Registry};
 use crate::store::{Accepted, MessageStore, StoreError, StoreFuture};
+use crate::upstream::{HandoverError, UpstreamRouter};
 use session::node::{Downstream, NodeSession};
 
 /// How often failed store operations are tried again.
@@ -60,6 +61,12 @@ pub(super) enum Done {
         msg: Box<Message>,
         result: Result<Accepted, StoreError>,
     },
+    /// A cloud module answered the hand-over of an upstream message (`upstream.rs`).
+    HandedOver {
+        msg: Box<Message>,
+        module: &'static str,
+        result: Result<(), HandoverError>,
+    },
     AckMarked {
         info: Option<Box<AckInfo>>,
         id: String,
@@ -80,6 +87,7 @@ pub(super) enum Done {
 /// One session's store operations in flight and to retry.
 pub(super) struct StoreWork {
     store: Arc<dyn MessageStore>,
+    router: Arc<UpstreamRouter>,
     node: String,
     /// Operations in flight, in the order they were issued.
     pub(super) ops: FuturesUnordered<StoreFuture<'static, Done>>,
@@ -94,9 +102,14 @@ pub(super) struct StoreWork {
 }
 
 impl StoreWork {
-    pub(super) fn new(store: Arc<dyn MessageStore>, node: String) -> Self {
+    pub(super) fn new(
+        store: Arc<dyn MessageStore>,
+        router: Arc<UpstreamRouter>,
+        node: String,
+    ) -> Self {
         Self {
             store,
+            router,
             node,
             ops: FuturesUnordered::new(),
             retries: Vec::new(),
@@ -188,6 +201,27 @@ impl StoreWork {
                     session.upstream_failed(&msg.header.id);
                 }
             },
+            Done::HandedOver {
+                msg,
+                module,
+                result,
+            } => match result {
+                Ok(()) => {
+                    metrics.upstream_routed(module);
+                    session.upstream_accepted(&msg.header.id);
+                }
+                Err(HandoverError::Retry(why)) => {
+                    tracing::debug!(%node, id = %msg.header.id, module, reason = %why,
+                        "cloud module did not take the upstream message yet; retrying");
+                    self.retries.push(Retry::Accept(msg));
+                }
+                Err(HandoverError::Gone(why)) => {
+                    tracing::info!(%node, id = %msg.header.id, module, reason = %why,
+                        "cloud module gone; the upstream message takes the application path");
+                    metrics.upstream_unrouted(module);
+                    self.store_upstream(msg);
+                }
+            },
             Done::AckMarked { info, id, result } => {
                 match result {
                     Ok(_) => {}
@@ -224,19 +258,39 @@ impl StoreWork {
     }
 
     /// Submits the failed operations again and lets the queue be read again.
-    pub(super) fn retry_now(&mut self) {
+    pub(super) fn retry_now(&mut self, metrics: &Metrics) {
         self.retry_at = None;
         for retry in std::mem::take(&mut self.retries) {
             match retry {
-                Retry::Accept(msg) => self.accept(msg),
+                Retry::Accept(msg) => self.accept(msg, metrics),
                 Retry::Refill => self.maybe_more = true,
                 Retry::Record(record) => self.record(record),
             }
         }
     }
 
+    /// Hands an upstream message to its cloud module (`upstream.rs`), or stores it on the
+    /// application path when that module is not registered.
+    pub(super) fn accept(&mut self, msg: Box<Message>, metrics: &Metrics) {
+        match self.router.hand_over(&self.node, &msg) {
+            Ok((module, fut)) => self.ops.push(Box::pin(async move {
+                Done::HandedOver {
+                    msg,
+                    module,
+                    result: fut.await,
+                }
+            })),
+            Err(missing) => {
+                if let Some(module) = missing {
+                    metrics.upstream_unrouted(module);
+                }
+                self.store_upstream(msg);
+            }
+        }
+    }
+
     /// Stores an upstream message; the message comes back with a failure, to be tried again.
-    pub(super) fn accept(&mut self, msg: Box<Message>) {
+    fn store_upstream(&mut self, msg: Box<Message>) {
         // The store takes its own copy: a failed attempt needs the message again.
         let fut = self.store.accept_upstream(&self.node, (*msg).clone());
         self.ops.push(Box::pin(async move {

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use beehive::{BoxFuture, Module, ModuleContext, ModuleError};
+use beehive::{BoxFuture, Bus, Module, ModuleContext, ModuleError};
 use cloudhub::Hub;
 use cloudhub::hub::SendError;
 use cloudhub::objects::{ObjectError, ObjectSource, StoredObject};
@@ -142,8 +142,11 @@ impl Controller {
                 // is an `update`, not a second `insert`.
                 biased;
                 () = shutdown.triggered() => break,
-                // Messages to this module (upstream routing) are not handled yet.
-                msg = ctx.recv() => if msg.is_none() { break },
+                // Edge messages CloudHub routed here (cloudhub::upstream).
+                msg = ctx.recv() => match msg {
+                    Some(msg) => self.upstream(ctx.bus(), msg),
+                    None => break,
+                },
                 ack = acks.recv() => match ack {
                     Ok(ack) => {
                         let (node, info) = &*ack;
@@ -177,6 +180,33 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// Handles an edge message CloudHub handed over (resource `node/<id>/<resource>`) and answers
+    /// whether it was taken: op `response` when handled or passed on, op `error` to be handed
+    /// over again later. What is not edgecontroller's own goes on to the application path
+    /// unchanged; the store takes it now (in order) and the answer follows its commit without
+    /// holding up the loop.
+    fn upstream(&mut self, bus: &Bus, msg: Message) {
+        let Some(node) =
+            cloudhub::upstream::split_node(&msg.route.resource).map(|(n, _)| n.to_owned())
+        else {
+            // CloudHub always prefixes the node; anything else is a bug, kept for the operator.
+            tracing::warn!(resource = %msg.route.resource, id = %msg.header.id,
+                "edgecontroller: upstream message names no node; taken and dropped");
+            let _ = bus.send_resp(Message::response_to(&msg, proto::Content::text("OK")));
+            return;
+        };
+        let accepting = self.hub.accept_upstream(&node, msg.clone());
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            let answer = match accepting.await {
+                Ok(_) => Message::response_to(&msg, proto::Content::text("OK")),
+                Err(e) => Message::error_for(&msg, e.to_string()),
+            };
+            // Not delivered only if the driver gave up waiting; it hands the message over again.
+            let _ = bus.send_resp(answer);
+        });
     }
 
     fn remember(&mut self, object: Arc<StoredObject>) {
