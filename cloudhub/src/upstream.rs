@@ -67,6 +67,12 @@ pub fn split_node(resource: &str) -> Option<(&str, &str)> {
     (!node.is_empty()).then_some((node, rest))
 }
 
+/// A hand-over under way: the module's name and the future of its answer.
+pub(crate) type Handover = (
+    &'static str,
+    StoreFuture<'static, Result<(), HandoverError>>,
+);
+
 /// Why a hand-over did not happen.
 #[derive(Debug)]
 pub(crate) enum HandoverError {
@@ -116,13 +122,7 @@ impl UpstreamRouter {
         &self,
         node: &str,
         msg: &Message,
-    ) -> Result<
-        (
-            &'static str,
-            StoreFuture<'static, Result<(), HandoverError>>,
-        ),
-        Option<&'static str>,
-    > {
+    ) -> Result<Handover, Option<&'static str>> {
         let UpstreamTarget::Module(module) = route(msg) else {
             return Err(None);
         };
