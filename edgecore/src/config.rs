@@ -8,6 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use edgehub::EdgeHubConfig;
 use edgehub::config::ConfigError;
+use eventbus::EventBusConfig;
 use metamanager::MetaManagerConfig;
 use servicebus::ServiceBusConfig;
 
@@ -38,6 +39,9 @@ pub struct ModulesConfig {
     /// servicebus: lets the cloud call allowed HTTP services on this node (default off).
     #[serde(default)]
     pub service_bus: ServiceBusConfig,
+    /// eventbus: the MQTT bridge for devices (embedded or external broker; default off).
+    #[serde(default)]
+    pub eventbus: EventBusConfig,
 }
 
 /// A module switch.
@@ -152,6 +156,29 @@ modules:
     timeout: 10                     # seconds per call, connect to last byte; longer: 504
     max-response-bytes: 5242880     # larger response bodies: 502 (at most 16777216)
     max-concurrent-calls: 64        # more at once: 503
+  # The MQTT bridge for devices (KubeEdge's eventbus): device/node topics to devicetwin, other
+  # subscribed topics to the cloud through the outbox (acknowledged to the broker once stored).
+  eventbus:
+    enable: false
+    mode: internal                  # internal: embedded broker (KubeEdge mode 0); external: mode 2
+    internal:
+      listen: "127.0.0.1:1884"      # where devices connect (MQTT 3.1.1, plain TCP)
+      max-connections: 1000
+      max-payload-bytes: 1048576
+    external:
+      server: "127.0.0.1:1883"      # host:port of the broker (e.g. mosquitto)
+      client-id: ""                 # fixed, persistent session; "": causeway-eventbus-<node-id>
+      username: ""
+      password: ""
+      tls:
+        enable: false
+        ca-file: /etc/kubeedge/ca/rootCA.crt   # the broker's certificate is checked against it
+      keepalive: 30
+    qos: 1                          # QoS of eventbus's publishes (0 or 1)
+    retain: false
+    publish-timeout: 5              # seconds a publish may wait for the client; then dropped
+    store-timeout: 10               # seconds to wait for the outbox to store an upload
+    path: /var/lib/causeway/eventbus.db   # topics subscribed by the cloud (sub_topics)
 "#;
 
 fn yes() -> bool {

@@ -6,7 +6,7 @@
 //! | Method & path | What |
 //! |---|---|
 //! | `POST /v1/upstream` | send a message to the cloud: `{"group", "resource", "operation", "content"?, "source"? (default "localapp"), "id"?}`; 202 `{"id": ...}` once it is committed to EdgeHub's outbox (it survives a crash); refusals carry `{"error", "code"}` and `Retry-After`: 507 `insufficient_storage` (disk full), 503 `outbox_full`, `storage_failing`, `busy`, or `unconfirmed` (not confirmed within 30 s; retry under the returned `id`, stored once per id); 413 larger than the outbox |
-//! | `GET /v1/status` | `{"cloud": "connected" \| "disconnected", "last_error": <the link's last failure, or null>, "stored": <journaled cloud messages>, "objects": <objects stored>, "storage_error": <why the outbox or metamanager cannot write (a full disk), or null>}` |
+//! | `GET /v1/status` | `{"cloud": "connected" \| "disconnected", "last_error": <the link's last failure, or null>, "stored": <journaled cloud messages>, "objects": <objects stored>, "storage_error": <why the outbox or metamanager cannot write (a full disk), or null>, "eventbus": <only when eventbus runs: {"broker": "connecting" \| "connected" \| "failed", "last_error", "connects", "to_twin", "uploads_stored", "uploads_not_stored", "published", "publish_dropped"}>}` |
 //! | `GET /healthz` | `ok` |
 //!
 //! **A full disk.** While EdgeHub's outbox cannot write, `POST /v1/upstream` is refused at once
@@ -62,6 +62,8 @@ pub struct LocalApi {
     meta: Option<Arc<MetaStore>>,
     /// How long MetaServer waits for metamanager when it asks the cloud for an object.
     meta_query_timeout: Duration,
+    /// eventbus's state, when eventbus runs.
+    eventbus: Option<eventbus::StatusHandle>,
 }
 
 /// Why the local endpoint could not start.
@@ -83,6 +85,7 @@ struct Shared {
     link: Option<StatsHandle>,
     meta: Option<Arc<MetaStore>>,
     meta_query_timeout: Duration,
+    eventbus: Option<eventbus::StatusHandle>,
 }
 
 impl LocalApi {
@@ -94,7 +97,14 @@ impl LocalApi {
             link: None,
             meta: None,
             meta_query_timeout: Duration::ZERO,
+            eventbus: None,
         }
+    }
+
+    /// Reports eventbus's broker state and counters on `/v1/status`.
+    pub fn with_eventbus(mut self, status: eventbus::StatusHandle) -> Self {
+        self.eventbus = Some(status);
+        self
     }
 
     /// Reports EdgeHub's link state (and its last failure) on `/v1/status`.
@@ -152,6 +162,7 @@ async fn run(module: &LocalApi, mut ctx: ModuleContext) -> Result<(), LocalApiEr
         link: module.link.clone(),
         meta: module.meta.clone(),
         meta_query_timeout: module.meta_query_timeout,
+        eventbus: module.eventbus.clone(),
     });
     let shutdown = ctx.shutdown_signal();
     let app = router(shared, shutdown.clone());
@@ -355,11 +366,12 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
     match counts {
         Ok(counts) => {
             let (stored, objects) = counts.unzip();
-            axum::Json(
-                json!({"cloud": cloud, "last_error": last_error, "stored": stored,
-                              "objects": objects, "storage_error": storage_error}),
-            )
-            .into_response()
+            let mut body = json!({"cloud": cloud, "last_error": last_error, "stored": stored,
+                                  "objects": objects, "storage_error": storage_error});
+            if let Some(eventbus) = &shared.eventbus {
+                body["eventbus"] = json!(eventbus.snapshot());
+            }
+            axum::Json(body).into_response()
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }

@@ -1,8 +1,8 @@
 //! `edgecore`: the Causeway edge daemon. It loads `edgecore.yaml`, makes sure the node has a
 //! certificate (bootstrapping one with the configured token if needed), then runs EdgeHub (the
 //! link to the cloud), metamanager (the node's objects), the local endpoint (MetaServer and
-//! upstream sends for local applications) and servicebus (the cloud's calls to local HTTP
-//! services, when enabled) on a beehive until SIGINT or SIGTERM, and exits 0 after a graceful
+//! upstream sends for local applications), servicebus (the cloud's calls to local HTTP
+//! services, when enabled) and eventbus (the MQTT bridge for devices, when enabled) on a beehive until SIGINT or SIGTERM, and exits 0 after a graceful
 //! shutdown.
 //!
 //! Logs go to stderr (`RUST_LOG` respected, default `info`): one line per connect, disconnect
@@ -19,6 +19,7 @@ use clap::Parser;
 use edgehub::EdgeHubModule;
 use edgehub::bootstrap::{self, BootstrapError, CertStatus};
 use edgehub::outbox::Outbox;
+use eventbus::EventBus;
 use servicebus::ServiceBus;
 
 use causeway_edgecore::config::{DEFAULT_YAML, EdgecoreConfig};
@@ -85,9 +86,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let hub = EdgeHubModule::new(config.edgehub.clone());
     let reconnect = hub.reconnect_trigger();
     let link = hub.stats_handle();
+    // Opened here, so a bad path or CA file fails the start; the broker itself is never waited
+    // for (eventbus connects in the background).
+    let event_bus = if config.modules.eventbus.enable {
+        let receipts = hub_enabled.then(|| link.clone());
+        Some(
+            EventBus::open(
+                config.modules.eventbus.clone(),
+                config.edgehub.controller.node_id.as_str(),
+                receipts,
+            )
+            .context("starting eventbus")?,
+        )
+    } else {
+        None
+    };
     let mut beehive = Beehive::new();
     beehive.register(hub, hub_enabled)?;
     let mut local_api = LocalApi::new(config.modules.local_api.clone()).with_link(link);
+    if let Some(event_bus) = event_bus {
+        local_api = local_api.with_eventbus(event_bus.status());
+        beehive.register(event_bus, true)?;
+    }
     if let Some(meta) = meta {
         local_api = local_api.with_meta(meta.store(), meta.config().remote_query_timeout());
         beehive.register(meta, true)?;
