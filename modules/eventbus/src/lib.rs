@@ -30,7 +30,7 @@ pub mod topics;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use rand::Rng as _;
+use rand::RngExt as _;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
