@@ -22,8 +22,10 @@ pub struct ObjectKind {
     pub namespaced: bool,
 }
 
-/// The kinds the store keeps: those edgecontroller syncs (pods, configmaps, secrets, nodes) and
-/// the ones edge applications commonly read (services, endpoints, namespaces).
+/// The kinds the store keeps: those edgecontroller syncs (pods, configmaps, secrets, nodes,
+/// devices and their models), the ones edge applications commonly read (services, endpoints,
+/// namespaces), and the devices' reported state (devicestatuses: KubeEdge v1.23's DeviceStatus,
+/// written by devicecontroller, never sent to a node).
 pub const KINDS: &[ObjectKind] = &[
     kind("pods", "Pod", "pod", true),
     kind("configmaps", "ConfigMap", "configmap", true),
@@ -32,7 +34,23 @@ pub const KINDS: &[ObjectKind] = &[
     kind("endpoints", "Endpoints", "endpoints", true),
     kind("nodes", "Node", "node", false),
     kind("namespaces", "Namespace", "namespace", false),
+    device_kind("devices", "Device", "device"),
+    device_kind("devicemodels", "DeviceModel", "devicemodel"),
+    device_kind("devicestatuses", "DeviceStatus", "devicestatus"),
 ];
+
+/// The API group and version of KubeEdge's device objects.
+pub const DEVICES_API_VERSION: &str = "devices.kubeedge.io/v1beta1";
+
+const fn device_kind(resource: &'static str, kind: &'static str, wire: &'static str) -> ObjectKind {
+    ObjectKind {
+        resource,
+        kind,
+        wire,
+        api_version: DEVICES_API_VERSION,
+        namespaced: true,
+    }
+}
 
 const fn kind(
     resource: &'static str,
@@ -153,6 +171,7 @@ pub fn prepare(
             )));
         }
     }
+    check_kind_fields(kind, &obj)?;
     let meta = obj
         .entry("metadata")
         .or_insert_with(|| Value::Object(Map::new()));
@@ -242,6 +261,125 @@ pub fn prepare(
         body: Value::Object(obj),
         expected_rv,
     })
+}
+
+/// Checks the fields of the kinds whose content this store understands: a Device names a model
+/// (`spec.deviceModelRef.name`), may name a node (`spec.nodeName`) and declares properties with
+/// unique twin names and string desired values; a DeviceModel declares properties with unique
+/// names and a known type. Names and values follow devicetwin's rules (MODULES.md §5.4), so a
+/// twin the cloud accepts is one the edge accepts.
+fn check_kind_fields(kind: &ObjectKind, obj: &Map<String, Value>) -> Result<(), ObjectError> {
+    let spec = obj.get("spec").unwrap_or(&Value::Null);
+    match kind.resource {
+        "devices" => {
+            match &spec["deviceModelRef"]["name"] {
+                Value::String(m) => check_name("spec.deviceModelRef.name", m)?,
+                _ => {
+                    return Err(ObjectError::Invalid(
+                        "spec.deviceModelRef.name is required: the device's DeviceModel".into(),
+                    ));
+                }
+            }
+            match &spec["nodeName"] {
+                Value::Null => {}
+                Value::String(n) if n.is_empty() => {}
+                Value::String(n) => check_name("spec.nodeName", n)?,
+                other => {
+                    return Err(ObjectError::Invalid(format!(
+                        "spec.nodeName must be a string, not {}",
+                        type_name(other)
+                    )));
+                }
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for (i, p) in properties(spec)?.iter().enumerate() {
+                let name = property_name(i, p)?;
+                if !seen.insert(name) {
+                    return Err(ObjectError::Invalid(format!(
+                        "spec.properties[{i}]: property {name:?} is declared twice"
+                    )));
+                }
+                match &p["desired"]["value"] {
+                    Value::Null => {}
+                    Value::String(v) if v.is_empty() || twin_value_ok(v) => {}
+                    Value::String(v) => {
+                        return Err(ObjectError::Invalid(format!(
+                            "spec.properties[{i}].desired.value {v:?} is not a twin value: 1 to                              512 characters of a-z, A-Z, 0-9 and -_.,:/@#"
+                        )));
+                    }
+                    other => {
+                        return Err(ObjectError::Invalid(format!(
+                            "spec.properties[{i}].desired.value must be a string, not {}",
+                            type_name(other)
+                        )));
+                    }
+                }
+            }
+        }
+        "devicemodels" => {
+            let mut seen = std::collections::BTreeSet::new();
+            for (i, p) in properties(spec)?.iter().enumerate() {
+                let name = property_name(i, p)?;
+                if !seen.insert(name) {
+                    return Err(ObjectError::Invalid(format!(
+                        "spec.properties[{i}]: property {name:?} is declared twice"
+                    )));
+                }
+                match &p["type"] {
+                    Value::Null => {}
+                    Value::String(t) if PROPERTY_TYPES.contains(&t.as_str()) => {}
+                    other => {
+                        return Err(ObjectError::Invalid(format!(
+                            "spec.properties[{i}].type {other} is not one of {}",
+                            PROPERTY_TYPES.join(", ")
+                        )));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// DeviceModel property types (KubeEdge v1beta1).
+const PROPERTY_TYPES: [&str; 7] = [
+    "INT", "FLOAT", "DOUBLE", "STRING", "BOOLEAN", "BYTES", "STREAM",
+];
+
+fn properties(spec: &Value) -> Result<&[Value], ObjectError> {
+    match &spec["properties"] {
+        Value::Null => Ok(&[]),
+        Value::Array(a) => Ok(a),
+        other => Err(ObjectError::Invalid(format!(
+            "spec.properties must be an array, not {}",
+            type_name(other)
+        ))),
+    }
+}
+
+fn property_name(i: usize, p: &Value) -> Result<&str, ObjectError> {
+    match &p["name"] {
+        Value::String(n) if twin_key_ok(n) => Ok(n),
+        other => Err(ObjectError::Invalid(format!(
+            "spec.properties[{i}].name {other} is not a property name: 1 to 128 characters of \
+             a-z, A-Z, 0-9 and -_.,:/@#"
+        ))),
+    }
+}
+
+/// devicetwin's key rule: `^[a-zA-Z0-9-_.,:/@#]{1,128}$`.
+pub fn twin_key_ok(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(twin_byte)
+}
+
+/// devicetwin's value rule: `^[a-zA-Z0-9-_.,:/@#]{1,512}$`.
+pub fn twin_value_ok(s: &str) -> bool {
+    (1..=512).contains(&s.len()) && s.bytes().all(twin_byte)
+}
+
+fn twin_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-_.,:/@#".contains(&b)
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -337,6 +475,64 @@ mod tests {
         assert_eq!(p.body["metadata"]["name"], "demo");
         assert_eq!(p.body["metadata"]["namespace"], "default");
         assert_eq!(p.expected_rv, None);
+    }
+
+    #[test]
+    fn devices_name_a_model_and_valid_twins() {
+        let dev = kind_by_resource("devices").unwrap();
+        let ok = prepare(
+            dev,
+            "default",
+            "thermo-1",
+            json!({"spec": {"deviceModelRef": {"name": "thermo"}, "nodeName": "edge-1",
+                "properties": [{"name": "temperature", "desired": {"value": "25"}}]}}),
+        )
+        .unwrap();
+        assert_eq!(ok.body["apiVersion"], DEVICES_API_VERSION);
+        assert_eq!(ok.body["kind"], "Device");
+        let refused = |body: Value| {
+            let e = prepare(dev, "default", "d", body).unwrap_err();
+            assert_eq!(e.status_code(), (400, "invalid_object"), "{e}");
+            e.to_string()
+        };
+        assert!(refused(json!({"spec": {}})).contains("deviceModelRef"));
+        let with = |extra: Value| {
+            let mut spec = json!({"deviceModelRef": {"name": "m"}});
+            for (k, v) in extra.as_object().unwrap() {
+                spec[k] = v.clone();
+            }
+            json!({ "spec": spec })
+        };
+        assert!(refused(with(json!({"nodeName": "Edge_1"}))).contains("spec.nodeName"));
+        assert!(refused(with(json!({"nodeName": 3}))).contains("spec.nodeName"));
+        assert!(refused(with(json!({"properties": [{"name": "a b"}]}))).contains("property name"));
+        assert!(
+            refused(with(json!({"properties": [{"name": "a"}, {"name": "a"}]}))).contains("twice")
+        );
+        assert!(
+            refused(with(
+                json!({"properties": [{"name": "a", "desired": {"value": "x y"}}]})
+            ))
+            .contains("twin value")
+        );
+        let model = kind_by_resource("devicemodels").unwrap();
+        assert!(
+            prepare(
+                model,
+                "default",
+                "m",
+                json!({"spec": {"properties": [{"name": "t", "type": "INT"}]}})
+            )
+            .is_ok()
+        );
+        let e = prepare(
+            model,
+            "default",
+            "m",
+            json!({"spec": {"properties": [{"name": "t", "type": "int"}]}}),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("INT, FLOAT"), "{e}");
     }
 
     #[test]

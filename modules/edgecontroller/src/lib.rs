@@ -3,7 +3,7 @@
 //! It reads desired state through [`cloudhub::objects::ObjectSource`] (the embedded object store
 //! today; a Kubernetes informer could feed the same seam), decides placement
 //! ([`placement`]: pods by `spec.nodeName`, the configmaps and secrets they reference, the node
-//! object), and keeps per node and object what the node ACKed (the ObjectSync rows, durable in
+//! object, devices by `spec.nodeName` with their models), and keeps per node and object what the node ACKed (the ObjectSync rows, durable in
 //! `objectsync.db`). The pure [`planner`] turns the two into messages; this module only sends
 //! them and records answers:
 //!
@@ -48,6 +48,18 @@ const TICK: Duration = Duration::from_secs(1);
 const CHECK_AFTER_MS: i64 = 15_000;
 /// Objects read per step when loading.
 const LOAD_BATCH: usize = 1024;
+
+/// The route source of an object message of wire type `wire`: devices and their models are
+/// sent as KubeEdge's devicecontroller sends them (a stock edge's metamanager hands only
+/// messages from `devicecontroller` to devicetwin, MODULES.md §2.3), everything else as
+/// edgecontroller. One sync engine sends both: devicecontroller (modules/devicecontroller) owns
+/// membership and the devices' reported status, not a second ObjectSync.
+pub fn source_of(wire: &str) -> &'static str {
+    match wire {
+        "device" | "devicemodel" => "devicecontroller",
+        _ => MODULE_NAME,
+    }
+}
 
 /// The edgecontroller beehive module.
 #[derive(Debug)]
@@ -355,7 +367,7 @@ impl Controller {
             "update"
         };
         let mut msg = Message::new("")
-            .route(MODULE_NAME, "resource", key.clone(), op)
+            .route(source_of(wire), "resource", key.clone(), op)
             .content(content);
         msg.header.resource_version = rv.to_string();
         let id = msg.header.id.clone();

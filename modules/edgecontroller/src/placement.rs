@@ -1,7 +1,10 @@
 //! Which node gets which object, as KubeEdge's edgecontroller decides (pure, no I/O): a pod goes
 //! to `spec.nodeName`; the configmaps and secrets a node's pods reference (volumes, projected
 //! volume sources, `env[].valueFrom`, `envFrom`, and `imagePullSecrets` for secrets) go to that
-//! node, in the pod's namespace; a node object goes to its node. Unlike KubeEdge's location cache,
+//! node, in the pod's namespace; a node object goes to its node; a device (KubeEdge's
+//! `devices.kubeedge.io` Device) goes to its `spec.nodeName` with its DeviceModel (same
+//! namespace), so a model reaches exactly the nodes that hold a device using it (MODULES.md §6.2;
+//! DeviceStatus objects stay in the cloud). Unlike KubeEdge's location cache,
 //! which never shrinks, the placement is computed from the live objects each time, so an object no
 //! pod on a node references any more is no longer placed there (and the sync deletes it).
 
@@ -18,6 +21,7 @@ pub type Placement = BTreeMap<String, BTreeMap<String, Arc<StoredObject>>>;
 pub fn place<'a>(objects: impl IntoIterator<Item = &'a Arc<StoredObject>>) -> Placement {
     let mut by_key: BTreeMap<(String, String, String), &Arc<StoredObject>> = BTreeMap::new();
     let mut pods = Vec::new();
+    let mut devices = Vec::new();
     let mut placement = Placement::new();
     for o in objects {
         if o.deleted {
@@ -26,6 +30,7 @@ pub fn place<'a>(objects: impl IntoIterator<Item = &'a Arc<StoredObject>>) -> Pl
         by_key.insert((o.resource.clone(), o.namespace.clone(), o.name.clone()), o);
         match o.resource.as_str() {
             "pods" => pods.push(o),
+            "devices" => devices.push(o),
             "nodes" => {
                 placement
                     .entry(o.name.clone())
@@ -51,6 +56,26 @@ pub fn place<'a>(objects: impl IntoIterator<Item = &'a Arc<StoredObject>>) -> Pl
                 if let Some(o) = by_key.get(&key) {
                     held.insert(o.wire_resource(), Arc::clone(o));
                 }
+            }
+        }
+    }
+    for device in devices {
+        let Some(node) = device.body["spec"]["nodeName"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+        else {
+            continue;
+        };
+        let held = placement.entry(node.to_owned()).or_default();
+        held.insert(device.wire_resource(), Arc::clone(device));
+        if let Some(model) = device.body["spec"]["deviceModelRef"]["name"].as_str() {
+            let key = (
+                "devicemodels".to_owned(),
+                device.namespace.clone(),
+                model.to_owned(),
+            );
+            if let Some(o) = by_key.get(&key) {
+                held.insert(o.wire_resource(), Arc::clone(o));
             }
         }
     }
@@ -169,6 +194,43 @@ mod tests {
         );
         let edge2: Vec<&str> = placed["edge-2"].keys().map(String::as_str).collect();
         assert_eq!(edge2, ["null/node/edge-2"]);
+    }
+
+    #[test]
+    fn devices_take_their_model_to_their_node() {
+        let dev = |name: &str, node: &str, model: &str| {
+            obj(
+                "devices",
+                "default",
+                name,
+                json!({"spec": {"nodeName": node, "deviceModelRef": {"name": model}}}),
+            )
+        };
+        let all = vec![
+            dev("a", "edge-1", "thermo"),
+            dev("b", "edge-1", "thermo"),
+            dev("c", "edge-2", "lamp"),
+            dev("unplaced", "", "thermo"),
+            obj("devicemodels", "default", "thermo", json!({})),
+            obj("devicemodels", "default", "lamp", json!({})),
+            obj("devicemodels", "default", "unused", json!({})),
+            obj("devicestatuses", "default", "a", json!({})),
+        ];
+        let placed = place(&all);
+        let keys = |n: &str| placed[n].keys().map(String::as_str).collect::<Vec<_>>();
+        assert_eq!(
+            keys("edge-1"),
+            [
+                "default/device/a",
+                "default/device/b",
+                "default/devicemodel/thermo"
+            ]
+        );
+        assert_eq!(
+            keys("edge-2"),
+            ["default/device/c", "default/devicemodel/lamp"]
+        );
+        assert_eq!(placed.len(), 2);
     }
 
     #[test]
