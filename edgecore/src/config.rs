@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use devicetwin::DeviceTwinConfig;
 use edgehub::EdgeHubConfig;
 use edgehub::config::ConfigError;
 use eventbus::EventBusConfig;
@@ -42,6 +43,9 @@ pub struct ModulesConfig {
     /// eventbus: the MQTT bridge for devices (embedded or external broker; default off).
     #[serde(default)]
     pub eventbus: EventBusConfig,
+    /// devicetwin: devices' desired and reported twins over MQTT (through eventbus); default off.
+    #[serde(default)]
+    pub device_twin: DeviceTwinConfig,
 }
 
 /// A module switch.

@@ -2,7 +2,9 @@
 //! certificate (bootstrapping one with the configured token if needed), then runs EdgeHub (the
 //! link to the cloud), metamanager (the node's objects), the local endpoint (MetaServer and
 //! upstream sends for local applications), servicebus (the cloud's calls to local HTTP
-//! services, when enabled) and eventbus (the MQTT bridge for devices, when enabled) on a beehive until SIGINT or SIGTERM, and exits 0 after a graceful
+//! services, when enabled), eventbus (the MQTT bridge for devices, when enabled) and devicetwin
+//! (devices' twins, when enabled) on a beehive until SIGINT or SIGTERM, and exits 0 after a
+//! graceful
 //! shutdown.
 //!
 //! Logs go to stderr (`RUST_LOG` respected, default `info`): one line per connect, disconnect
@@ -24,6 +26,7 @@ use servicebus::ServiceBus;
 
 use causeway_edgecore::config::{DEFAULT_YAML, EdgecoreConfig};
 use causeway_edgecore::localapi::LocalApi;
+use devicetwin::DeviceTwin;
 use metamanager::MetaManager;
 
 /// The Causeway edge daemon: keeps this node's link to the cloud (WebSocket or QUIC) and serves
@@ -108,6 +111,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         local_api = local_api.with_eventbus(event_bus.status());
         beehive.register(event_bus, true)?;
     }
+    let twin = DeviceTwin::new(
+        config.modules.device_twin.clone(),
+        &config.edgehub.controller.node_id,
+        meta.as_ref().map(MetaManager::store),
+    );
+    beehive.register(twin, config.modules.device_twin.enable)?;
     if let Some(meta) = meta {
         local_api = local_api.with_meta(meta.store(), meta.config().remote_query_timeout());
         beehive.register(meta, true)?;
