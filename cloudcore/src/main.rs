@@ -24,6 +24,7 @@ use cloudhub::config::{CloudcoreConfig, DEFAULT_YAML};
 use cloudhub::module::{ApiServing, Bound, CloudHubModule};
 use cloudhub::objects::sqlite::SqliteObjects;
 use cloudhub::store::sqlite::SqliteStore;
+use devicecontroller::DeviceController;
 use edgecontroller::EdgeController;
 use transport::ListenConfig;
 
@@ -118,10 +119,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Arc::clone(&objects) as Arc<dyn cloudhub::objects::ObjectSource>,
         hub_config.object_sync_path(),
     );
+    let devices = DeviceController::new(
+        hub.clone(),
+        Arc::clone(&objects) as Arc<dyn cloudhub::objects::ObjectSource>,
+        hub_config.object_sync_path().with_file_name("devicecontroller.db"),
+    );
     let module = CloudHubModule::new(hub, bound, listen, Some(bootstrap)).with_api(api);
     let mut beehive = Beehive::new();
     beehive.register(module, true)?;
     beehive.register(controller, true)?;
+    beehive.register(devices, true)?;
     let report = beehive.start().run_until_signal(signals).await;
     beehive::daemon::outcome("cloudcore", &report)?;
     Ok(())

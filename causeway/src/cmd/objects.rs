@@ -209,6 +209,13 @@ pub(crate) fn run_get(args: GetArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&body)?);
             return Ok(());
         }
+        if kind.resource == "devices" {
+            // A device's reported state lives in its DeviceStatus (same namespace and name).
+            let statuses = collection(args.api.base(), kind_named("devicestatuses")?, &args.namespace);
+            let statuses = get_json(&client, &statuses).await?;
+            print_devices(&body, &statuses);
+            return Ok(());
+        }
         println!(
             "{:<20} {:<40} {:>16}",
             "NAMESPACE", "NAME", "RESOURCEVERSION"
@@ -224,6 +231,45 @@ pub(crate) fn run_get(args: GetArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// `causeway get devices`: each device's node, state and reported twins (`name=value`).
+fn print_devices(devices: &Value, statuses: &Value) {
+    println!(
+        "{:<16} {:<28} {:<16} {:<10} REPORTED",
+        "NAMESPACE", "NAME", "NODE", "STATE"
+    );
+    let items = |v: &Value| v["items"].as_array().cloned().unwrap_or_default();
+    let statuses = items(statuses);
+    for d in items(devices) {
+        let (ns, name) = (&d["metadata"]["namespace"], &d["metadata"]["name"]);
+        let status = statuses
+            .iter()
+            .find(|s| &s["metadata"]["namespace"] == ns && &s["metadata"]["name"] == name)
+            .map(|s| s["status"].clone())
+            .unwrap_or(Value::Null);
+        let reported: Vec<String> = status["twins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| {
+                Some(format!(
+                    "{}={}",
+                    t["propertyName"].as_str()?,
+                    t["reported"]["value"].as_str()?
+                ))
+            })
+            .collect();
+        let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).unwrap_or("-").to_owned();
+        println!(
+            "{:<16} {:<28} {:<16} {:<10} {}",
+            text(ns),
+            text(name),
+            text(&d["spec"]["nodeName"]),
+            text(&status["state"]),
+            if reported.is_empty() { "-".to_owned() } else { reported.join(",") }
+        );
+    }
 }
 
 pub(crate) fn run_delete(args: DeleteArgs) -> anyhow::Result<()> {
