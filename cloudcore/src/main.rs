@@ -122,7 +122,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let devices = DeviceController::new(
         hub.clone(),
         Arc::clone(&objects) as Arc<dyn cloudhub::objects::ObjectSource>,
-        hub_config.object_sync_path().with_file_name("devicecontroller.db"),
+        hub_config
+            .object_sync_path()
+            .with_file_name("devicecontroller.db"),
     );
     let module = CloudHubModule::new(hub, bound, listen, Some(bootstrap)).with_api(api);
     let mut beehive = Beehive::new();

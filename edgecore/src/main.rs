@@ -113,7 +113,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let twin = DeviceTwin::new(
         config.modules.device_twin.clone(),
-        &config.edgehub.controller.node_id,
+        config.edgehub.controller.node_id.as_str(),
         meta.as_ref().map(MetaManager::store),
     );
     beehive.register(twin, config.modules.device_twin.enable)?;

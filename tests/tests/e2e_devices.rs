@@ -62,17 +62,21 @@ fn put(api: SocketAddr, path: &str, body: &Value) -> Value {
     json_of(&text)
 }
 
-fn device(name: &str, desired: &str) -> Value {
+fn device(desired: &str) -> Value {
     json!({"metadata": {"labels": {"description": "lab"}},
            "spec": {"deviceModelRef": {"name": "thermo"}, "nodeName": NODE,
                     "properties": [{"name": "temperature"},
                                    {"name": "setpoint", "desired": {"value": desired}}]}})
 }
 
+/// One row of devicetwin's view: device id, twin name (empty without twins), expected, actual.
+type TwinRow = (String, String, Option<String>, Option<String>);
+
 /// devicetwin's devices and their twins' (expected, actual) values, read from its file.
-fn edge_twins(db: &Path) -> Result<Vec<(String, String, Option<String>, Option<String>)>, String> {
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| e.to_string())?;
+fn edge_twins(db: &Path) -> Result<Vec<TwinRow>, String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| e.to_string())?;
     let mut stmt = conn
         .prepare(
             "SELECT d.id, IFNULL(t.name, ''), t.expected, t.actual FROM device d
@@ -138,11 +142,22 @@ fn devices(protocol: &str) {
         &json!({"spec": {"properties": [{"name": "temperature", "type": "INT"},
                                          {"name": "setpoint", "type": "INT"}]}}),
     );
-    put(api, "/v1/namespaces/default/devices/thermo-1", &device("thermo-1", "25"));
+    put(
+        api,
+        "/v1/namespaces/default/devices/thermo-1",
+        &device("25"),
+    );
     wait_until("the desired value reached devicetwin", PATIENCE, || {
         let twins = edge_twins(&db)?;
-        let want = ("default/thermo-1".to_owned(), "setpoint".to_owned(), Some("25".to_owned()));
-        if twins.iter().any(|t| (t.0.clone(), t.1.clone(), t.2.clone()) == want) {
+        let want = (
+            "default/thermo-1".to_owned(),
+            "setpoint".to_owned(),
+            Some("25".to_owned()),
+        );
+        if twins
+            .iter()
+            .any(|t| (t.0.clone(), t.1.clone(), t.2.clone()) == want)
+        {
             Ok(())
         } else {
             Err(format!("{twins:?}"))
@@ -166,9 +181,17 @@ fn devices(protocol: &str) {
     let (code, body) = http(edge.local, "POST", "/v1/upstream", &state.to_string());
     assert_eq!(code, 202, "{body}");
     let status = wait_until("the report is in the DeviceStatus", PATIENCE, || {
-        let (code, body) = http(api, "GET", "/v1/namespaces/default/devicestatuses/thermo-1", "");
+        let (code, body) = http(
+            api,
+            "GET",
+            "/v1/namespaces/default/devicestatuses/thermo-1",
+            "",
+        );
         let v = json_of(&body);
-        if code == 200 && v["status"]["state"] == "online" && v["status"]["twins"][0]["reported"]["value"] == "24" {
+        if code == 200
+            && v["status"]["state"] == "online"
+            && v["status"]["twins"][0]["reported"]["value"] == "24"
+        {
             Ok(v)
         } else {
             Err(body)
@@ -176,26 +199,45 @@ fn devices(protocol: &str) {
     });
     let twins = status["status"]["twins"].as_array().unwrap();
     assert_eq!(twins.len(), 1, "only declared properties: {status}");
-    assert_eq!(twins[0]["reported"]["metadata"]["timestamp"], "1785999600101");
+    assert_eq!(
+        twins[0]["reported"]["metadata"]["timestamp"],
+        "1785999600101"
+    );
     // The status write sent nothing back: one Device message at the edge, queue empty.
     wait_until("queue drained", PATIENCE, || queue_drained(api));
     assert_eq!(applied(&edge, "default/device/thermo-1"), 1);
 
     // A device added while the edge is down reaches it after the restart.
     assert_eq!(edge.daemon.stop(), Some(0));
-    put(api, "/v1/namespaces/default/devices/thermo-2", &device("thermo-2", "30"));
+    put(
+        api,
+        "/v1/namespaces/default/devices/thermo-2",
+        &device("30"),
+    );
     let edge = Edge::start(&config, PATIENCE);
     edge.wait_connected();
-    wait_until("the offline-added device reached devicetwin", PATIENCE, || {
-        let twins = edge_twins(&db)?;
-        if twins.iter().any(|t| t.0 == "default/thermo-2" && t.2.as_deref() == Some("30")) {
-            Ok(())
-        } else {
-            Err(format!("{twins:?}"))
-        }
-    });
+    wait_until(
+        "the offline-added device reached devicetwin",
+        PATIENCE,
+        || {
+            let twins = edge_twins(&db)?;
+            if twins
+                .iter()
+                .any(|t| t.0 == "default/thermo-2" && t.2.as_deref() == Some("30"))
+            {
+                Ok(())
+            } else {
+                Err(format!("{twins:?}"))
+            }
+        },
+    );
     // The first device's state survived the restart.
-    assert!(edge_twins(&db).unwrap().iter().any(|t| t.0 == "default/thermo-1"));
+    assert!(
+        edge_twins(&db)
+            .unwrap()
+            .iter()
+            .any(|t| t.0 == "default/thermo-1")
+    );
 
     // Deleted: it leaves the node.
     let (code, body) = http(api, "DELETE", "/v1/namespaces/default/devices/thermo-2", "");

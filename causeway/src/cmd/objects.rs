@@ -211,7 +211,11 @@ pub(crate) fn run_get(args: GetArgs) -> anyhow::Result<()> {
         }
         if kind.resource == "devices" {
             // A device's reported state lives in its DeviceStatus (same namespace and name).
-            let statuses = collection(args.api.base(), kind_named("devicestatuses")?, &args.namespace);
+            let statuses = collection(
+                args.api.base(),
+                kind_named("devicestatuses")?,
+                &args.namespace,
+            );
             let statuses = get_json(&client, &statuses).await?;
             print_devices(&body, &statuses);
             return Ok(());
@@ -260,14 +264,23 @@ fn print_devices(devices: &Value, statuses: &Value) {
                 ))
             })
             .collect();
-        let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).unwrap_or("-").to_owned();
+        let text = |v: &Value| {
+            v.as_str()
+                .filter(|s| !s.is_empty())
+                .unwrap_or("-")
+                .to_owned()
+        };
         println!(
             "{:<16} {:<28} {:<16} {:<10} {}",
             text(ns),
             text(name),
             text(&d["spec"]["nodeName"]),
             text(&status["state"]),
-            if reported.is_empty() { "-".to_owned() } else { reported.join(",") }
+            if reported.is_empty() {
+                "-".to_owned()
+            } else {
+                reported.join(",")
+            }
         );
     }
 }

@@ -191,7 +191,8 @@ impl Controller {
                         if announce {
                             self.device_changed(&o).await;
                         } else if let Some(placed) = placed(&o) {
-                            self.devices.insert((o.namespace.clone(), o.name.clone()), placed);
+                            self.devices
+                                .insert((o.namespace.clone(), o.name.clone()), placed);
                         }
                     }
                 }
@@ -253,7 +254,8 @@ impl Controller {
     }
 
     async fn membership(&self, node: &str, added: Vec<Value>, removed: Vec<Value>) {
-        let content = status::membership_update(added, removed, &proto::new_id(), proto::now_millis());
+        let content =
+            status::membership_update(added, removed, &proto::new_id(), proto::now_millis());
         let msg = Message::new("")
             .route(MODULE_NAME, "twin", "membership", "update")
             .content(Content::Json(content));
@@ -273,7 +275,12 @@ impl Controller {
     /// Handles every upstream record after the cursor.
     async fn catch_up_upstream(&mut self) {
         loop {
-            let batch = match self.hub.store().upstream_since(self.upstream_at, BATCH).await {
+            let batch = match self
+                .hub
+                .store()
+                .upstream_since(self.upstream_at, BATCH)
+                .await
+            {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "devicecontroller: cannot read the upstream log");
@@ -309,7 +316,8 @@ impl Controller {
                     .filter(|p| p.node == node)
                     .map(|p| p.member.clone())
                     .collect();
-                let detail = status::membership_detail(devices, &proto::new_id(), proto::now_millis());
+                let detail =
+                    status::membership_detail(devices, &proto::new_id(), proto::now_millis());
                 let answer = Message::new("")
                     .route(MODULE_NAME, "twin", "membership/detail", "update")
                     .content(Content::Json(detail));
@@ -326,8 +334,12 @@ impl Controller {
         };
         match done {
             Ok(()) => {
-                let ok = Message::response_to(msg, Content::text("OK"))
-                    .route(MODULE_NAME, "twin", "twin", proto::message::OP_RESPONSE);
+                let ok = Message::response_to(msg, Content::text("OK")).route(
+                    MODULE_NAME,
+                    "twin",
+                    "twin",
+                    proto::message::OP_RESPONSE,
+                );
                 self.send(node, ok).await;
             }
             Err(why) => {
@@ -353,7 +365,9 @@ impl Controller {
             Err(e) => return Err(e.to_string()),
         };
         if device.body["spec"]["nodeName"].as_str() != Some(node) {
-            return Err(format!("device {namespace}/{name} is not bound to node {node}"));
+            return Err(format!(
+                "device {namespace}/{name} is not bound to node {node}"
+            ));
         }
         let report = status::content_object(content).ok_or("the content is not a JSON object")?;
         self.ensure_status(&device);
@@ -382,17 +396,20 @@ fn placed(o: &StoredObject) -> Option<Placed> {
     if o.resource != "devices" || o.deleted {
         return None;
     }
-    let node = o.body["spec"]["nodeName"].as_str().filter(|n| !n.is_empty())?;
+    let node = o.body["spec"]["nodeName"]
+        .as_str()
+        .filter(|n| !n.is_empty())?;
     Some(Placed {
         node: node.to_owned(),
         member: status::member(&o.namespace, &o.name, &o.body),
     })
 }
 
-/// The position in the upstream log, durable.
+/// The position in the upstream log, durable. (A mutex only to make the controller `Sync`: the
+/// module's one task is its only user.)
 #[derive(Debug)]
 struct Cursor {
-    conn: Connection,
+    conn: std::sync::Mutex<Connection>,
 }
 
 impl Cursor {
@@ -402,19 +419,29 @@ impl Cursor {
             "PRAGMA journal_mode = WAL;
              CREATE TABLE IF NOT EXISTS cursor (name TEXT PRIMARY KEY, seq INTEGER NOT NULL);",
         )?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn: std::sync::Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn get(&self) -> rusqlite::Result<u64> {
         let seq: Option<i64> = self
-            .conn
-            .query_row("SELECT seq FROM cursor WHERE name = 'upstream'", [], |r| r.get(0))
+            .conn()
+            .query_row("SELECT seq FROM cursor WHERE name = 'upstream'", [], |r| {
+                r.get(0)
+            })
             .optional()?;
         Ok(seq.map_or(0, |s| s.max(0) as u64))
     }
 
     fn set(&self, seq: u64) -> rusqlite::Result<()> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT INTO cursor (name, seq) VALUES ('upstream', ?1)
              ON CONFLICT(name) DO UPDATE SET seq = excluded.seq",
             [seq as i64],

@@ -169,8 +169,19 @@ pub fn member(namespace: &str, name: &str, device: &Value) -> Value {
 }
 
 /// A membership `update`'s content.
-pub fn membership_update(added: Vec<Value>, removed: Vec<Value>, event_id: &str, now: i64) -> Value {
-    let list = |v: Vec<Value>| if v.is_empty() { Value::Null } else { Value::Array(v) };
+pub fn membership_update(
+    added: Vec<Value>,
+    removed: Vec<Value>,
+    event_id: &str,
+    now: i64,
+) -> Value {
+    let list = |v: Vec<Value>| {
+        if v.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(v)
+        }
+    };
     json!({"event_id": event_id, "timestamp": now,
            "added_devices": list(added), "removed_devices": list(removed)})
 }
@@ -204,7 +215,10 @@ mod tests {
                 name: "state".into()
             })
         );
-        assert_eq!(parse_resource("membership/detail"), Some(Upstream::MembershipDetail));
+        assert_eq!(
+            parse_resource("membership/detail"),
+            Some(Upstream::MembershipDetail)
+        );
         assert_eq!(parse_resource("device/a/twin/edge_updated"), None);
         assert_eq!(parse_resource("default/podstatus/p"), None);
     }

@@ -5,11 +5,11 @@
 //! metamanager stores carry the desired values; reported values and states go to the cloud
 //! through EdgeHub's durable outbox, so nothing is dropped while the link is down (#1968).
 //!
-//! - [`twin`]: the pure part: model, validation, merge, payloads (unit-tested).
-//! - [`topic`]: device and node topics, parsed by segment.
-//! - [`store`]: KubeEdge's tables in devicetwin's own SQLite file.
-//! - [`module`]: the beehive module (name and group `twin`).
-//! - [`config`]: `modules.device-twin`.
+//! - [`twin`] — the pure part: model, validation, merge, payloads (unit-tested).
+//! - [`topic`] — device and node topics, parsed by segment.
+//! - [`store`] — KubeEdge's tables in devicetwin's own SQLite file.
+//! - [`module`] — the beehive module (name and group `twin`).
+//! - [`config`] — `modules.device-twin`.
 
 pub mod config;
 pub mod module;

@@ -181,7 +181,7 @@ impl Twin {
                 self.ask_membership_detail().await;
             }
         } else if route.source == SOURCE_BUS {
-            self.from_bus(&msg).await;
+            self.mqtt_request(&msg).await;
         } else if route.resource.contains("membership") {
             self.membership(&msg).await;
         } else if msg.is_response() {
@@ -201,7 +201,7 @@ impl Twin {
     }
 
     /// A publication from MQTT.
-    async fn from_bus(&mut self, msg: &Message) {
+    async fn mqtt_request(&mut self, msg: &Message) {
         let parsed = topic::decode(&msg.route.resource).and_then(|t| topic::parse(&t));
         let payload = msg.content.to_bytes();
         match parsed {

@@ -247,7 +247,7 @@ async fn desired_values_from_device_objects_reach_the_delta_topic() {
             .route(
                 "devicecontroller",
                 "resource",
-                format!("default/device/thermo-1"),
+                "default/device/thermo-1",
                 "update",
             )
             .content(Content::Json(json!({
