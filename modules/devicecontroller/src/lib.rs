@@ -18,7 +18,9 @@
 //!   resourceVersion and make edgecontroller send it again). Each handled report is answered
 //!   `"OK"` to its id (§5.6).
 //!
-//! It reads the edges' messages from the cloud store's durable upstream log (source `twin`),
+//! It takes the edges' messages (source `twin`) either from CloudHub's hand-over on the bus
+//! (`node/<id>/<resource>`, answered once handled, after which CloudHub ACKs the edge) or, when
+//! CloudHub stores them on the application path, from the cloud store's durable upstream log,
 //! keeping its position in its own SQLite file, so a report the cloud ACKed to the edge is
 //! handled even if cloudcore stops in between.
 
@@ -147,11 +149,15 @@ impl Controller {
         self.load_objects(false).await;
         self.catch_up_upstream().await;
         let shutdown = ctx.shutdown_signal();
+        let bus = ctx.bus().clone();
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 () = shutdown.triggered() => break,
-                msg = ctx.recv() => if msg.is_none() { break },
+                msg = ctx.recv() => match msg {
+                    Some(msg) => self.handed_over(&bus, msg).await,
+                    None => break,
+                },
                 rec = upstream.recv() => match rec {
                     Ok(rec) if rec.seq > self.upstream_at => {
                         if rec.seq == self.upstream_at + 1 {
@@ -303,6 +309,34 @@ impl Controller {
         self.upstream_at = rec.seq;
         if let Err(e) = self.cursor.set(rec.seq) {
             tracing::warn!(error = %e, "devicecontroller: position in the upstream log not saved");
+        }
+    }
+
+    /// An edge message CloudHub hands over on the bus (KubeEdge's routing by source: `twin` →
+    /// devicecontroller), resource `node/<id>/<resource>`, as a sync request: answered `"OK"`
+    /// once handled (CloudHub then ACKs it to the edge). A report this module cannot use is
+    /// answered too (logged and counted, as KubeEdge drops it), so it is not retried for ever.
+    async fn handed_over(&mut self, bus: &beehive::Bus, msg: Message) {
+        let split = msg
+            .route
+            .resource
+            .strip_prefix("node/")
+            .and_then(|r| r.split_once('/'))
+            .map(|(node, rest)| (node.to_owned(), rest.to_owned()));
+        match split {
+            Some((node, rest)) if msg.route.source == SOURCE_TWIN && !node.is_empty() => {
+                let mut edge = msg.clone();
+                edge.route.resource = rest;
+                self.handle_twin(&node, &edge).await;
+            }
+            _ => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(source = %msg.route.source, resource = %msg.route.resource,
+                    "devicecontroller: message not handled");
+            }
+        }
+        if msg.header.sync {
+            let _ = bus.send_resp(Message::response_to(&msg, Content::text("OK")));
         }
     }
 
