@@ -604,6 +604,14 @@ impl Sse {
         }
     }
 
+    /// Reads what arrives within `time` (for waits that publish and look again).
+    pub fn read_for(&mut self, time: Duration) {
+        let deadline = Instant::now() + time;
+        while Instant::now() < deadline {
+            self.read_some();
+        }
+    }
+
     /// Reads until the message `id` appeared; its event's `message` (KubeEdge JSON), as cloud
     /// applications see it.
     pub fn message(&mut self, id: &str) -> Value {
