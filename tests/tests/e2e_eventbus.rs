@@ -178,7 +178,9 @@ fn edge_config(
     let server = cloud.server(protocol);
     let https = cloud.https;
     let mode_keys = match mode {
-        Mode::Internal => format!("mode: internal\n    internal: {{ listen: '127.0.0.1:{mqtt_port}' }}"),
+        Mode::Internal => {
+            format!("mode: internal\n    internal: {{ listen: '127.0.0.1:{mqtt_port}' }}")
+        }
         Mode::External => format!(
             "mode: external\n    external: {{ server: '127.0.0.1:{mqtt_port}', client-id: eventbus-e2e-{mqtt_port} }}"
         ),
@@ -313,14 +315,18 @@ fn both_ways(protocol: &str, mode: Mode) {
     assert_eq!(dev.recv(), ("default/user/cmd".to_owned(), "on".to_owned()));
     if let Some(mut sub) = sub {
         // mosquitto_sub subscribes on its own schedule: publish until it has one and exits.
-        wait_until("mosquitto_sub received the cloud's publish", PATIENCE, || {
-            if sub.try_wait().expect("mosquitto_sub").is_some() {
-                return Ok(());
-            }
-            cloud_send(&cloud, "publish", "default/user/cmd", Some("on"));
-            std::thread::sleep(Duration::from_millis(200));
-            Err("not yet".into())
-        });
+        wait_until(
+            "mosquitto_sub received the cloud's publish",
+            PATIENCE,
+            || {
+                if sub.try_wait().expect("mosquitto_sub").is_some() {
+                    return Ok(());
+                }
+                cloud_send(&cloud, "publish", "default/user/cmd", Some("on"));
+                std::thread::sleep(Duration::from_millis(200));
+                Err("not yet".into())
+            },
+        );
         let out = sub.wait_with_output().expect("mosquitto_sub output");
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "on");
     }
@@ -332,7 +338,14 @@ fn both_ways(protocol: &str, mode: Mode) {
     if installed("mosquitto_pub") {
         let ok = Command::new("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string()])
-            .args(["-t", "default/user/temp", "-m", "from-mosquitto_pub", "-q", "1"])
+            .args([
+                "-t",
+                "default/user/temp",
+                "-m",
+                "from-mosquitto_pub",
+                "-q",
+                "1",
+            ])
             .status()
             .expect("mosquitto_pub");
         assert!(ok.success());
@@ -350,7 +363,11 @@ fn both_ways(protocol: &str, mode: Mode) {
     }
     wait_until("200 PUBACKs", PATIENCE, || {
         let n = dev.acked() - acked_before;
-        if n >= 200 { Ok(()) } else { Err(format!("{n}")) }
+        if n >= 200 {
+            Ok(())
+        } else {
+            Err(format!("{n}"))
+        }
     });
     cloud = Cloud::start(root, ports, 5, PATIENCE);
     edge.wait_connected();
@@ -358,7 +375,10 @@ fn both_ways(protocol: &str, mode: Mode) {
     until_uploaded(&mut sse, "default/user/outage", &payloads);
     wait_drained(&cloud, &outbox);
     let counts = upload_counts(&sse, "default/user/outage");
-    let wrong: Vec<_> = payloads.iter().filter(|p| counts.get(*p) != Some(&1)).collect();
+    let wrong: Vec<_> = payloads
+        .iter()
+        .filter(|p| counts.get(*p) != Some(&1))
+        .collect();
     assert!(wrong.is_empty(), "not exactly once: {wrong:?} ({counts:?})");
     println!("{protocol}/{mode:?}: 200 of 200 publishes during the outage arrived exactly once");
 
@@ -385,7 +405,10 @@ fn bridged(sse: &mut Sse, dev: &Device, topic: &str, tag: &str) {
         dev.publish(topic, &format!("{tag}-{n}"));
         sse.read_for(Duration::from_millis(300));
         let prefix = format!("{tag}-");
-        if upload_counts(sse, topic).keys().any(|k| k.starts_with(&prefix)) {
+        if upload_counts(sse, topic)
+            .keys()
+            .any(|k| k.starts_with(&prefix))
+        {
             Ok(())
         } else {
             Err("not yet".into())
@@ -454,7 +477,11 @@ fn external_broker_down_at_start_and_kill_during_publishing() {
     }
     wait_until("300 PUBACKs from the broker", PATIENCE, || {
         let n = dev.acked();
-        if n >= 300 { Ok(()) } else { Err(format!("{n}")) }
+        if n >= 300 {
+            Ok(())
+        } else {
+            Err(format!("{n}"))
+        }
     });
     let edge = Edge::start(&config, PATIENCE);
     edge.wait_connected();
@@ -462,7 +489,10 @@ fn external_broker_down_at_start_and_kill_during_publishing() {
     let counts = until_uploaded(&mut sse, "default/user/kill", &payloads);
     wait_drained(&cloud, &outbox);
     let counts_now = upload_counts(&sse, "default/user/kill");
-    let lost = payloads.iter().filter(|p| !counts_now.contains_key(*p)).count();
+    let lost = payloads
+        .iter()
+        .filter(|p| !counts_now.contains_key(*p))
+        .count();
     let dups: usize = counts_now.values().map(|n| n - 1).sum();
     println!(
         "kill -9 during 300 QoS 1 publishes (external broker): {} of 300 arrived, {lost} lost, \
