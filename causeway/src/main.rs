@@ -65,6 +65,13 @@ Examples:
       --content '{\"k\":\"v\"}' --wait-ack
   causeway send edge-1 --group user --resource app/cmd --op publish --content @cmd.json")]
     Send(cmd::api::SendArgs),
+    /// Cancel a queued or in-flight message for a node: it leaves the queue and is never resent.
+    #[command(after_help = "\
+Examples:
+  causeway cancel edge-1 cm-demo-1
+
+Exit codes: 0 cancelled (or already cancelled), 1 unknown, already acknowledged or failed.")]
+    Cancel(cmd::api::CancelArgs),
     /// Print upstream (edge to cloud) messages as they arrive, one JSON line each.
     #[command(after_help = "\
 Examples:
@@ -113,6 +120,7 @@ fn main() -> ExitCode {
         Command::Frame(args) => cmd::frame::run(args),
         Command::Nodes(args) => cmd::api::run_nodes(args),
         Command::Send(args) => cmd::api::run_send(args),
+        Command::Cancel(args) => cmd::api::run_cancel(args),
         Command::Tail(args) => cmd::api::run_tail(args),
         Command::Apply(args) => cmd::objects::run_apply(args),
         Command::Get(args) => cmd::objects::run_get(args),

@@ -5,7 +5,8 @@
 //! | `GET /v1/nodes` | read | every known node: id, project, connected, protocol, since, remote address, last keepalive, queue depths |
 //! | `GET /v1/nodes/{id}` | read | one node (404 if unknown) |
 //! | `POST /v1/nodes/{id}/messages` | send | queue a KubeEdge JSON message for the node (id and timestamp filled in if absent); `?ack=true\|false` overrides the ACK classification, `?wait=ack&timeout=10s` waits for the edge's ACK; 503 `queue_full` or 507 `insufficient_storage` (the store's disk is full) with `Retry-After` when nothing was queued |
-//! | `GET /v1/nodes/{id}/messages/{msg_id}` | read | where a queued message stands (pending, in flight, acked, failed with the edge's `error`) |
+//! | `GET /v1/nodes/{id}/messages/{msg_id}` | read | where a queued message stands (pending, in flight, acked, failed with the edge's `error`, cancelled) |
+//! | `DELETE /v1/nodes/{id}/messages/{msg_id}` | send | cancel a pending or in-flight message: it leaves the queue for good (404 unknown, 409 already acked or failed) |
 //! | any method `/v1/nodes/{id}/proxy/{port}[/{path}]` | send | call an HTTP service on the node through its servicebus ([`crate::proxy`]); answers with the service's status, headers and body; 503 `node_offline` (never queued), 504 `edge_timeout` |
 //! | `GET /v1/messages?node=&group=&since=` | read | upstream messages as Server-Sent Events (`id:` = log sequence; resume with `Last-Event-ID` or `since`) |
 //! | `GET /v1/api-tokens` | admin | the API tokens (names, scopes, times; never the tokens) |
@@ -56,7 +57,7 @@ use crate::bootstrap::{PeerInfo, TlsListener};
 use crate::conn_limit::ConnLimit;
 use crate::hub::{AckInfo, Hub, NodeView, SendError};
 use crate::proxy::ProxyError;
-use crate::store::{MessageState, MessageStore, UpstreamRecord};
+use crate::store::{Cancelled, MessageState, MessageStore, UpstreamRecord};
 use session::node::delivery::needs_ack;
 
 mod objects;
@@ -245,7 +246,7 @@ fn documented_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_nodes))
         .routes(routes!(get_node))
         .routes(routes!(post_message))
-        .routes(routes!(get_message))
+        .routes(routes!(get_message, cancel_message))
         .routes(routes!(proxy_root))
         .routes(routes!(proxy_path))
         .routes(routes!(stream_messages))
@@ -842,6 +843,7 @@ async fn post_message(
             Ok(Some(MessageState::Failed { reason, .. })) => {
                 return edge_refused(out, &reason);
             }
+            Ok(Some(MessageState::Cancelled { .. })) => return operator_cancelled(out),
             _ => {}
         }
     }
@@ -854,6 +856,9 @@ async fn post_message(
             failed: Some(reason),
             ..
         }) => edge_refused(out, &reason),
+        Some(AckInfo {
+            cancelled: true, ..
+        }) => operator_cancelled(out),
         Some(info) => {
             out["acked"] = json!(true);
             out["ack_latency_ms"] = json!(info.latency.map(|l| l.as_secs_f64() * 1000.0));
@@ -873,6 +878,14 @@ fn edge_refused(mut out: Value, reason: &str) -> Response {
     out["acked"] = json!(false);
     out["failed"] = json!(true);
     out["error"] = json!(reason);
+    (StatusCode::OK, axum::Json(out)).into_response()
+}
+
+/// `wait=ack` for a message the operator cancelled (`DELETE`): 200, since the wait ended for
+/// good; `cancelled` says why.
+fn operator_cancelled(mut out: Value) -> Response {
+    out["acked"] = json!(false);
+    out["cancelled"] = json!(true);
     (StatusCode::OK, axum::Json(out)).into_response()
 }
 
@@ -1121,27 +1134,7 @@ async fn get_message(
     Path((node, msg_id)): Path<(String, String)>,
 ) -> Response {
     match hub.message_state(&node, &msg_id).await {
-        Ok(Some(state)) => {
-            let (name, extra) = match state {
-                MessageState::Pending => ("pending", Value::Null),
-                MessageState::InFlight { attempts } => ("in_flight", json!(attempts)),
-                MessageState::Acked { at_ms } => ("acked", json!(at_ms)),
-                MessageState::Failed { at_ms, ref reason } => {
-                    ("failed", json!({ "at_ms": at_ms, "error": reason }))
-                }
-            };
-            let mut out = json!({ "id": msg_id, "node": node, "state": name });
-            match state {
-                MessageState::InFlight { .. } => out["attempts"] = extra,
-                MessageState::Acked { .. } => out["acked_at_ms"] = extra,
-                MessageState::Failed { .. } => {
-                    out["failed_at_ms"] = extra["at_ms"].clone();
-                    out["error"] = extra["error"].clone();
-                }
-                MessageState::Pending => {}
-            }
-            axum::Json(out).into_response()
-        }
+        Ok(Some(state)) => axum::Json(status_json(&node, &msg_id, &state)).into_response(),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "unknown_message",
@@ -1149,6 +1142,91 @@ async fn get_message(
         ),
         Err(e) => store_error(e),
     }
+}
+
+/// Cancels a queued message: the operator's way out for a message the edge never acknowledges
+/// (a stock KubeEdge edge drops what it cannot route, without an answer).
+#[utoipa::path(delete, path = "/v1/nodes/{id}/messages/{msg_id}", tag = "messages",
+    description = "Scope: send. A pending or in-flight (awaiting its ACK) message leaves the \
+        queue for good: it is never sent or resent, its resource's later messages proceed, a \
+        `wait=ack` waiting for it returns at once with `cancelled: true`, and an ACK that still \
+        comes for it changes nothing. It is kept as `cancelled` for ten minutes (GET shows it). \
+        Cancelling a cancelled message again answers the same 200. A message written to the \
+        edge before the cancel may still have been delivered there.",
+    params(("id" = String, Path, description = "Node id"), ("msg_id" = String, Path, description = "Message id")),
+    responses((status = 200, description = "Cancelled (`state: cancelled`)", body = crate::api_doc::MessageStatus),
+        (status = 404, description = "`unknown_message`: unknown, or ended long ago", body = ErrorBody),
+        (status = 409, description = "`already_acked` or `already_failed`: it had already ended; nothing changed", body = ErrorBody),
+        (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody), (status = 503, description = "`overloaded`: too many requests at once; retry after the `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32))), (status = 500, description = "`store_error`: the store failed", body = ErrorBody)))]
+async fn cancel_message(
+    State(hub): State<Hub>,
+    Path((node, msg_id)): Path<(String, String)>,
+) -> Response {
+    match hub.cancel(&node, &msg_id).await {
+        Ok(Cancelled::Now { .. }) => match hub.message_state(&node, &msg_id).await {
+            Ok(Some(state)) => axum::Json(status_json(&node, &msg_id, &state)).into_response(),
+            Ok(None) => error(
+                StatusCode::NOT_FOUND,
+                "unknown_message",
+                format!("message {msg_id:?} for node {node:?} vanished after its cancel"),
+            ),
+            Err(e) => store_error(e),
+        },
+        Ok(Cancelled::Already(state @ MessageState::Cancelled { .. })) => {
+            axum::Json(status_json(&node, &msg_id, &state)).into_response()
+        }
+        Ok(Cancelled::Already(MessageState::Acked { at_ms })) => error(
+            StatusCode::CONFLICT,
+            "already_acked",
+            format!(
+                "message {msg_id:?} for node {node:?} was already acknowledged by the edge \
+                 (at {at_ms} ms); nothing to cancel"
+            ),
+        ),
+        Ok(Cancelled::Already(MessageState::Failed { reason, .. })) => error(
+            StatusCode::CONFLICT,
+            "already_failed",
+            format!(
+                "message {msg_id:?} for node {node:?} already failed (the edge refused it: \
+                 {reason}); nothing to cancel"
+            ),
+        ),
+        // Open states are never `Already`; answered as a conflict all the same.
+        Ok(Cancelled::Already(_)) => error(
+            StatusCode::CONFLICT,
+            "already_acked",
+            format!("message {msg_id:?} for node {node:?} cannot be cancelled now"),
+        ),
+        Ok(Cancelled::Unknown) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_message",
+            format!("no message {msg_id:?} for node {node:?} (unknown, or ended long ago)"),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+/// The JSON of a message's state (`api_doc::MessageStatus`).
+fn status_json(node: &str, msg_id: &str, state: &MessageState) -> Value {
+    let name = match state {
+        MessageState::Pending => "pending",
+        MessageState::InFlight { .. } => "in_flight",
+        MessageState::Acked { .. } => "acked",
+        MessageState::Failed { .. } => "failed",
+        MessageState::Cancelled { .. } => "cancelled",
+    };
+    let mut out = json!({ "id": msg_id, "node": node, "state": name });
+    match state {
+        MessageState::Pending => {}
+        MessageState::InFlight { attempts } => out["attempts"] = json!(attempts),
+        MessageState::Acked { at_ms } => out["acked_at_ms"] = json!(at_ms),
+        MessageState::Failed { at_ms, reason } => {
+            out["failed_at_ms"] = json!(at_ms);
+            out["error"] = json!(reason);
+        }
+        MessageState::Cancelled { at_ms } => out["cancelled_at_ms"] = json!(at_ms),
+    }
+    out
 }
 
 /// Counters and gauges in Prometheus' text format.

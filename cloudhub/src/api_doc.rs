@@ -20,7 +20,8 @@ pub struct ErrorBody {
     pub error: String,
     /// What went wrong, for programs; stable: `bad_query`, `bad_body`, `too_large`,
     /// `malformed_message`, `missing_route`, `unknown_node`, `unknown_message`,
-    /// `unknown_token`, `name_taken`, `not_found`, objects: `invalid_object`, `kind_mismatch`,
+    /// `unknown_token`, `name_taken`, `not_found`, `already_acked` (409), `already_failed`
+    /// (409), objects: `invalid_object`, `kind_mismatch`,
     /// `name_mismatch`, `unknown_resource`, `bad_selector`, `already_exists` (409), `conflict`
     /// (409), `gone` (410), `insufficient_storage` (507); `unauthenticated` (401), `invalid_token`
     /// (401), `forbidden` (403), `queue_full` (503), `overloaded` (503), `store_error` (500);
@@ -94,6 +95,9 @@ pub struct PostAnswer {
     pub failed: Option<bool>,
     /// With `failed`: the edge's reason.
     pub error: Option<String>,
+    /// With `wait=ack`: `true` when the operator cancelled the message while the request
+    /// waited (`DELETE`): it will not be sent again (200).
+    pub cancelled: Option<bool>,
     /// With `wait=ack`, for a duplicate of a message acked earlier: when.
     pub acked_at_ms: Option<i64>,
     /// With `wait=ack`: milliseconds from the first send to the ACK.
@@ -109,8 +113,9 @@ pub struct MessageStatus {
     pub id: String,
     /// The node.
     pub node: String,
-    /// `pending` (queued), `in_flight` (written, waiting for the ACK), `acked`, or `failed`
-    /// (the edge answered with an error: it could not deliver it; never resent).
+    /// `pending` (queued), `in_flight` (written, waiting for the ACK), `acked`, `failed`
+    /// (the edge answered with an error: it could not deliver it; never resent) or `cancelled`
+    /// (by the operator's `DELETE`; never resent).
     pub state: String,
     /// Sends so far in the current session (`in_flight` only).
     pub attempts: Option<u32>,
@@ -120,6 +125,8 @@ pub struct MessageStatus {
     pub failed_at_ms: Option<i64>,
     /// The edge's reason (`failed` only).
     pub error: Option<String>,
+    /// When the operator cancelled it, Unix milliseconds (`cancelled` only).
+    pub cancelled_at_ms: Option<i64>,
 }
 
 /// The `data:` of each `message` event of `GET /v1/messages` (`api::record_event`). The event's

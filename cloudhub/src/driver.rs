@@ -172,7 +172,11 @@ impl Driver {
                     }
                 }
                 () = until(work.retry_at), if work.retry_at.is_some() => work.retry_now(&self.metrics),
-                () = self.entry.wake.notified() => work.maybe_more = true,
+                () = self.entry.wake.notified() => {
+                    work.maybe_more = true;
+                    let cancelled = std::mem::take(&mut *lock(&self.entry.cancelled));
+                    work.cancel(&mut session, cancelled);
+                }
                 () = &mut sleep, if timeout.is_some() => {
                     session.handle_timeout(Instant::now().into_std());
                 }
@@ -238,6 +242,7 @@ impl Driver {
                             latency,
                             response: Some(response),
                             failed: None,
+                            cancelled: false,
                         });
                         work.ack(id, info);
                     }
@@ -274,4 +279,9 @@ async fn read_loop(conn: Arc<dyn Connection>, tx: mpsc::Sender<Received>) {
             return;
         }
     }
+}
+
+/// Locks a mutex, recovering the data if a holder panicked (a list of ids stays consistent).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

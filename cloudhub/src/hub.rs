@@ -1,7 +1,7 @@
 //! The session manager: admits authenticated connections from the transport listeners into the
 //! per-node registry (`registry.rs`: one live session per node id, the newest wins, a node
 //! limit), runs one driver (`driver.rs`) per connection, and offers the operations the cloud API
-//! needs (node views, queueing a message, waiting for its ACK, metrics). Refused connections
+//! needs (node views, queueing a message, waiting for its ACK, cancelling it, metrics). Refused connections
 //! (node limit, identity) are closed with a reason and a close code and never served (fixes W8).
 
 use std::collections::HashMap;
@@ -19,8 +19,8 @@ use crate::metrics::{Gauges, Metrics};
 pub use crate::registry::{AckInfo, AckWaiter};
 use crate::registry::{Admission, LiveInfo, Registry};
 use crate::store::{
-    Accepted, EnqueueError, Enqueued, MessageState, MessageStore, QueueDepth, StoreError,
-    StoreFuture, Superseded,
+    Accepted, Cancelled, EnqueueError, Enqueued, MessageState, MessageStore, QueueDepth,
+    StoreError, StoreFuture, Superseded,
 };
 use crate::upstream::UpstreamRouter;
 use session::node::SessionConfig;
@@ -309,6 +309,31 @@ impl Hub {
     /// message so an immediate ACK cannot be missed.
     pub fn ack_waiter(&self, node: &str, id: &str) -> AckWaiter {
         self.inner.registry.ack_waiter(node, id)
+    }
+
+    /// Cancels message `id` for `node` (the operator's way out for a message an edge never
+    /// acknowledges): an open one leaves the queue for good as cancelled, its live session (if
+    /// any) drops it, and whoever waits for its ACK hears `cancelled`. A message that already
+    /// ended is left as it is ([`Cancelled::Already`]).
+    pub async fn cancel(&self, node: &str, id: &str) -> Result<Cancelled, StoreError> {
+        let outcome = self.inner.store.cancel(node, id).await?;
+        if let Cancelled::Now { .. } = outcome {
+            self.inner.metrics.cancelled();
+            tracing::info!(%node, %id, "message cancelled");
+            // After the store's cancel: a session admitted from now on never reads it.
+            self.inner.registry.cancelled(node, id);
+            self.inner.registry.notify_ack(
+                node,
+                &AckInfo {
+                    id: id.to_owned(),
+                    latency: None,
+                    response: None,
+                    failed: None,
+                    cancelled: true,
+                },
+            );
+        }
+        Ok(outcome)
     }
 
     /// Where message `id` for `node` stands in the store.

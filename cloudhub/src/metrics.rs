@@ -36,6 +36,7 @@ pub struct Metrics {
     /// No-ACK messages written and removed from the queue: delivery never confirmed.
     unconfirmed: AtomicU64,
     refused: AtomicU64,
+    cancelled: AtomicU64,
     upstream_accepted: AtomicU64,
     upstream_duplicates: AtomicU64,
     acks: AtomicU64,
@@ -101,6 +102,11 @@ impl Metrics {
     /// The edge refused a message awaiting its ACK (op `error`): it left the queue as failed.
     pub fn refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The operator cancelled an open downstream message: it left the queue.
+    pub fn cancelled(&self) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Cloud module `module` took an upstream message.
@@ -227,6 +233,11 @@ impl Metrics {
                 "cloudhub_downstream_failed_total",
                 "Downstream messages the edge answered with an error (could not deliver): failed.",
                 &self.refused,
+            ),
+            (
+                "cloudhub_downstream_cancelled_total",
+                "Downstream messages the operator cancelled (DELETE): they left the queue unsent or unacknowledged.",
+                &self.cancelled,
             ),
             (
                 "cloudhub_upstream_accepted_total",

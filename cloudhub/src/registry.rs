@@ -2,7 +2,8 @@
 //! connection with a fresh *generation*), who waits for which message's ACK, and how many drivers
 //! run. [`crate::Hub`] admits connections into it and reads it for the API; a driver uses only
 //! its narrow end: [`Registry::remove_if_current`], [`Registry::notify_ack`],
-//! [`Registry::replies`] and [`Registry::driver_done`].
+//! [`Registry::replies`] and [`Registry::driver_done`] (and the ids cancelled for it, in its
+//! [`Entry`]).
 //!
 //! Reconnect safety (fixes KubeEdge's W9): a newer connection of the same node replaces the entry
 //! and tells the old driver to stop ([`Stop::Replaced`]); a driver removes the entry only if it
@@ -55,6 +56,8 @@ pub struct AckInfo {
     /// The edge did not acknowledge but refused the message (op `error`: it could not deliver
     /// it), with this reason: the message failed and will not be resent.
     pub failed: Option<String>,
+    /// The operator cancelled the message ([`crate::Hub::cancel`]): it will not be resent.
+    pub cancelled: bool,
 }
 
 /// A registered interest in one message's ACK; see [`crate::Hub::ack_waiter`].
@@ -70,8 +73,10 @@ pub struct AckWaiter {
 pub(crate) struct Entry {
     pub(crate) generation: u64,
     pub(crate) info: Arc<LiveInfo>,
-    /// Notified when a message is queued for the node.
+    /// Notified when a message is queued for the node, or one is cancelled.
     pub(crate) wake: Arc<Notify>,
+    /// Ids the operator cancelled, for the driver to take out of its session on `wake`.
+    pub(crate) cancelled: Arc<Mutex<Vec<String>>>,
     /// Resolves when the registry tells the driver to stop.
     pub(crate) stop: oneshot::Receiver<Stop>,
 }
@@ -113,6 +118,7 @@ struct Live {
     generation: u64,
     info: Arc<LiveInfo>,
     wake: Arc<Notify>,
+    cancelled: Arc<Mutex<Vec<String>>>,
     /// Taken to tell the driver to stop (replacement, shutdown).
     stop: Option<oneshot::Sender<Stop>>,
 }
@@ -147,6 +153,7 @@ impl Registry {
         let (stop_tx, stop) = oneshot::channel();
         let info = Arc::new(info);
         let wake = Arc::new(Notify::new());
+        let cancelled = Arc::new(Mutex::new(Vec::new()));
         let replaced = {
             let mut nodes = lock(&self.nodes);
             if !nodes.contains_key(node) && nodes.len() >= limit {
@@ -156,6 +163,7 @@ impl Registry {
                 generation,
                 info: Arc::clone(&info),
                 wake: Arc::clone(&wake),
+                cancelled: Arc::clone(&cancelled),
                 stop: Some(stop_tx),
             };
             nodes.insert(node.to_owned(), live)
@@ -172,6 +180,7 @@ impl Registry {
                 generation,
                 info,
                 wake,
+                cancelled,
                 stop,
             },
             replaced,
@@ -181,6 +190,16 @@ impl Registry {
     /// Wakes `node`'s session, if it has one, to look for newly queued messages.
     pub(crate) fn wake(&self, node: &str) {
         if let Some(live) = lock(&self.nodes).get(node) {
+            live.wake.notify_one();
+        }
+    }
+
+    /// Tells `node`'s live session, if it has one, that message `id` was cancelled in the
+    /// store, so it drops the copy it may hold. A session admitted after the store's cancel
+    /// never reads the message, so call this after the cancel is durable.
+    pub(crate) fn cancelled(&self, node: &str, id: &str) {
+        if let Some(live) = lock(&self.nodes).get(node) {
+            lock(&live.cancelled).push(id.to_owned());
             live.wake.notify_one();
         }
     }

@@ -57,6 +57,17 @@ impl Api {
         (status, resp.json().await.expect("json"))
     }
 
+    async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("delete");
+        let status = resp.status();
+        (status, resp.json().await.expect("json"))
+    }
+
     async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
         let resp = self
             .http
@@ -374,5 +385,82 @@ async fn metrics_and_health() {
     let health = api.http.get(api.url("/healthz")).send().await.expect("get");
     assert_eq!(health.status(), StatusCode::OK);
     assert_eq!(health.text().await.expect("text"), "ok");
+    cloud.stop();
+}
+
+#[tokio::test]
+async fn cancelling_an_in_flight_message_ends_its_wait_and_frees_its_resource() {
+    let cloud = Cloud::start(HubConfig::default()).await;
+    let api = Api::start(&cloud, cloudhub::api::MAX_BODY_BYTES).await;
+    let edge = cloud
+        .connect_ready(Protocol::WebSocket, "edge-1", Capabilities::ALL)
+        .await;
+    let body = |id: &str| {
+        json!({
+            "header": { "msg_id": id },
+            "route": { "source": "app", "group": "resource", "operation": "update", "resource": "r" },
+            "content": null
+        })
+        .to_string()
+    };
+    let waiting = api.post(
+        "/v1/nodes/edge-1/messages?wait=ack&timeout=60s",
+        body("stuck"),
+    );
+    let edge_side = async {
+        // Written once; the edge never answers it.
+        let stuck = recv_app(edge.as_ref()).await;
+        assert_eq!(stuck.header.id, "stuck");
+        let (status, out) = api.post("/v1/nodes/edge-1/messages", body("next")).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{out}");
+        let (status, out) = api.delete("/v1/nodes/edge-1/messages/stuck").await;
+        assert_eq!(status, StatusCode::OK, "{out}");
+        assert_eq!(out["state"], json!("cancelled"), "{out}");
+        assert!(
+            out["cancelled_at_ms"].as_i64().is_some_and(|t| t > 0),
+            "{out}"
+        );
+        stuck
+    };
+    let ((status, waited), stuck) = tokio::join!(waiting, edge_side);
+    assert_eq!(status, StatusCode::OK, "{waited}");
+    assert_eq!(waited["cancelled"], json!(true), "{waited}");
+    assert_eq!(waited["acked"], json!(false), "{waited}");
+    // The resource's next message goes at once (not after a resend of the cancelled one).
+    let next = recv_app(edge.as_ref()).await;
+    assert_eq!(next.header.id, "next");
+    // A late ACK of the cancelled message changes nothing.
+    edge.send(proto::Message::response_to(&stuck, Content::text("late")))
+        .await
+        .expect("late ack");
+    edge.send(proto::Message::response_to(&next, Content::text("OK")))
+        .await
+        .expect("ack");
+    within(async {
+        while api.get("/v1/nodes/edge-1/messages/next").await.1["state"] != json!("acked") {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let (_, state) = api.get("/v1/nodes/edge-1/messages/stuck").await;
+    assert_eq!(state["state"], json!("cancelled"), "{state}");
+    let (status, out) = api.delete("/v1/nodes/edge-1/messages/next").await;
+    assert_eq!(
+        (status, &out["code"]),
+        (StatusCode::CONFLICT, &json!("already_acked")),
+        "{out}"
+    );
+    let (status, out) = api.delete("/v1/nodes/edge-1/messages/nope").await;
+    assert_eq!(
+        (status, &out["code"]),
+        (StatusCode::NOT_FOUND, &json!("unknown_message")),
+        "{out}"
+    );
+    let (_, node) = api.get("/v1/nodes/edge-1").await;
+    assert_eq!(
+        node["queue"],
+        json!({ "pending": 0, "in_flight": 0 }),
+        "{node}"
+    );
     cloud.stop();
 }

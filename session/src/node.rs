@@ -192,6 +192,8 @@ pub struct SessionStats {
     pub acked: u64,
     /// Error answers that ended a message the session held ([`SessionEvent::Failed`]).
     pub failed: u64,
+    /// Messages the session held that the operator cancelled ([`NodeSession::cancel`]).
+    pub cancelled: u64,
     /// Upstream messages handed to the driver as [`SessionEvent::Upstream`].
     pub upstream: u64,
     /// Upstream messages dropped as duplicates of an id already accepted or being accepted.
@@ -218,7 +220,7 @@ struct InFlight {
 ///
 /// - A. getters, taking `&self`;
 /// - B. handlers of input from the network or the clock, named `handle_*`;
-/// - C. commands from the driver: [`Self::queue`], [`Self::upstream_accepted`],
+/// - C. commands from the driver: [`Self::queue`], [`Self::cancel`], [`Self::upstream_accepted`],
 ///   [`Self::upstream_failed`], [`Self::close`]. They perform no system I/O either;
 /// - D. polls for what the driver must do, named `poll_*`.
 ///
@@ -400,6 +402,30 @@ impl NodeSession {
             }
         }
         self.pump(now);
+    }
+
+    /// The operator cancelled downstream message `id` (the store already holds it as
+    /// cancelled): the session forgets it, so it is never sent or resent, and its resource's
+    /// later messages may go. An ACK that still comes for it matches nothing. Returns whether
+    /// the session held it.
+    pub fn cancel(&mut self, now: Instant, id: &str) -> bool {
+        if self.closed.is_some() {
+            return false;
+        }
+        if let Some(flight) = self.in_flight.remove(id) {
+            self.busy_resources
+                .remove(&flight.down.message.route.resource);
+        } else if let Some(pos) = self.pending.iter().position(|d| d.message.header.id == id) {
+            if self.pending.remove(pos).is_some_and(|d| !d.needs_ack) {
+                self.pending_no_ack -= 1;
+            }
+        } else {
+            return false;
+        }
+        self.held.remove(id);
+        self.stats.cancelled += 1;
+        self.pump(now);
+        true
     }
 
     /// The driver durably accepted upstream message `id`: acknowledges it to the edge (if

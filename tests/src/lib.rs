@@ -2,4 +2,5 @@
 
 pub mod daemon;
 pub mod disk;
+pub mod drain;
 pub mod transport_harness;

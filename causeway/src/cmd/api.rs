@@ -1,4 +1,4 @@
-//! `causeway nodes`, `causeway send` and `causeway tail`: thin clients of cloudcore's cloud API
+//! `causeway nodes`, `causeway send`, `causeway cancel` and `causeway tail`: thin clients of cloudcore's cloud API
 //! (`cloudhub/src/api.rs`). They print what the API answers; the API owns every rule (queueing,
 //! ACK classification, waiting), so the CLI and applications cannot disagree.
 
@@ -134,6 +134,17 @@ pub(crate) struct SendArgs {
     timeout: Duration,
 }
 
+/// `causeway cancel`: cancel a queued message (one the edge never acknowledges).
+#[derive(Debug, clap::Args)]
+pub(crate) struct CancelArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The node the message was queued for.
+    node: String,
+    /// The message id (`id` of `causeway send`'s answer).
+    msg_id: String,
+}
+
 /// `causeway tail`: print upstream (edge → cloud) messages as they arrive.
 #[derive(Debug, clap::Args)]
 pub(crate) struct TailArgs {
@@ -219,6 +230,22 @@ pub(crate) fn run_send(args: SendArgs) -> anyhow::Result<()> {
                 args.timeout
             );
         }
+        Ok(())
+    })
+}
+
+pub(crate) fn run_cancel(args: CancelArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let client = args.api.client()?;
+        let base = args.api.base();
+        let url = format!("{base}/v1/nodes/{}/messages/{}", args.node, args.msg_id);
+        let resp = client
+            .delete(&url)
+            .send()
+            .await
+            .with_context(|| format!("DELETE {url}"))?;
+        let body = response_json(resp, &url).await?;
+        println!("{}", serde_json::to_string(&body)?);
         Ok(())
     })
 }

@@ -97,6 +97,9 @@ pub(super) struct StoreWork {
     /// Highest store sequence handed to the session: refills continue after it.
     last_fed: u64,
     refilling: bool,
+    /// Ids cancelled while a refill was under way: that refill may have read them before the
+    /// store's cancel, so they are taken out of the session again once it is queued.
+    cancelled_during_refill: Vec<String>,
     /// Whether the queue may hold more than the session has been given.
     pub(super) maybe_more: bool,
 }
@@ -116,6 +119,7 @@ impl StoreWork {
             retry_at: None,
             last_fed: 0,
             refilling: false,
+            cancelled_during_refill: Vec::new(),
             maybe_more: true,
         }
     }
@@ -175,7 +179,11 @@ impl StoreWork {
                         if let Some(last) = downs.last() {
                             self.last_fed = self.last_fed.max(last.seq);
                         }
-                        session.queue(Instant::now().into_std(), downs);
+                        let now = Instant::now().into_std();
+                        session.queue(now, downs);
+                        for id in self.cancelled_during_refill.drain(..) {
+                            session.cancel(now, &id);
+                        }
                     }
                     Err(e) if retryable(&e) => {
                         self.maybe_more = false;
@@ -257,6 +265,18 @@ impl StoreWork {
         Ok(())
     }
 
+    /// Takes messages the operator cancelled (already cancelled in the store) out of the
+    /// session, and out of the refill under way, if any.
+    pub(super) fn cancel(&mut self, session: &mut NodeSession, ids: Vec<String>) {
+        let now = Instant::now().into_std();
+        for id in ids {
+            session.cancel(now, &id);
+            if self.refilling {
+                self.cancelled_during_refill.push(id);
+            }
+        }
+    }
+
     /// Submits the failed operations again and lets the queue be read again.
     pub(super) fn retry_now(&mut self, metrics: &Metrics) {
         self.retry_at = None;
@@ -322,6 +342,7 @@ impl StoreWork {
             latency: None,
             response: None,
             failed: Some(reason),
+            cancelled: false,
         });
         self.ops.push(Box::pin(async move {
             let result = fut.await;

@@ -1,5 +1,5 @@
 //! The cloud's durable message store: per-node downstream queues (pending → in flight → acked, or
-//! failed when the edge answers with an error),
+//! failed when the edge answers with an error, or cancelled by the operator),
 //! the log of accepted upstream messages (which is also the per-node deduplication window), and
 //! the registry of known nodes.
 //!
@@ -99,6 +99,11 @@ pub trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
         reason: &str,
     ) -> StoreFuture<'static, Result<Option<u64>, StoreError>>;
 
+    /// The operator cancels message `id` of `node`: a pending or in-flight message leaves the
+    /// queue for good as cancelled (kept like an acked one, for status queries). A message
+    /// already acked, failed or cancelled is left as it is and its state returned.
+    fn cancel(&self, node: &str, id: &str) -> StoreFuture<'static, Result<Cancelled, StoreError>>;
+
     /// Forgets message `seq` of `node`: a no-ACK message once written.
     fn remove(&self, node: &str, seq: u64) -> StoreFuture<'static, Result<(), StoreError>>;
 
@@ -196,6 +201,26 @@ pub enum MessageState {
         /// The edge's reason.
         reason: String,
     },
+    /// The operator cancelled it ([`MessageStore::cancel`]): out of the queue, never resent.
+    Cancelled {
+        /// When, in Unix milliseconds.
+        at_ms: i64,
+    },
+}
+
+/// Result of [`MessageStore::cancel`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancelled {
+    /// It was open (pending or in flight) and is cancelled now.
+    Now {
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// It had already ended; nothing changed. Its state ([`MessageState::Cancelled`] for a
+    /// repeated cancel).
+    Already(MessageState),
+    /// No such message for the node (never queued, or pruned long after it ended).
+    Unknown,
 }
 
 /// Open messages of one node.

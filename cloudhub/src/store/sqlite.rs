@@ -29,8 +29,8 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
-    Accepted, EnqueueError, Enqueued, MessageState, MessageStore, NodeRecord, QueueDepth,
-    StoreError, StoreFuture, Superseded, UpstreamRecord,
+    Accepted, Cancelled, EnqueueError, Enqueued, MessageState, MessageStore, NodeRecord,
+    QueueDepth, StoreError, StoreFuture, Superseded, UpstreamRecord,
 };
 use session::node::Downstream;
 
@@ -487,6 +487,8 @@ const STATE_IN_FLIGHT: i64 = 1;
 const STATE_ACKED: i64 = 2;
 /// The edge answered with an error; `error` holds its reason, `acked_ms` when.
 const STATE_FAILED: i64 = 3;
+/// The operator cancelled it; `acked_ms` holds when.
+const STATE_CANCELLED: i64 = 4;
 
 /// Columns added after the first release, for databases created before them.
 fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
@@ -874,6 +876,32 @@ impl MessageStore for SqliteStore {
         })
     }
 
+    fn cancel(&self, node: &str, id: &str) -> StoreFuture<'static, Result<Cancelled, StoreError>> {
+        let node = node.to_owned();
+        let id = id.to_owned();
+        self.submit(move |b| {
+            let row: Option<(i64, StateColumns)> =
+                b.tx.prepare_cached(
+                    "SELECT state, attempts, acked_ms, error, seq FROM downstream
+                     WHERE node = ?1 AND msg_id = ?2",
+                )?
+                .query_row(params![node, id], |r| {
+                    Ok((r.get(4)?, (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                })
+                .optional()?;
+            let Some((seq, (st, attempts, at, error))) = row else {
+                return Ok(Cancelled::Unknown);
+            };
+            if st >= STATE_ACKED {
+                return Ok(Cancelled::Already(state_of(st, attempts, at, error)));
+            }
+            b.tx.prepare_cached("UPDATE downstream SET state = ?1, acked_ms = ?2 WHERE seq = ?3")?
+                .execute(params![STATE_CANCELLED, b.now_ms, seq])?;
+            b.state.forget_open(&node, st);
+            Ok(Cancelled::Now { seq: to_u64(seq) })
+        })
+    }
+
     fn remove(&self, node: &str, seq: u64) -> StoreFuture<'static, Result<(), StoreError>> {
         let node = node.to_owned();
         self.submit(move |b| {
@@ -899,7 +927,7 @@ impl MessageStore for SqliteStore {
         let node = node.to_owned();
         let id = id.to_owned();
         self.submit(move |b| {
-            let row: Option<(i64, i64, Option<i64>, Option<String>)> =
+            let row: Option<StateColumns> =
                 b.tx.prepare_cached(
                     "SELECT state, attempts, acked_ms, error FROM downstream
                      WHERE node = ?1 AND msg_id = ?2",
@@ -908,19 +936,7 @@ impl MessageStore for SqliteStore {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })
                 .optional()?;
-            Ok(row.map(|(st, attempts, acked, error)| match st {
-                STATE_PENDING => MessageState::Pending,
-                STATE_IN_FLIGHT => MessageState::InFlight {
-                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-                },
-                STATE_FAILED => MessageState::Failed {
-                    at_ms: acked.unwrap_or(0),
-                    reason: error.unwrap_or_default(),
-                },
-                _ => MessageState::Acked {
-                    at_ms: acked.unwrap_or(0),
-                },
-            }))
+            Ok(row.map(|(st, attempts, acked, error)| state_of(st, attempts, acked, error)))
         })
     }
 
@@ -1036,6 +1052,26 @@ impl State {
                 depth.in_flight = depth.in_flight.saturating_sub(1);
             }
         }
+    }
+}
+
+/// A downstream row's `state`, `attempts`, `acked_ms` and `error` columns.
+type StateColumns = (i64, i64, Option<i64>, Option<String>);
+
+/// A row's state from its `state`, `attempts`, `acked_ms` and `error` columns.
+fn state_of(st: i64, attempts: i64, at: Option<i64>, error: Option<String>) -> MessageState {
+    let at_ms = at.unwrap_or(0);
+    match st {
+        STATE_PENDING => MessageState::Pending,
+        STATE_IN_FLIGHT => MessageState::InFlight {
+            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        },
+        STATE_FAILED => MessageState::Failed {
+            at_ms,
+            reason: error.unwrap_or_default(),
+        },
+        STATE_CANCELLED => MessageState::Cancelled { at_ms },
+        _ => MessageState::Acked { at_ms },
     }
 }
 

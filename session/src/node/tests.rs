@@ -895,3 +895,63 @@ fn an_error_answer_to_a_message_not_held_is_left_to_the_store() {
     );
     assert_eq!(s.stats().failed, 0);
 }
+
+#[test]
+fn a_cancelled_message_is_never_resent_and_frees_its_resource() {
+    let t0 = Instant::now();
+    let mut s = NodeSession::new(config(), t0);
+    let a1 = down(1, "default/pod/a", true);
+    let a2 = down(2, "default/pod/a", true);
+    let b = down(3, "default/pod/b", false);
+    let c = down(4, "default/pod/c", true);
+    s.queue(t0, [a1.clone(), a2, b, c]);
+    let ids: Vec<String> = drain_transmits(&mut s)
+        .into_iter()
+        .map(|t| t.message.header.id)
+        .collect();
+    assert_eq!(
+        ids,
+        ["down-1", "down-3", "down-4"],
+        "down-2 waits for down-1"
+    );
+    // In flight: cancelling it lets the resource's next message go at once.
+    assert!(s.cancel(t0, "down-1"));
+    let ids: Vec<String> = drain_transmits(&mut s)
+        .into_iter()
+        .map(|t| t.message.header.id)
+        .collect();
+    assert_eq!(ids, ["down-2"]);
+    // Pending (a resource still busy): it leaves before it is ever sent.
+    let c2 = down(5, "default/pod/c", false);
+    s.queue(t0, [c2]);
+    assert!(
+        drain_transmits(&mut s).is_empty(),
+        "down-5 waits for down-4"
+    );
+    assert!(s.cancel(t0, "down-5"));
+    assert!(!s.cancel(t0, "down-5"), "cancelled once");
+    assert!(
+        !s.cancel(t0, "down-3"),
+        "a no-ACK message once written is not held"
+    );
+    assert_eq!(s.stats().cancelled, 2);
+    // Minutes later only down-2 and down-4 are resent; never the cancelled ones.
+    s.handle_timeout(t0 + secs(6));
+    let mut ids: Vec<String> = drain_transmits(&mut s)
+        .into_iter()
+        .map(|t| t.message.header.id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["down-2", "down-4"]);
+    // A late ACK of the cancelled message matches nothing it holds.
+    s.handle_message(
+        t0 + secs(7),
+        Message::response_to(&a1.message, Content::text("OK")),
+    );
+    assert!(matches!(
+        drain_events(&mut s).as_slice(),
+        [SessionEvent::Acked { seq: None, .. }]
+    ));
+    assert_eq!(s.in_flight(), 2);
+    assert_eq!(s.wants(), 2 * config().window - 2);
+}

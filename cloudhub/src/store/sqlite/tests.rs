@@ -432,3 +432,92 @@ fn an_unwritable_path_is_a_clear_error() {
     let err = SqliteStore::open(SqliteConfig::new(file.join("queue.db"))).expect_err("not a dir");
     assert!(!err.to_string().is_empty());
 }
+
+#[tokio::test]
+async fn cancelled_messages_leave_the_queue_for_good() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let a = store
+        .enqueue("n", msg("a", "r"), true)
+        .await
+        .expect("enqueue");
+    let b = store
+        .enqueue("n", msg("b", "r"), false)
+        .await
+        .expect("enqueue");
+    let c = store
+        .enqueue("n", msg("c", "r"), true)
+        .await
+        .expect("enqueue");
+    store
+        .mark_in_flight("n", a.seq, 1)
+        .await
+        .expect("in flight");
+    // In flight and pending (a no-ACK one too) can be cancelled.
+    assert_eq!(
+        store.cancel("n", "a").await.expect("cancel"),
+        Cancelled::Now { seq: a.seq }
+    );
+    assert_eq!(
+        store.cancel("n", "b").await.expect("cancel"),
+        Cancelled::Now { seq: b.seq }
+    );
+    assert!(matches!(
+        store.message_state("n", "a").await.expect("state"),
+        Some(MessageState::Cancelled { at_ms }) if at_ms > 0
+    ));
+    assert!(matches!(
+        store.cancel("n", "a").await.expect("cancel again"),
+        Cancelled::Already(MessageState::Cancelled { .. })
+    ));
+    assert_eq!(
+        store.cancel("n", "nope").await.expect("cancel"),
+        Cancelled::Unknown
+    );
+    assert_eq!(
+        store.cancel("other", "a").await.expect("cancel"),
+        Cancelled::Unknown
+    );
+    // Only c is left to send; the counts followed.
+    assert_eq!(
+        ids(&store.pending("n", 0, 10).await.expect("pending")),
+        ["c"]
+    );
+    assert_eq!(
+        store.queue_depths().await.expect("depths"),
+        [(
+            "n".to_owned(),
+            QueueDepth {
+                pending: 1,
+                in_flight: 0
+            }
+        )]
+    );
+    // A late ACK, a late send record or an error answer change nothing.
+    assert_eq!(store.mark_acked("n", "a").await.expect("ack"), None);
+    store.mark_in_flight("n", a.seq, 2).await.expect("no-op");
+    assert_eq!(
+        store.mark_failed("n", "a", "late").await.expect("fail"),
+        None
+    );
+    assert!(matches!(
+        store.message_state("n", "a").await.expect("state"),
+        Some(MessageState::Cancelled { .. })
+    ));
+    // An acked message is not cancelled: its state comes back.
+    assert_eq!(store.mark_acked("n", "c").await.expect("ack"), Some(c.seq));
+    assert!(matches!(
+        store.cancel("n", "c").await.expect("cancel"),
+        Cancelled::Already(MessageState::Acked { .. })
+    ));
+    assert!(store.queue_depths().await.expect("depths").is_empty());
+    // It stays cancelled across a restart, and out of the queue.
+    drop(store);
+    let store = open(&dir);
+    assert!(matches!(
+        store.message_state("n", "a").await.expect("state"),
+        Some(MessageState::Cancelled { .. })
+    ));
+    assert!(store.pending("n", 0, 10).await.expect("pending").is_empty());
+    assert!(store.queue_depths().await.expect("depths").is_empty());
+}
