@@ -136,6 +136,19 @@ fn tokens_guard_the_api_once_one_exists() {
     );
     assert_eq!(body["code"], "forbidden", "{body}");
     assert_eq!(call(api, "GET", "/v1/api-tokens", Some(&read), "").0, 403);
+    // Cancelling a message takes scope send too.
+    let (status, _, body) = call(
+        api,
+        "DELETE",
+        "/v1/nodes/edge-x/messages/m-1",
+        Some(&read),
+        "",
+    );
+    assert_eq!(
+        (status, &body["code"]),
+        (403, &Value::from("forbidden")),
+        "{body}"
+    );
 
     // A send token made with the CLI through the API (admin token in the environment).
     let url = format!("http://{api}");
@@ -156,6 +169,18 @@ fn tokens_guard_the_api_once_one_exists() {
         "{body}"
     );
     assert_eq!(call(api, "GET", "/v1/api-tokens", Some(&send), "").0, 403);
+    let (status, _, body) = call(
+        api,
+        "DELETE",
+        "/v1/nodes/edge-x/messages/m-1",
+        Some(&send),
+        "",
+    );
+    assert_eq!(
+        (status, &body["code"]),
+        (404, &Value::from("unknown_message")),
+        "{body}"
+    );
 
     // A bad token: 401 invalid_token; the log says why, with no token in it.
     let bad = "cwapi_NotAToken0123456789abcdefghijklmnopqrstuvwx";
@@ -228,6 +253,18 @@ fn tokens_guard_the_api_once_one_exists() {
     }
     assert!(log.contains("cloud API request refused"), "{log}");
     assert_eq!(cloud.daemon.stop(), Some(0));
+    // Refused requests left nothing behind: no message queued or logged, no node recorded.
+    let db = rusqlite::Connection::open_with_flags(
+        dir.path().join("cloudcore.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("the cloud's store");
+    for table in ["downstream", "upstream", "nodes"] {
+        let rows: i64 = db
+            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(rows, 0, "rows left in {table}");
+    }
 }
 
 #[test]
