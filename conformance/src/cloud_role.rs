@@ -448,6 +448,9 @@ async fn not_resent(c: &CloudRoleConfig, link: &mut Link, id: &str) -> Result<()
     }
     let mut resent = false;
     let marker = next_data_seen(c, link, |m| resent |= m.header.id == id).await?;
+    // Acknowledged like any stored message, so the edge's outbox does not keep it.
+    let ack = Message::new(marker.header.id.clone()).route("cloudhub", GROUP_CAUSEWAY, "", OP_ACK);
+    link.send(ack).await?;
     if resent {
         Err(format!(
             "{id} was acknowledged, yet sent again before {}",

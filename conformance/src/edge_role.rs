@@ -575,8 +575,12 @@ async fn shutdown(c: &EdgeRoleConfig, say: &mut impl FnMut(&str)) -> Result<Stri
     let deadline = Instant::now() + c.patience;
     let mut link = loop {
         let mut link = connect(c, Capabilities::ALL).await?;
-        link.send(keepalive_message()).await?;
-        match send_acked(&mut link, data_message(40), c.patience).await {
+        // The refusal may come as soon as the first message is written.
+        let sent = match link.send(keepalive_message()).await {
+            Ok(()) => send_acked(&mut link, data_message(40), c.patience).await,
+            Err(e) => Err(e),
+        };
+        match sent {
             Ok(_) => break link,
             Err(e) if Instant::now() < deadline => match link.wait_end(c.patience).await {
                 Ok((Ended::Session(SessionCloseCode::NodeLimit), _)) => {

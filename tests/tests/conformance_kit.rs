@@ -12,7 +12,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
-use causeway_tests::daemon::{CloudCore, EdgeCore, binary};
+use causeway_tests::daemon::{CloudCore, EdgeCore, binary, http, json_of, outbox_rows, wait_until};
+use causeway_tests::drain::{exactly_once, wait_cloud_drained};
 use certs::{CertificateAuthority, NodeId, Validity};
 
 /// Bound on daemon start-up and on the kit's whole run.
@@ -156,8 +157,60 @@ fn kit_edge_against_cloudcore(protocol: &'static str) {
     let mut kit = Kit::start(&args);
     kit.wait_for("ACTION: stop the cloud now")
         .expect("the kit asks for the cloud to be stopped");
+    // Every case but the shutdown has run: whatever the kit's nodes were sent is acknowledged,
+    // no queue holds anything.
+    let (code, body) = http(cloud.api, "GET", "/v1/nodes", "");
+    assert_eq!(code, 200, "{body}");
+    let nodes = json_of(&body);
+    let nodes: Vec<&str> = nodes
+        .as_array()
+        .expect("a list of nodes")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    assert!(nodes.contains(&"kit-edge"), "{nodes:?}");
+    for node in nodes {
+        wait_cloud_drained(cloud.api, node, PATIENCE);
+    }
     assert_eq!(cloud.daemon.stop(), Some(0), "cloudcore exits 0 on SIGTERM");
     kit.finish(&format!("edge role over {protocol}"));
+    // The store, read once cloudcore is gone: each downstream message the kit was sent ended
+    // acknowledged (none open, failed or cancelled), and the upstream log holds each id once.
+    let db = rusqlite::Connection::open_with_flags(
+        root.join("cloudcore.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("the cloud's store");
+    let not_acked: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM downstream WHERE state != 2",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    let acked: i64 = db
+        .query_row("SELECT COUNT(*) FROM downstream", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(
+        not_acked, 0,
+        "{protocol}: downstream messages not acknowledged"
+    );
+    assert!(
+        acked > 0,
+        "{protocol}: the kit's downstream cases sent nothing"
+    );
+    let repeated: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM upstream GROUP BY node, msg_id \
+             HAVING COUNT(*) > 1)",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(
+        repeated, 0,
+        "{protocol}: upstream ids stored more than once"
+    );
 }
 
 /// The kit as a cloud against edgecore (heartbeat 1 s), with its own PKI.
@@ -226,6 +279,20 @@ modules:
     let stdin = kit.stdin.as_mut().expect("kit stdin");
     writeln!(stdin, "http://{}", edge.local).expect("hand the edge API to the kit");
     kit.finish(&format!("cloud role over {protocol}"));
+    // The kit acknowledged what the edge sent: its outbox drained; what the kit sent was
+    // delivered to the edge's applications once per id.
+    wait_until(
+        "the edge's outbox drained",
+        PATIENCE,
+        || match outbox_rows(&root.join("outbox.db")) {
+            0 => Ok(()),
+            rows => Err(format!("{rows} rows")),
+        },
+    );
+    let received = edge.received();
+    let ids: Vec<String> = received.keys().cloned().collect();
+    assert!(!ids.is_empty(), "{protocol}: the kit sent the edge nothing");
+    exactly_once("the kit's messages at the edge", &received, &ids);
     assert_eq!(edge.daemon.stop(), Some(0), "edgecore exits 0 on SIGTERM");
 }
 

@@ -11,14 +11,13 @@
 //! outbox). The binaries are found next to this test's executable; `cargo test --workspace`
 //! builds them (as it runs their own tests).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, outbox_rows,
-    wait_until,
+    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, wait_until,
 };
+use causeway_tests::drain::{exactly_once, wait_drained};
 use serde_json::{Value, json};
 
 /// Bound on anything that should happen within a few heartbeats.
@@ -129,18 +128,6 @@ modules:
     config
 }
 
-/// Asserts every id in `ids` was seen exactly once.
-fn exactly_once(what: &str, counts: &HashMap<String, usize>, ids: &[String]) {
-    for id in ids {
-        assert_eq!(
-            counts.get(id),
-            Some(&1),
-            "{what}: {id} seen {:?} times",
-            counts.get(id)
-        );
-    }
-}
-
 /// One protocol's full run; returns the exactly-once tallies for the report.
 fn cloud_end_to_end(protocol: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -247,15 +234,7 @@ fn cloud_end_to_end(protocol: &str) {
     );
 
     // Every queue drained: the edge's outbox is empty, the cloud's queue has nothing open.
-    wait_until("queues drained", PATIENCE, || {
-        let rows = outbox_rows(&root.join("edge/outbox.db"));
-        let queue = cloud.node()["queue"].clone();
-        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
-            Ok(())
-        } else {
-            Err(format!("outbox {rows} rows, cloud queue {queue}"))
-        }
-    });
+    wait_drained(cloud.api, NODE, &root.join("edge/outbox.db"), PATIENCE);
 
     assert_eq!(edge.daemon.stop(), Some(0), "edgecore exits 0 on SIGTERM");
     assert_eq!(cloud.daemon.stop(), Some(0), "cloudcore exits 0 on SIGTERM");

@@ -20,6 +20,7 @@ use causeway_tests::daemon::{
     CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, outbox_rows,
     wait_until,
 };
+use causeway_tests::drain::wait_drained;
 use serde_json::{Value, json};
 
 /// Bound on anything that should happen within a few heartbeats (edge heartbeat: 1 s).
@@ -205,15 +206,12 @@ fn end_to_end(protocol: &str) {
         "{received:?}"
     );
     // Every queue drained: nothing left in the outbox, nothing open in the cloud's queue.
-    wait_until("queues drained", PATIENCE, || {
-        let rows = outbox_rows(&root.join("edge/outbox.db"));
-        let queue = node_view(cloud.api)["queue"].clone();
-        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
-            Ok(())
-        } else {
-            Err(format!("outbox {rows} rows, cloud queue {queue}"))
-        }
-    });
+    wait_drained(
+        cloud.api,
+        "edge-e2e",
+        &root.join("edge/outbox.db"),
+        PATIENCE,
+    );
 
     assert_eq!(edge.daemon.stop(), Some(0), "edgecore exits 0 on SIGTERM");
     assert_eq!(cloud.daemon.stop(), Some(0), "cloudcore exits 0 on SIGTERM");

@@ -10,7 +10,11 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use causeway_tests::daemon::{CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, wait_until};
+use causeway_tests::daemon::{
+    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, wait_until,
+};
+use causeway_tests::drain::{exactly_once, wait_drained};
+use serde_json::json;
 
 const PATIENCE: Duration = Duration::from_secs(90);
 
@@ -103,8 +107,8 @@ fn expired_certificate_comes_back(protocol: &str) {
         1,
         "what to do, said once"
     );
-    // The local endpoint still serves applications meanwhile.
-    edge.send(1);
+    // The local endpoint still serves applications meanwhile; the message waits in the outbox.
+    let up = vec![edge.send(1)];
     println!(
         "{protocol}: an expired certificate without a token: {}",
         status["last_error"]
@@ -118,6 +122,31 @@ fn expired_certificate_comes_back(protocol: &str) {
     edge.wait_connected();
     let renewed = std::fs::read_to_string(edge_dir.join("node.crt")).expect("node.crt");
     assert_ne!(renewed, issued.cert_pem, "a new certificate");
+    // What waited in the outbox arrives once, a message from the cloud too, and every queue
+    // drains.
+    let counts = Sse::open(cloud.api, PATIENCE, &format!("node={node}&since=0")).until_all(&up);
+    exactly_once(
+        "upstream sent while the certificate was expired",
+        &counts,
+        &up,
+    );
+    let down = vec![format!("{protocol}-after-renewal")];
+    let msg = json!({
+        "header": {"msg_id": down[0]},
+        "route": {"source": "e2e", "group": "resource", "operation": "update",
+                  "resource": "default/configmap/renewed"},
+        "content": {"renewed": true}
+    });
+    let (code, body) = http(
+        cloud.api,
+        "POST",
+        &format!("/v1/nodes/{node}/messages?wait=ack&timeout=60s"),
+        &msg.to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json_of(&body)["acked"], true, "{body}");
+    exactly_once("downstream after the renewal", &edge.received(), &down);
+    wait_drained(cloud.api, &node, &edge_dir.join("outbox.db"), PATIENCE);
     assert_eq!(edge.daemon.stop(), Some(0), "edgecore exits 0 on SIGTERM");
     assert_eq!(cloud.daemon.stop(), Some(0), "cloudcore exits 0 on SIGTERM");
 }

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http, json_of, outbox_rows, wait_until,
+    CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http, json_of,
 };
+use causeway_tests::drain::wait_drained;
 use serde_json::{Value, json};
 
 /// Bound on anything that should happen within a few heartbeats.
@@ -112,16 +113,7 @@ fn refused_messages_fail_and_their_resource_drains(protocol: &str) {
     );
 
     // Every queue drained: the edge's outbox is empty, the cloud's queue has nothing open.
-    wait_until("queues drained", PATIENCE, || {
-        let rows = outbox_rows(&root.join("edge/outbox.db"));
-        let (_, body) = http(cloud.api, "GET", &format!("/v1/nodes/{NODE}"), "");
-        let queue = json_of(&body)["queue"].clone();
-        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
-            Ok(())
-        } else {
-            Err(format!("outbox {rows} rows, cloud queue {queue}"))
-        }
-    });
+    wait_drained(cloud.api, NODE, &root.join("edge/outbox.db"), PATIENCE);
     assert_eq!(edge.daemon.stop(), Some(0), "edgecore exits 0 on SIGTERM");
     assert_eq!(cloud.daemon.stop(), Some(0), "cloudcore exits 0 on SIGTERM");
 }

@@ -8,15 +8,12 @@
 //! good (PROTOCOL.md Part A item 7): 300 acknowledged downstream messages used to leave 300 rows
 //! behind and, past 256, block every later upstream message behind them.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, outbox_rows,
-    wait_until,
-};
-use serde_json::{Value, json};
+use causeway_tests::daemon::{CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http};
+use causeway_tests::drain::{exactly_once, wait_drained};
+use serde_json::json;
 
 /// Bound on each wait; generous, since the suite runs beside builds on two cores.
 const PATIENCE: Duration = Duration::from_secs(150);
@@ -78,41 +75,6 @@ fn post(cloud: &Cloud, node: &str, id: &str, n: usize) {
     assert_eq!(code, 202, "{body}");
 }
 
-fn node_view(cloud: &Cloud, node: &str) -> Value {
-    let (code, body) = http(cloud.api, "GET", &format!("/v1/nodes/{node}"), "");
-    assert_eq!(code, 200, "{body}");
-    json_of(&body)
-}
-
-/// Waits until the cloud's queue for the node has nothing open and the edge's outbox no row.
-fn wait_drained(cloud: &Cloud, node: &str, outbox: &Path) {
-    wait_until("every queue drained", PATIENCE, || {
-        let rows = outbox_rows(outbox);
-        let view = node_view(cloud, node);
-        let queue = &view["queue"];
-        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
-            Ok(())
-        } else {
-            Err(format!("outbox {rows} rows; cloud: {view}"))
-        }
-    });
-}
-
-fn exactly_once(what: &str, counts: &HashMap<String, usize>, ids: &[String]) {
-    let wrong: Vec<(&String, Option<&usize>)> = ids
-        .iter()
-        .map(|id| (id, counts.get(id)))
-        .filter(|(_, n)| *n != Some(&1))
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "{what}: {} of {} ids not seen exactly once, e.g. {:?}",
-        wrong.len(),
-        ids.len(),
-        &wrong[..wrong.len().min(5)]
-    );
-}
-
 fn soak(protocol: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
@@ -132,13 +94,13 @@ fn soak(protocol: &str) {
         post(&cloud, &node, &id, n);
         down.push(id);
     }
-    wait_drained(&cloud, &node, &outbox);
+    wait_drained(cloud.api, &node, &outbox, PATIENCE);
     for n in 0..50 {
         up.push(edge.send(n));
     }
     let counts = Sse::open(cloud.api, PATIENCE, &format!("node={node}&since=0")).until_all(&up);
     exactly_once("upstream after 300 ACKed messages", &counts, &up);
-    wait_drained(&cloud, &node, &outbox);
+    wait_drained(cloud.api, &node, &outbox, PATIENCE);
 
     // Four rounds, each killing one side in the middle of traffic both ways.
     for round in 0..4 {
@@ -173,14 +135,14 @@ fn soak(protocol: &str) {
                 down.push(id);
             }
         }
-        wait_drained(&cloud, &node, &outbox);
+        wait_drained(cloud.api, &node, &outbox, PATIENCE);
     }
 
     let received = edge.received();
     exactly_once("downstream across kills", &received, &down);
     let counts = Sse::open(cloud.api, PATIENCE, &format!("node={node}&since=0")).until_all(&up);
     exactly_once("upstream across kills", &counts, &up);
-    wait_drained(&cloud, &node, &outbox);
+    wait_drained(cloud.api, &node, &outbox, PATIENCE);
     println!(
         "{protocol}: {} ACKed downstream and {} upstream messages, two kills of each daemon: \
          each id delivered exactly once, every queue empty",
