@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{Daemon, fields, http, json_of, parse_response, wait_until};
+use causeway_tests::drain::wait_cloud_drained;
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use transport::{Connection, Protocol};
@@ -255,15 +256,7 @@ fn api_flood_is_bounded_and_loses_nothing() {
     for id in &refused_ids {
         assert!(!counts.contains_key(id), "refused {id} was delivered");
     }
-    wait_until("the node's queue drained", PATIENCE, || {
-        let (_, body) = http(api, "GET", &format!("/v1/nodes/{NODE}"), "");
-        let queue = json_of(&body)["queue"].clone();
-        if queue["pending"] == 0 && queue["in_flight"] == 0 {
-            Ok(())
-        } else {
-            Err(queue.to_string())
-        }
-    });
+    wait_cloud_drained(api, NODE, PATIENCE);
     let after = rss_kib(pid);
     println!(
         "API flood: {TOTAL} concurrent POSTs ({TASKS} tasks x {PER_TASK} connections) in \

@@ -15,16 +15,16 @@
 //! once, what was queued before is delivered, upstream messages the edge sent meanwhile are
 //! stored and acknowledged once space returns (no reconnect, no restart), and every queue drains.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use causeway_tests::daemon::{
     CloudCore as Cloud, Daemon, EdgeCore as Edge, Sse, bootstrap_token, fields, http, http_with,
-    json_of, outbox_rows, wait_until,
+    json_of, wait_until,
 };
 use causeway_tests::disk::SmallDisk;
+use causeway_tests::drain::{exactly_once, wait_drained};
 use cloudhub::store::MessageStore;
 use cloudhub::store::sqlite::{SqliteConfig, SqliteStore};
 use serde_json::{Value, json};
@@ -80,12 +80,6 @@ fn post_upstream(edge: &Edge, n: usize) -> (u16, String, Value) {
     (code, head, json_of(&body))
 }
 
-fn node_view(cloud: &Cloud, node: &str) -> Value {
-    let (code, body) = http(cloud.api, "GET", &format!("/v1/nodes/{node}"), "");
-    assert_eq!(code, 200, "{body}");
-    json_of(&body)
-}
-
 fn message_state(cloud: &Cloud, node: &str, id: &str) -> Value {
     let (_, body) = http(
         cloud.api,
@@ -111,12 +105,6 @@ fn post_downstream(cloud: &Cloud, node: &str, id: &str) {
         &msg.to_string(),
     );
     assert_eq!(code, 202, "{body}");
-}
-
-fn assert_once(counts: &HashMap<String, usize>, ids: &[String]) {
-    for id in ids {
-        assert_eq!(counts.get(id), Some(&1), "{id} exactly once: {counts:?}");
-    }
 }
 
 fn edge_disk_full(protocol: &str) {
@@ -196,7 +184,7 @@ fn edge_disk_full(protocol: &str) {
         }
     });
     accepted.push(edge.send(2000));
-    assert_once(&sse.until_all(&accepted), &accepted);
+    exactly_once("upstream", &sse.until_all(&accepted), &accepted);
     wait_until(
         "the cloud message stored after space returned",
         PATIENCE,
@@ -213,15 +201,7 @@ fn edge_disk_full(protocol: &str) {
     for id in ["before-full", "while-full"] {
         assert_eq!(received.get(id), Some(&1), "{id}: {received:?}");
     }
-    wait_until("every queue drained", PATIENCE, || {
-        let rows = outbox_rows(&disk.path().join("outbox.db"));
-        let queue = node_view(&cloud, &node)["queue"].clone();
-        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
-            Ok(())
-        } else {
-            Err(format!("outbox {rows} rows, cloud queue {queue}"))
-        }
-    });
+    wait_drained(cloud.api, &node, &disk.path().join("outbox.db"), PATIENCE);
     // One line for the episode and one for its end, however many messages were refused.
     assert_eq!(edge.daemon.count_logged("outbox: the disk is full"), 1);
     assert_eq!(edge.daemon.count_logged("outbox: storage works again"), 1);
@@ -517,7 +497,7 @@ modules:
         }
     });
     down.push(refused_id);
-    assert_once(&sse.until_all(&up), &up);
+    exactly_once("upstream", &sse.until_all(&up), &up);
     wait_until("every downstream message delivered", PATIENCE, || {
         let received = edge.received();
         if down.iter().all(|id| received.contains_key(id)) {
@@ -526,22 +506,12 @@ modules:
             Err(format!("{} of {}", received.len(), down.len()))
         }
     });
-    assert_once(&edge.received(), &down);
+    exactly_once("downstream", &edge.received(), &down);
     assert!(
         !edge.received().contains_key("refused-again"),
         "a refused POST was delivered"
     );
-    wait_until("every queue drained", PATIENCE, || {
-        let rows = outbox_rows(&root.join("edge/outbox.db"));
-        let (_, body) = http(api, "GET", &format!("/v1/nodes/{node}"), "");
-        let view = json_of(&body);
-        let queue = &view["queue"];
-        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
-            Ok(())
-        } else {
-            Err(format!("outbox {rows} rows, cloud queue {queue}"))
-        }
-    });
+    wait_drained(api, &node, &root.join("edge/outbox.db"), PATIENCE);
     let status = edge.status();
     assert_eq!(status["cloud"], "connected", "{status}");
     assert_eq!(

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, outbox_rows,
-    wait_until,
+    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of,
 };
+use causeway_tests::drain::wait_drained;
 use serde_json::{Value, json};
 
 /// Bound on each wait; generous, since the suite runs beside builds on two cores.
@@ -180,12 +180,6 @@ fn remote_get(
     get.join().unwrap()
 }
 
-fn node_queue(cloud: &Cloud) -> Value {
-    let (code, body) = http(cloud.api, "GET", &format!("/v1/nodes/{NODE}"), "");
-    assert_eq!(code, 200, "{body}");
-    json_of(&body)["queue"].clone()
-}
-
 fn resource_path(protocol: &str) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -295,15 +289,7 @@ fn resource_path(protocol: &str) {
         assert_eq!(received.get(id), Some(&1), "{id}: {received:?}");
     }
     assert_eq!(received.get("bad1"), None);
-    wait_until("every queue drained", PATIENCE, || {
-        let rows = outbox_rows(&root.join("edge/outbox.db"));
-        let queue = node_queue(&cloud);
-        if rows == 0 && queue["pending"] == 0 && queue["in_flight"] == 0 {
-            Ok(())
-        } else {
-            Err(format!("outbox {rows} rows, cloud queue {queue}"))
-        }
-    });
+    wait_drained(cloud.api, NODE, &root.join("edge/outbox.db"), PATIENCE);
     drop(sse);
 
     // A cloud outage: the watch stays open, MetaServer serves; the next change comes through.

@@ -17,6 +17,7 @@ use std::time::Duration;
 use causeway_tests::daemon::{
     CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http, json_of, wait_until,
 };
+use causeway_tests::drain::wait_cloud_drained;
 use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -99,16 +100,6 @@ fn edge_state(messages: &[Value]) -> BTreeMap<String, (String, u64)> {
     state
 }
 
-fn queue_drained(api: SocketAddr) -> Result<(), String> {
-    let (code, body) = http(api, "GET", &format!("/v1/nodes/{NODE}"), "");
-    let view = json_of(&body);
-    if code == 200 && view["queue"]["pending"] == 0 && view["queue"]["in_flight"] == 0 {
-        Ok(())
-    } else {
-        Err(body)
-    }
-}
-
 fn acked(api: SocketAddr, id: &str) -> bool {
     let (code, body) = http(api, "GET", &format!("/v1/nodes/{NODE}/messages/{id}"), "");
     code == 200 && json_of(&body)["state"] == "acked"
@@ -186,7 +177,7 @@ fn objects(protocol: &str) {
             Err(format!("{ids:?}"))
         }
     });
-    wait_until("the queue drained", PATIENCE, || queue_drained(api));
+    wait_cloud_drained(api, NODE, PATIENCE);
 
     // Update and delete propagate; the configmap goes when no pod references it.
     let cm2 = put(
@@ -221,7 +212,7 @@ fn objects(protocol: &str) {
             }
         },
     );
-    wait_until("the queue drained", PATIENCE, || queue_drained(api));
+    wait_cloud_drained(api, NODE, PATIENCE);
 
     // 100 configmaps referenced by one pod (it also names 25 that do not exist yet).
     let names: Vec<String> = (0..125).map(|i| format!("cm-{i:03}")).collect();
@@ -253,7 +244,7 @@ fn objects(protocol: &str) {
             Err(format!("{held}"))
         }
     });
-    wait_until("the queue drained", PATIENCE, || queue_drained(api));
+    wait_cloud_drained(api, NODE, PATIENCE);
     // Taken once the queue drained: every earlier message (the pod too) has arrived.
     let before = edge_messages(&edge);
 
@@ -327,7 +318,7 @@ fn objects(protocol: &str) {
         }
         Ok(())
     });
-    wait_until("the queue drained", PATIENCE, || queue_drained(api));
+    wait_cloud_drained(api, NODE, PATIENCE);
     let after = edge_messages(&edge)
         .into_iter()
         .skip(before.len())

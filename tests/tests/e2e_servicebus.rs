@@ -19,10 +19,9 @@ use axum::extract::RawQuery;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http, http_with, json_of, outbox_rows,
-    wait_until,
+    CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http_with, json_of, wait_until,
 };
-use serde_json::Value;
+use causeway_tests::drain::{node_view, wait_drained};
 
 const PATIENCE: Duration = Duration::from_secs(60);
 const NODE: &str = "edge-sb";
@@ -168,12 +167,6 @@ fn has_header(head: &str, name: &str, value: &str) -> bool {
     })
 }
 
-fn node_view(cloud: &Cloud) -> Value {
-    let (code, body) = http(cloud.api, "GET", &format!("/v1/nodes/{NODE}"), "");
-    assert_eq!(code, 200, "{body}");
-    json_of(&body)
-}
-
 fn servicebus(protocol: &str) {
     let service = Service::start();
     let refused = SocketAddr::from(([127, 0, 0, 1], closed_port()));
@@ -277,20 +270,12 @@ fn servicebus(protocol: &str) {
 
     // Nothing waits: the node's queue is empty and every reply left the edge's outbox.
     let outbox = root.join("edge/outbox.db");
-    wait_until("queues drained", PATIENCE, || {
-        let view = node_view(&cloud);
-        let rows = outbox_rows(&outbox);
-        if view["queue"]["pending"] == 0 && view["queue"]["in_flight"] == 0 && rows == 0 {
-            Ok(())
-        } else {
-            Err(format!("queue {}, outbox rows {rows}", view["queue"]))
-        }
-    });
+    wait_drained(cloud.api, NODE, &outbox, PATIENCE);
 
     // Offline: 503 at once, and nothing is queued for later.
     assert_eq!(edge.daemon.stop(), Some(0));
     wait_until("node offline", PATIENCE, || {
-        let view = node_view(&cloud);
+        let view = node_view(cloud.api, NODE);
         if view["connected"] == false {
             Ok(())
         } else {
@@ -305,7 +290,7 @@ fn servicebus(protocol: &str) {
     );
     assert!(body.contains("not queued"), "{body}");
     assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
-    let view = node_view(&cloud);
+    let view = node_view(cloud.api, NODE);
     assert_eq!(view["queue"]["pending"], 0, "{view}");
     assert_eq!(cloud.daemon.stop(), Some(0));
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use causeway_tests::daemon::{Daemon, fields, http, json_of, wait_until};
+use causeway_tests::drain::wait_cloud_drained;
 use serde_json::json;
 use transport::{Connection, Protocol};
 
@@ -214,15 +215,7 @@ fn slow_edge(protocol: &str) {
     for id in &ids {
         assert!(counts.contains_key(id), "{id} never arrived");
     }
-    wait_until("the node's queue drained", PATIENCE, || {
-        let (_, body) = http(api, "GET", &format!("/v1/nodes/{NODE}"), "");
-        let queue = json_of(&body)["queue"].clone();
-        if queue["pending"] == 0 && queue["in_flight"] == 0 {
-            Ok(())
-        } else {
-            Err(queue.to_string())
-        }
-    });
+    wait_cloud_drained(api, NODE, PATIENCE);
     keepalive.abort();
     let _ = runtime.block_on(conn.close("done"));
     assert_eq!(cloud.stop(), Some(0));
