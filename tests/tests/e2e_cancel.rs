@@ -36,7 +36,8 @@ fn edge_config(dir: &Path, protocol: &str, node: &str, cloud: &Cloud) -> PathBuf
   token: '{token}'
   outbox: {{ path: {d}/edge/outbox.db }}
 modules:
-  local-store: {{ path: {d}/edge/local.db, listen: '127.0.0.1:0' }}
+  metamanager: {{ path: {d}/edge/meta.db }}
+  local-api: {{ listen: '127.0.0.1:0' }}
 "
         ),
     )
