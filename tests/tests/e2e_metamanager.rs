@@ -3,10 +3,13 @@
 //! them) are stored by metamanager and acknowledged; an older version is acknowledged but not
 //! applied, a delete of another uid leaves the object, a bad resource string is refused (the cloud
 //! marks the message failed); MetaServer serves the objects, a watch sees each change and stays
-//! open through a cloud outage; a configmap missing at the edge is asked of the cloud (the test
-//! answers in edgecontroller's place through the cloud API), stored and served, a NotFound answer
-//! is a 404 and is not stored; every message id is journaled once and every queue drains; and
-//! edgecore restarted with the cloud down still serves every object (offline autonomy).
+//! open through a cloud outage; a configmap missing at the edge is asked of the cloud
+//! (edgecontroller answers from the object store), stored and served, a NotFound answer is a 404
+//! and is not stored, a bad query gets a BadRequest answer and stores nothing; a pod's status
+//! reported by the edge lands in the cloud's pod object; the node object's Ready condition
+//! follows the link (True, then Unknown once the edge is gone); every message id is journaled once
+//! and every queue drains; and edgecore restarted with the cloud down still serves every object
+//! (offline autonomy).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -14,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of,
+    CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http, json_of, wait_until,
 };
 use causeway_tests::drain::wait_drained;
 use serde_json::{Value, json};
@@ -149,35 +152,51 @@ impl Watch {
     }
 }
 
-/// A MetaServer GET that asks the cloud: run it beside the test, which answers in the cloud's
-/// place once the query reached the cloud's stream.
-fn remote_get(
-    edge: &Edge,
-    sse: &mut Sse,
-    cloud: &Cloud,
-    path: &str,
-    resource: &str,
-    answer_id: &str,
-    answer: Value,
-) -> (u16, Value) {
-    let local = edge.local;
-    let path = path.to_owned();
-    let get = std::thread::spawn(move || {
-        let (code, body) = http(local, "GET", &path, "");
-        (code, serde_json::from_str(&body).unwrap_or(Value::Null))
-    });
-    let query = sse.message_where(|m| {
-        m["route"]["operation"] == "query" && m["route"]["resource"] == resource
-    });
-    assert_eq!(query["route"]["source"], "metamanager", "{query}");
-    assert_eq!(query["route"]["group"], "meta", "{query}");
-    let query_id = query["header"]["msg_id"].as_str().unwrap();
-    let delivered = post(cloud, answer_id, "response", resource, 20, query_id, answer);
-    assert_eq!(
-        delivered["acked"], true,
-        "the answer is ACKed once stored: {delivered}"
+/// Upstream messages edgecontroller took so far (`/metrics`).
+fn routed_to_edgecontroller(cloud: &Cloud) -> u64 {
+    let (_, text) = http(cloud.api, "GET", "/metrics", "");
+    text.lines()
+        .find_map(|l| l.strip_prefix("cloudhub_upstream_routed_total{module=\"edgecontroller\"} "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The node's cloud queue (pending, in flight).
+fn node_queue(cloud: &Cloud) -> Value {
+    let (code, body) = http(cloud.api, "GET", &format!("/v1/nodes/{NODE}"), "");
+    assert_eq!(code, 200, "{body}");
+    json_of(&body)["queue"].clone()
+}
+
+/// A cloud API call with a JSON body.
+fn api(cloud: &Cloud, method: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (code, text) = http(cloud.api, method, path, &body.to_string());
+    (code, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The node object's Ready condition in the cloud.
+fn ready(cloud: &Cloud) -> Option<String> {
+    let (code, node) = api(
+        cloud,
+        "GET",
+        &format!("/v1/cluster/nodes/{NODE}"),
+        &Value::Null,
     );
-    get.join().unwrap()
+    if code != 200 {
+        return None;
+    }
+    node["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")?["status"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Sends `msg` upstream through the edge's local API.
+fn upstream(edge: &Edge, msg: &Value) {
+    let (code, body) = http(edge.local, "POST", "/v1/upstream", &msg.to_string());
+    assert_eq!(code, 202, "{body}");
 }
 
 fn resource_path(protocol: &str) {
@@ -189,7 +208,6 @@ fn resource_path(protocol: &str) {
     let config = edge_config(root, protocol, &cloud, &token);
     let edge = Edge::start(&config, PATIENCE);
     edge.wait_connected();
-    let mut sse = Sse::open(cloud.api, PATIENCE, &format!("node={NODE}&since=0"));
     let mut watch = Watch::open(&edge, "/api/v1/namespaces/default/configmaps?watch=true");
 
     // Stored and acknowledged; versions in order; an older one acknowledged, not applied.
@@ -238,35 +256,33 @@ fn resource_path(protocol: &str) {
         "{refused}"
     );
 
-    // A configmap missing here is asked of the cloud, stored, ACKed and served.
-    let (code, remote) = remote_get(
-        &edge,
-        &mut sse,
+    // A configmap missing here is asked of the cloud: edgecontroller answers from the object
+    // store; stored, ACKed and served.
+    let mut remote = configmap("remote", 0);
+    remote["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    remote["metadata"].as_object_mut().unwrap().remove("uid");
+    let (code, put) = api(
         &cloud,
-        "/api/v1/namespaces/default/configmaps/remote",
-        "default/configmap/remote",
-        "r1",
-        configmap("remote", 20),
+        "PUT",
+        "/v1/namespaces/default/configmaps/remote",
+        &remote,
     );
+    assert!(code == 200 || code == 201, "{put}");
+    let remote_rv = put["metadata"]["resourceVersion"].clone();
+    let (code, remote) = meta(&edge, "/api/v1/namespaces/default/configmaps/remote");
     assert_eq!(code, 200, "{remote}");
     assert_eq!(remote["metadata"]["name"], "remote");
+    assert_eq!(remote["metadata"]["resourceVersion"], remote_rv, "{remote}");
     assert_eq!(
         watch.until(3)[2]["type"],
         "ADDED",
         "the stored answer is a change too"
     );
     // A NotFound answer is a 404 and is never stored as the object (KubeEdge's M2).
-    let not_found = json!({"ErrStatus": {"metadata": {}, "status": "Failure", "reason": "NotFound",
-                                         "message": "secrets \"gone\" not found", "code": 404}});
-    let (code, gone) = remote_get(
-        &edge,
-        &mut sse,
-        &cloud,
-        "/api/v1/namespaces/default/secrets/gone",
-        "default/secret/gone",
-        "r2",
-        not_found,
-    );
+    let (code, gone) = meta(&edge, "/api/v1/namespaces/default/secrets/gone");
     assert_eq!(
         (code, gone["reason"].as_str()),
         (404, Some("NotFound")),
@@ -274,23 +290,92 @@ fn resource_path(protocol: &str) {
     );
     let (_, secrets) = meta(&edge, "/api/v1/namespaces/default/secrets");
     assert_eq!(secrets["items"], json!([]), "the error was not stored");
+    // The node object was created on connect, is Ready while the edge is connected, and was
+    // synced to its node.
+    wait_until("node Ready True", PATIENCE, || match ready(&cloud) {
+        Some(r) if r == "True" => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    wait_until("the node object at the edge", PATIENCE, || {
+        match meta(&edge, &format!("/api/v1/nodes/{NODE}")) {
+            (200, _) => Ok(()),
+            (code, body) => Err(format!("{code} {body}")),
+        }
+    });
+    // Bad queries (an unknown type, a malformed resource) are answered BadRequest: nothing is
+    // stored at the edge.
+    let stored_before = edge.status()["objects"].clone();
+    let routed_before = routed_to_edgecontroller(&cloud);
+    for (id, resource) in [
+        ("q-bad1", "default/widget/x"),
+        ("q-bad2", "default/configmap"),
+    ] {
+        upstream(
+            &edge,
+            &json!({"id": id, "source": "metamanager", "group": "meta",
+                    "operation": "query", "resource": resource}),
+        );
+    }
+    wait_until("the bad queries answered", PATIENCE, || {
+        let routed = routed_to_edgecontroller(&cloud);
+        let queue = node_queue(&cloud);
+        if routed >= routed_before + 2 && queue["pending"] == 0 && queue["in_flight"] == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "routed {routed} (before {routed_before}), cloud queue {queue}"
+            ))
+        }
+    });
+    assert_eq!(edge.status()["objects"], stored_before, "nothing stored");
 
+    // A pod's status reported by the edge lands in the cloud's pod object.
+    let p9 = json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"namespace": "default", "name": "p9"},
+                    "spec": {"nodeName": NODE}});
+    let (code, p9) = api(&cloud, "PUT", "/v1/namespaces/default/pods/p9", &p9);
+    assert!(code == 200 || code == 201, "{p9}");
+    upstream(
+        &edge,
+        &json!({"source": "edged", "group": "meta", "operation": "update",
+                "resource": "default/podstatus/p9",
+                "content": {"UID": p9["metadata"]["uid"], "Name": "p9",
+                            "Status": {"phase": "Running"}}}),
+    );
+    wait_until("the pod status in the cloud", PATIENCE, || {
+        let (_, pod) = api(
+            &cloud,
+            "GET",
+            "/v1/namespaces/default/pods/p9",
+            &Value::Null,
+        );
+        if pod["status"]["phase"] == "Running" {
+            Ok(())
+        } else {
+            Err(format!("{pod}"))
+        }
+    });
     let (_, list) = meta(
         &edge,
         "/api/v1/namespaces/default/configmaps?labelSelector=app%3Ddemo",
     );
     assert_eq!(list["kind"], "ConfigMapList");
     assert_eq!(list["items"].as_array().unwrap().len(), 2, "{list}");
-    assert_eq!(list["metadata"]["resourceVersion"], "20");
+    // The list's version is the newest the edge stored (the test's pod went up to 10).
+    let newest = remote_rv.as_str().unwrap().parse::<u64>().unwrap().max(10);
+    assert_eq!(
+        list["metadata"]["resourceVersion"],
+        newest.to_string(),
+        "{list}"
+    );
 
     // Each applied message journaled once; the refused one not at all; every queue drained.
     let received = edge.received();
-    for id in ["c1", "c2", "c3", "p1", "p2", "p3", "r1", "r2"] {
+    for id in ["c1", "c2", "c3", "p1", "p2", "p3"] {
         assert_eq!(received.get(id), Some(&1), "{id}: {received:?}");
     }
     assert_eq!(received.get("bad1"), None);
     wait_drained(cloud.api, NODE, &root.join("edge/outbox.db"), PATIENCE);
-    drop(sse);
 
     // A cloud outage: the watch stays open, MetaServer serves; the next change comes through.
     assert_eq!(cloud.daemon.stop(), Some(0));
@@ -307,8 +392,14 @@ fn resource_path(protocol: &str) {
     assert_eq!(events[3]["object"]["data"]["version"], "8");
     drop(watch);
 
-    // Offline autonomy: edgecore restarted with the cloud down serves every object.
+    // The edge gone while the cloud runs: its node is Ready Unknown.
     assert_eq!(edge.daemon.stop(), Some(0));
+    wait_until("node Ready Unknown", PATIENCE, || match ready(&cloud) {
+        Some(r) if r == "Unknown" => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+
+    // Offline autonomy: edgecore restarted with the cloud down serves every object.
     assert_eq!(cloud.daemon.stop(), Some(0));
     let edge = Edge::start(&config, PATIENCE);
     assert_eq!(edge.status()["cloud"], "disconnected");

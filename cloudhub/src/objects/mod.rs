@@ -26,6 +26,14 @@ use tokio::sync::broadcast;
 
 pub use model::{KINDS, ObjectKind, Selector};
 
+/// `ms` (Unix milliseconds) as Kubernetes writes times: RFC 3339 in UTC, whole seconds.
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 /// One object as stored: its identity, version and the whole JSON object (with `metadata`
 /// filled in). A tombstone (`deleted`) holds the object as it was when it was deleted.
 #[derive(Debug, Clone, PartialEq)]

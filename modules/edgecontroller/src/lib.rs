@@ -21,6 +21,7 @@
 pub mod placement;
 pub mod planner;
 mod sync_store;
+pub mod upstream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -38,6 +39,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use planner::{Action, Outstanding, SyncRow, Want};
 use sync_store::SyncStore;
+use upstream::Upstream;
 
 /// The module's name and group.
 pub const MODULE_NAME: &str = "edgecontroller";
@@ -106,6 +108,8 @@ impl Module for EdgeController {
                 cache: BTreeMap::new(),
                 cursor: 0,
                 by_id: HashMap::new(),
+                spec_rv: HashMap::new(),
+                link: HashMap::new(),
             };
             controller.index();
             controller.run(ctx).await;
@@ -126,6 +130,12 @@ struct Controller {
     rows: BTreeMap<String, BTreeMap<String, SyncRow>>,
     /// Outstanding message id → (node, wire resource).
     by_id: HashMap<String, (String, String)>,
+    /// Per wire resource, the resourceVersion of its last change other than `status`: a node
+    /// needs a message only when that moves (status written from the edge's reports and the
+    /// link is not echoed back).
+    spec_rv: HashMap<String, u64>,
+    /// Per node, the link state last written into its Ready condition.
+    link: HashMap<String, bool>,
 }
 
 impl Controller {
@@ -200,8 +210,8 @@ impl Controller {
     /// unchanged; the store takes it now (in order) and the answer follows its commit without
     /// holding up the loop.
     fn upstream(&mut self, bus: &Bus, msg: Message) {
-        let Some(node) =
-            cloudhub::upstream::split_node(&msg.route.resource).map(|(n, _)| n.to_owned())
+        let Some((node, resource)) = cloudhub::upstream::split_node(&msg.route.resource)
+            .map(|(n, r)| (n.to_owned(), r.to_owned()))
         else {
             // CloudHub always prefixes the node; anything else is a bug, kept for the operator.
             tracing::warn!(resource = %msg.route.resource, id = %msg.header.id,
@@ -209,21 +219,208 @@ impl Controller {
             let _ = bus.send_resp(Message::response_to(&msg, proto::Content::text("OK")));
             return;
         };
-        let accepting = self.hub.accept_upstream(&node, msg.clone());
+        let what = upstream::classify(&msg.route.operation, &resource);
+        if what == Upstream::PassOn {
+            let accepting = self.hub.accept_upstream(&node, msg.clone());
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                let answer = match accepting.await {
+                    Ok(_) => Message::response_to(&msg, proto::Content::text("OK")),
+                    Err(e) => Message::error_for(&msg, e.to_string()),
+                };
+                // Not delivered only if the driver gave up waiting; it hands it over again.
+                let _ = bus.send_resp(answer);
+            });
+            return;
+        }
+        let mut edge_msg = msg.clone();
+        edge_msg.route.resource.clone_from(&resource);
+        edge_msg.header.sync = false;
+        let handled = self.own(&node, &edge_msg, what);
+        let hub = self.hub.clone();
         let bus = bus.clone();
         tokio::spawn(async move {
-            let answer = match accepting.await {
-                Ok(_) => Message::response_to(&msg, proto::Content::text("OK")),
-                Err(e) => Message::error_for(&msg, e.to_string()),
+            let taken = match handled {
+                Ok((answer, needs_ack)) => hub
+                    .send(&node, answer, needs_ack)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
             };
-            // Not delivered only if the driver gave up waiting; it hands the message over again.
-            let _ = bus.send_resp(answer);
+            let reply = match taken {
+                Ok(()) => Message::response_to(&msg, proto::Content::text("OK")),
+                Err(e) => {
+                    tracing::warn!(%node, id = %msg.header.id, error = %e,
+                        "edgecontroller: edge message not handled yet; it is handed over again");
+                    Message::error_for(&msg, e)
+                }
+            };
+            let _ = bus.send_resp(reply);
         });
+    }
+
+    /// Handles an edge message that is edgecontroller's own (`msg` with the edge's resource);
+    /// returns the answer for the node and whether it needs an ACK, or why it cannot be handled
+    /// now (handed over again later).
+    fn own(
+        &mut self,
+        node: &str,
+        msg: &Message,
+        what: Upstream<'_>,
+    ) -> Result<(Message, bool), String> {
+        let text = |t: &str| Message::response_to(msg, proto::Content::text(t));
+        match what {
+            Upstream::PassOn => Ok((text("OK"), false)),
+            Upstream::Query {
+                kind,
+                namespace,
+                name,
+            } => match self.objects.get(kind.resource, namespace, name) {
+                Ok(Some(o)) => {
+                    let mut answer = Message::new(msg.header.id.clone())
+                        .route(
+                            MODULE_NAME,
+                            "resource",
+                            msg.route.resource.clone(),
+                            "response",
+                        )
+                        .content(o.body);
+                    answer.header.resource_version = o.rv.to_string();
+                    Ok((answer, true))
+                }
+                Ok(None) => {
+                    let why = format!("{} \"{name}\" not found", kind.resource);
+                    let error = upstream::status_error("NotFound", 404, &why, kind.resource, name);
+                    Ok((self.query_error(msg, error), false))
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Upstream::BadQuery(why) => {
+                tracing::info!(%node, resource = %msg.route.resource, reason = %why,
+                    "edgecontroller: bad query from the edge");
+                let error = upstream::status_error("BadRequest", 400, &why, "", "");
+                Ok((self.query_error(msg, error), false))
+            }
+            Upstream::PodStatus { namespace, name } => {
+                let Some(request) = content_json(&msg.content) else {
+                    return Ok((text("pod status: content is not a PodStatusRequest"), false));
+                };
+                let uid = request["UID"].as_str().filter(|u| !u.is_empty());
+                match self.objects.write_status(
+                    "pods",
+                    namespace,
+                    name,
+                    uid,
+                    request["Status"].clone(),
+                ) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => tracing::debug!(%node, namespace, name,
+                        "edgecontroller: status of a pod the cloud does not have (or another uid)"),
+                    Err(e) => return Err(e.to_string()),
+                }
+                Ok((text("OK"), false))
+            }
+            Upstream::NodeStatus { name } => {
+                if name != node {
+                    return Ok((
+                        text(&format!(
+                            "node {node:?} may not report the status of node {name:?}"
+                        )),
+                        false,
+                    ));
+                }
+                let Some(request) = content_json(&msg.content) else {
+                    return Ok((text("node status: content is not JSON"), false));
+                };
+                // update: a NodeStatusRequest; insert: a Node.
+                let status = if msg.route.operation == "insert" {
+                    request["status"].clone()
+                } else {
+                    request["Status"].clone()
+                };
+                let connected = self.hub.is_connected(node);
+                self.write_node_status(node, Some(status), connected)?;
+                Ok((text("OK"), false))
+            }
+        }
+    }
+
+    /// The answer to a query that found nothing or could not be asked: op `response` with the
+    /// StatusError, which the edge must not store (no ACK).
+    fn query_error(&self, msg: &Message, error: serde_json::Value) -> Message {
+        Message::new(msg.header.id.clone())
+            .route(
+                MODULE_NAME,
+                "resource",
+                msg.route.resource.clone(),
+                "response",
+            )
+            .content(error)
+    }
+
+    /// Writes every node's Ready condition whose link changed since it was last written (the node
+    /// object created on first connect).
+    fn sync_ready(&mut self, nodes: &[cloudhub::hub::NodeView]) {
+        for view in nodes {
+            if self.link.get(&view.id) == Some(&view.connected) {
+                continue;
+            }
+            if let Err(e) = self.write_node_status(&view.id, None, view.connected) {
+                tracing::warn!(node = %view.id, error = %e, "edgecontroller: node Ready not written");
+            }
+        }
+    }
+
+    /// Writes `node`'s status: `reported` (the edge's, or the stored one) with the Ready
+    /// condition from the link. Creates the node object on a connect if there is none.
+    fn write_node_status(
+        &mut self,
+        node: &str,
+        reported: Option<serde_json::Value>,
+        connected: bool,
+    ) -> Result<(), String> {
+        let existing = self
+            .objects
+            .get("nodes", "", node)
+            .map_err(|e| e.to_string())?;
+        let current = match existing {
+            Some(o) => o,
+            None if connected => {
+                let body = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}});
+                self.objects
+                    .create_if_absent("nodes", "", node, body)
+                    .map_err(|e| e.to_string())?
+            }
+            // A node that never connected since the object store knew it: nothing to mark.
+            None => {
+                self.link.insert(node.to_owned(), connected);
+                return Ok(());
+            }
+        };
+        let now = cloudhub::objects::rfc3339(proto::now_millis());
+        let status = reported.unwrap_or_else(|| current.body["status"].clone());
+        let status = upstream::with_ready(status, connected, &now, &now);
+        self.objects
+            .write_status("nodes", "", node, None, status)
+            .map_err(|e| e.to_string())?;
+        self.link.insert(node.to_owned(), connected);
+        Ok(())
     }
 
     fn remember(&mut self, object: Arc<StoredObject>) {
         self.cursor = self.cursor.max(object.rv);
-        self.cache.insert(object.wire_resource(), object);
+        let key = object.wire_resource();
+        let status_only = self.cache.get(&key).is_some_and(|old| {
+            !old.deleted
+                && !object.deleted
+                && old.uid == object.uid
+                && upstream::without_status(&old.body) == upstream::without_status(&object.body)
+        });
+        if !status_only {
+            self.spec_rv.insert(key.clone(), object.rv);
+        }
+        self.cache.insert(key, object);
     }
 
     /// Reads every change after the cursor from the object store.
@@ -300,7 +497,10 @@ impl Controller {
     async fn reconcile(&mut self) {
         let placement = placement::place(self.cache.values());
         let known: Vec<String> = match self.hub.nodes().await {
-            Ok(nodes) => nodes.into_iter().map(|n| n.id).collect(),
+            Ok(nodes) => {
+                self.sync_ready(&nodes);
+                nodes.into_iter().map(|n| n.id).collect()
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "edgecontroller: cannot list nodes");
                 return;
@@ -316,7 +516,7 @@ impl Controller {
                     (
                         k.clone(),
                         Want {
-                            rv: o.rv,
+                            rv: self.spec_rv.get(k).copied().unwrap_or(o.rv).min(o.rv),
                             uid: o.uid.clone(),
                         },
                     )
@@ -446,5 +646,15 @@ impl Controller {
                 Err(e) => tracing::warn!(error = %e, "edgecontroller: tombstone not purged"),
             }
         }
+    }
+}
+
+/// The message content as JSON (bytes as JSON text, as QUIC delivers it).
+fn content_json(content: &proto::Content) -> Option<serde_json::Value> {
+    match content {
+        // A JSON document sent as a string (some edges marshal content twice).
+        proto::Content::Json(serde_json::Value::String(text)) => serde_json::from_str(text).ok(),
+        proto::Content::Json(v) => Some(v.clone()),
+        proto::Content::Bytes(b) => serde_json::from_slice(b).ok(),
     }
 }
