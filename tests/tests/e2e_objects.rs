@@ -58,9 +58,11 @@ fn put(api: SocketAddr, path: &str, body: &Value) -> Value {
     json_of(&text)
 }
 
-fn delete(api: SocketAddr, path: &str) {
+/// Deletes and returns the last object (its resourceVersion is the deletion's).
+fn delete(api: SocketAddr, path: &str) -> Value {
     let (code, text) = http(api, "DELETE", path, "");
     assert_eq!(code, 200, "DELETE {path}: {text}");
+    json_of(&text)
 }
 
 /// Every cloud message the edge's local store holds, in the order it stored them.
@@ -194,14 +196,15 @@ fn objects(protocol: &str) {
             other => Err(format!("{other:?}")),
         }
     });
-    delete(api, "/v1/namespaces/default/pods/p1");
+    // (Versions are global: the node's Ready writes take some too, so the deletion's is read.)
+    let deleted = delete(api, "/v1/namespaces/default/pods/p1");
     wait_until(
         "the pod and its unreferenced configmap are deleted at the edge",
         PATIENCE,
         || {
             let state = edge_state(&edge_messages(&edge));
             let pod_gone =
-                state.get("default/pod/p1") == Some(&("delete".to_owned(), rv_of(&pod) + 2));
+                state.get("default/pod/p1") == Some(&("delete".to_owned(), rv_of(&deleted)));
             let cm_gone = state
                 .get("default/configmap/cm-a")
                 .is_some_and(|(op, _)| op == "delete");

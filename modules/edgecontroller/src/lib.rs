@@ -17,6 +17,11 @@
 //!   (op `error`) schedules a resend with backoff, for ever; when the feed lags, outstanding
 //!   messages are looked up in the store ([`cloudhub::Hub::message_state`]);
 //! - a tombstone is purged from the object store once no node holds the object.
+//!
+//! It also takes the edge messages CloudHub routes to it ([`cloudhub::upstream`]): remote
+//! queries answered from the object store, pod and node status written into the objects
+//! ([`upstream`]), the rest passed on to the application path; and it keeps each node object's
+//! Ready condition in step with the node's session. Status-only changes send nothing downstream.
 
 pub mod placement;
 pub mod planner;
