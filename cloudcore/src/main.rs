@@ -43,11 +43,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if args.defaultconfig {
-        print!("{DEFAULT_YAML}");
-        return ExitCode::SUCCESS;
-    }
-    beehive::daemon::main("cloudcore", || run(args))
+    beehive::daemon::main_or_defaults("cloudcore", args.defaultconfig, DEFAULT_YAML, || run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

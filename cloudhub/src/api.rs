@@ -908,11 +908,11 @@ const PROXY_TIMEOUT_HEADER: &str = "x-causeway-timeout";
     request_body(content = Vec<u8>, description = "Forwarded as is", content_type = "*/*"),
     responses(
         (status = 200, description = "The service's answer: its status (any), headers and body. Answers the edge makes itself carry `Server: causeway-edgecore` and an `ErrorBody`: 400 `bad_request`, 403 `target_not_allowed`, 502 `connection_refused` / `connect_failed` / `response_too_large` / `bad_response`, 503 `busy`, 504 `timeout`", body = Vec<u8>, content_type = "*/*"),
+        (status = 503, description = "`node_offline`: the node is not connected (calls are not queued), `queue_full`, or `overloaded`; retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32))),
         (status = 400, description = "`bad_target`: the port or path cannot be a servicebus resource", body = ErrorBody),
         (status = 404, description = "`unknown_node`: it never connected", body = ErrorBody),
         (status = 413, description = "`too_large`: the request body is over 8 MiB", body = ErrorBody),
         (status = 502, description = "`bad_reply`: the node answered something that is not an HTTPResponse", body = ErrorBody),
-        (status = 503, description = "`node_offline`: the node is not connected (calls are not queued), `queue_full`, or `overloaded`; retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32))),
         (status = 504, description = "`edge_timeout`: the node did not answer in time (is its servicebus enabled?)", body = ErrorBody),
         (status = 401, description = "No usable credential", body = ErrorBody, headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"causeway\"`"))), (status = 403, description = "The credential's scope is too small", body = ErrorBody), (status = 500, description = "`store_error`: the store failed", body = ErrorBody)))]
 async fn proxy_root(

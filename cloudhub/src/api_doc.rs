@@ -107,7 +107,7 @@ pub struct PostAnswer {
 }
 
 /// Answer of `GET /v1/nodes/{id}/messages/{msg_id}` (`api::get_message`).
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct MessageStatus {
     /// The message id.
     pub id: String,

@@ -49,11 +49,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if args.defaultconfig {
-        print!("{DEFAULT_YAML}");
-        return ExitCode::SUCCESS;
-    }
-    beehive::daemon::main("edgecore", || run(args))
+    beehive::daemon::main_or_defaults("edgecore", args.defaultconfig, DEFAULT_YAML, || run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

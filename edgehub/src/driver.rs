@@ -3,9 +3,9 @@
 //! or failure from the connection, a dial outcome, a message from a module, a timer expiry),
 //! drains `poll_transmit` into the connection's writer, re-arms its one sleep to
 //! `poll_timeout`, performs `poll_action` (dial, close, forget) and forwards `poll_event` to the
-//! bus. What it does around that lives beside it: the outbox ([`crate::pump`]), the connection's
-//! tasks ([`crate::link`]), the bus deliveries ([`crate::deliver`]), the counters
-//! ([`crate::stats`]).
+//! bus. What it does around that lives beside it: start-up and shutdown (`driver/lifecycle.rs`),
+//! the outbox ([`crate::pump`]), the connection's tasks ([`crate::link`]), the bus deliveries
+//! ([`crate::deliver`]), the counters ([`crate::stats`]).
 //!
 //! Back-pressure instead of drops everywhere: the reader waits when the driver is behind (the
 //! transport then stops reading the socket and the cloud is throttled), the driver stops reading
@@ -31,52 +31,11 @@ use crate::outbox::{DedupVerdict, OpenError, Outbox};
 use crate::pump::OutboxPump;
 use crate::stats::{self, Counters};
 
-/// Messages from a connection's reader and writer, and dial outcomes, to the driver.
-const INBOUND_CAPACITY: usize = 256;
+mod lifecycle;
 
-/// Runs EdgeHub until shutdown. `reconnect` forces a reconnect (certificate renewal).
-pub(crate) async fn run(
-    config: EdgeHubConfig,
-    mut ctx: ModuleContext,
-    counters: Arc<Counters>,
-    reconnect: Arc<Notify>,
-) -> Result<(), OpenError> {
-    let outbox = Outbox::open(config.outbox_config())?;
-    let seed = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    let session = EdgeSession::with_seed(config.session_config(), now(), seed);
-    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
-    let (deliveries, delivery_task, refusals) =
-        Deliveries::spawn(ctx.bus().clone(), counters.clone());
-    info!(
-        node = %config.controller.node_id,
-        protocol = %config.controller.protocol,
-        server = config.endpoint().server.as_str(),
-        outbox_messages = outbox.usage().messages,
-        "edgehub starting"
-    );
-    let mut driver = Driver {
-        config,
-        session,
-        pump: OutboxPump::new(outbox),
-        counters,
-        inbound_tx,
-        deliveries,
-        link: None,
-        closing: Vec::new(),
-        dialing: None,
-        writer_blocked: false,
-    };
-    driver.run(&mut ctx, inbound_rx, refusals, &reconnect).await;
-    driver.stop(&mut ctx).await;
-    drop(driver);
-    // The delivery task ends once the driver's sender is gone and its queue is drained; bound
-    // the wait, since modules are stopping too.
-    let _ = tokio::time::timeout(Duration::from_secs(2), delivery_task).await;
-    Ok(())
-}
+pub(crate) use lifecycle::run;
 
+/// The loop's state: the session and what carries out its actions.
 struct Driver {
     config: EdgeHubConfig,
     session: EdgeSession,
@@ -123,7 +82,7 @@ impl Driver {
                 }
                 room = self.deliveries.room(), if delivering => self.deliveries.send(room),
                 Some(inbound) = inbound_rx.recv(), if !delivering => self.on_inbound(inbound),
-                permit = reserve(writer_tx), if writer_wait => {
+                permit = link::writer_room(writer_tx), if writer_wait => {
                     self.writer_blocked = false;
                     if let Some(permit) = permit
                         && let Some(transmit) = self.session.poll_transmit(now())
@@ -141,7 +100,7 @@ impl Driver {
                     }
                     self.pump.store(&mut self.session, ctx.bus(), &self.counters);
                 }
-                () = until(self.pump.retry_at()) => {
+                () = self.pump.retry_due() => {
                     self.pump.retry(&mut self.session, ctx.bus(), &self.counters);
                 }
                 () = reconnect.notified() => {
@@ -295,49 +254,9 @@ impl Driver {
         }
     }
 
-    /// Ends the session at shutdown: close the link, keep what modules still had queued.
-    async fn stop(&mut self, ctx: &mut ModuleContext) {
-        self.session.handle_event(now(), Event::Shutdown);
-        while let Some(msg) = ctx.try_recv() {
-            self.pump.take(msg);
-        }
-        self.pump
-            .store(&mut self.session, ctx.bus(), &self.counters);
-        if self.pump.unstored() > 0 {
-            error!(
-                lost = self.pump.unstored(),
-                "shutting down with module messages the full outbox could not take"
-            );
-        }
-        self.turn(ctx);
-        if let Some(dial) = self.dialing.take() {
-            dial.abort();
-        }
-        let closers = std::mem::take(&mut self.closing);
-        // Within the hive's shutdown grace: a close the cloud does not confirm by then is
-        // abandoned (dropping the connection aborts it).
-        let bound = self.write_deadline().min(Duration::from_secs(5));
-        for closer in closers {
-            let _ = tokio::time::timeout(bound, closer).await;
-        }
-        info!("edgehub stopped");
-    }
-
     fn write_deadline(&self) -> Duration {
         self.config.endpoint().write_deadline.duration()
     }
-}
-
-/// Completes at `deadline`, or never without one.
-async fn until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn reserve<T>(tx: Option<mpsc::Sender<T>>) -> Option<mpsc::OwnedPermit<T>> {
-    tx?.reserve_owned().await.ok()
 }
 
 /// The current monotonic time, through tokio's clock so paused-time tests control it.

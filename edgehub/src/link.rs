@@ -117,6 +117,12 @@ impl Link {
     }
 }
 
+/// Waits for room in a connection's writer queue (`None` without a connection, or once its
+/// writer ended).
+pub(crate) async fn writer_room<T>(tx: Option<mpsc::Sender<T>>) -> Option<mpsc::OwnedPermit<T>> {
+    tx?.reserve_owned().await.ok()
+}
+
 /// Closes a connection that never got tasks (a dial that completed after the session moved on).
 pub(crate) fn close_unused(
     conn: Arc<dyn Connection>,

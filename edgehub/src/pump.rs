@@ -95,9 +95,13 @@ impl OutboxPump {
         !self.batch.is_empty() && !self.storage_failing
     }
 
-    /// When the failed storage operations are to be tried again ([`OutboxPump::retry`]).
-    pub(crate) fn retry_at(&self) -> Option<tokio::time::Instant> {
-        self.retry_at
+    /// Completes when the failed storage operations are to be tried again
+    /// ([`OutboxPump::retry`]); never while none is scheduled.
+    pub(crate) async fn retry_due(&self) {
+        match self.retry_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Tries the failed storage operations again: the held module messages, the deletions

@@ -322,7 +322,10 @@ fn go_fold_eq(key: &str, name: &str) -> bool {
 trait Fields {
     /// The JSON names of the fields, lowercase.
     const NAMES: &'static [&'static str];
-    /// Decodes the value of field `index` from `map` into `self`.
+    /// Where each field stands in a message, for errors (`header.msg_id`); set by
+    /// [`ObjectSeed`] before [`Fields::fill`] decodes the field.
+    const PATHS: &'static [&'static str];
+    /// Decodes the value of field `index` from `map` into `self` (`field` names it already).
     fn fill<'de, A: MapAccess<'de>>(
         &mut self,
         index: usize,
@@ -333,6 +336,7 @@ trait Fields {
 
 impl Fields for Message {
     const NAMES: &'static [&'static str] = &["header", "route", "content"];
+    const PATHS: &'static [&'static str] = Self::NAMES;
 
     fn fill<'de, A: MapAccess<'de>>(
         &mut self,
@@ -341,22 +345,15 @@ impl Fields for Message {
         field: &Cell<&'static str>,
     ) -> Result<(), A::Error> {
         match index {
-            0 => {
-                field.set("header");
-                map.next_value_seed(ObjectSeed {
-                    target: &mut self.header,
-                    field,
-                })
-            }
-            1 => {
-                field.set("route");
-                map.next_value_seed(ObjectSeed {
-                    target: &mut self.route,
-                    field,
-                })
-            }
+            0 => map.next_value_seed(ObjectSeed {
+                target: &mut self.header,
+                field,
+            }),
+            1 => map.next_value_seed(ObjectSeed {
+                target: &mut self.route,
+                field,
+            }),
             _ => {
-                field.set("content");
                 self.content = Content::Json(map.next_value()?);
                 Ok(())
             }
@@ -378,17 +375,8 @@ impl Fields for Header {
         &mut self,
         index: usize,
         map: &mut A,
-        field: &Cell<&'static str>,
+        _: &Cell<&'static str>,
     ) -> Result<(), A::Error> {
-        const PATHS: [&str; 6] = [
-            "header.msg_id",
-            "header.parent_msg_id",
-            "header.timestamp",
-            "header.resourceversion",
-            "header.sync",
-            "header.type",
-        ];
-        field.set(PATHS[index]);
         match index {
             0 => set_string(map, &mut self.id),
             1 => set_string(map, &mut self.parent_id),
@@ -408,6 +396,15 @@ impl Fields for Header {
             _ => set_string(map, &mut self.message_type),
         }
     }
+
+    const PATHS: &'static [&'static str] = &[
+        "header.msg_id",
+        "header.parent_msg_id",
+        "header.timestamp",
+        "header.resourceversion",
+        "header.sync",
+        "header.type",
+    ];
 }
 
 impl Fields for Route {
@@ -418,16 +415,8 @@ impl Fields for Route {
         &mut self,
         index: usize,
         map: &mut A,
-        field: &Cell<&'static str>,
+        _: &Cell<&'static str>,
     ) -> Result<(), A::Error> {
-        const PATHS: [&str; 5] = [
-            "route.source",
-            "route.destination",
-            "route.group",
-            "route.operation",
-            "route.resource",
-        ];
-        field.set(PATHS[index]);
         let target = match index {
             0 => &mut self.source,
             1 => &mut self.destination,
@@ -437,6 +426,14 @@ impl Fields for Route {
         };
         set_string(map, target)
     }
+
+    const PATHS: &'static [&'static str] = &[
+        "route.source",
+        "route.destination",
+        "route.group",
+        "route.operation",
+        "route.resource",
+    ];
 }
 
 /// A string field: `null` leaves it as it was, as in Go.
@@ -475,7 +472,10 @@ impl<'de, T: Fields> Visitor<'de> for ObjectSeed<'_, T> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(index) = map.next_key_seed(KeySeed(T::NAMES))? {
             match index {
-                Some(i) => self.target.fill(i, &mut map, self.field)?,
+                Some(i) => {
+                    self.field.set(T::PATHS[i]);
+                    self.target.fill(i, &mut map, self.field)?;
+                }
                 None => {
                     map.next_value::<IgnoredAny>()?;
                 }

@@ -296,6 +296,142 @@ pub fn count_ids(text: &str, ids: &[String]) -> HashMap<String, usize> {
     counts
 }
 
+/// The `edgecore.yaml` of a test edge: what every end-to-end test writes, with what differs set
+/// through the builder. Defaults: heartbeat 1 s, handshake timeout 5 s, read and write deadlines
+/// 3 s, the certificate files (`ca.crt`, `node.crt`, `node.key`) and both stores (`outbox.db`,
+/// `meta.db`) in one edge directory, metamanager and the local API on an ephemeral port, no
+/// bootstrap (see [`EdgeConfig::bootstrap`]).
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    protocol: String,
+    node: String,
+    server: SocketAddr,
+    edge_dir: PathBuf,
+    data_dir: PathBuf,
+    heartbeat: u64,
+    deadline: u64,
+    bootstrap: Option<(SocketAddr, Option<String>)>,
+    outbox_options: String,
+    metamanager_options: String,
+    modules: String,
+}
+
+impl EdgeConfig {
+    /// An edge `node` dialling `server` over `protocol`, its files in `edge_dir`.
+    pub fn new(protocol: &str, node: &str, server: SocketAddr, edge_dir: &Path) -> Self {
+        Self {
+            protocol: protocol.to_owned(),
+            node: node.to_owned(),
+            server,
+            edge_dir: edge_dir.to_owned(),
+            data_dir: edge_dir.to_owned(),
+            heartbeat: 1,
+            deadline: 3,
+            bootstrap: None,
+            outbox_options: String::new(),
+            metamanager_options: String::new(),
+            modules: String::new(),
+        }
+    }
+
+    /// The usual edge of `cloud` (started in `dir`): its files in `<dir>/edge`, bootstrapped
+    /// from the cloud's HTTPS address with a fresh token.
+    pub fn for_cloud(dir: &Path, protocol: &str, node: &str, cloud: &CloudCore) -> Self {
+        let token = bootstrap_token(dir);
+        Self::new(protocol, node, cloud.server(protocol), &dir.join("edge"))
+            .bootstrap(cloud.https, Some(&token))
+    }
+
+    /// Bootstrap: the certificate server `https` and, if given, a token to obtain one with.
+    #[must_use]
+    pub fn bootstrap(mut self, https: SocketAddr, token: Option<&str>) -> Self {
+        self.bootstrap = Some((https, token.map(str::to_owned)));
+        self
+    }
+
+    /// The keepalive interval, seconds.
+    #[must_use]
+    pub fn heartbeat(mut self, secs: u64) -> Self {
+        self.heartbeat = secs;
+        self
+    }
+
+    /// The read and write deadlines, seconds.
+    #[must_use]
+    pub fn deadlines(mut self, secs: u64) -> Self {
+        self.deadline = secs;
+        self
+    }
+
+    /// Where the outbox and metamanager's store live (the certificates stay in the edge
+    /// directory).
+    #[must_use]
+    pub fn stores_in(mut self, dir: &Path) -> Self {
+        dir.clone_into(&mut self.data_dir);
+        self
+    }
+
+    /// More `edgehub.outbox` keys, YAML flow style: `dedup-pending-ttl: 2`.
+    #[must_use]
+    pub fn outbox(mut self, keys: &str) -> Self {
+        self.outbox_options = format!(", {keys}");
+        self
+    }
+
+    /// More `modules.metamanager` keys, YAML flow style: `remote-query-timeout: 20`.
+    #[must_use]
+    pub fn metamanager(mut self, keys: &str) -> Self {
+        self.metamanager_options = format!(", {keys}");
+        self
+    }
+
+    /// More modules: YAML lines under `modules:`, indented by two spaces.
+    #[must_use]
+    pub fn modules(mut self, yaml: &str) -> Self {
+        yaml.clone_into(&mut self.modules);
+        self
+    }
+
+    /// The file's text.
+    pub fn yaml(&self) -> String {
+        let (protocol, node, server) = (&self.protocol, &self.node, self.server);
+        let (heartbeat, deadline) = (self.heartbeat, self.deadline);
+        let e = self.edge_dir.display();
+        let data = self.data_dir.display();
+        let bootstrap = match &self.bootstrap {
+            None => String::new(),
+            Some((https, None)) => format!("  http-server: 'https://{https}'\n"),
+            Some((https, Some(token))) => {
+                format!("  http-server: 'https://{https}'\n  token: '{token}'\n")
+            }
+        };
+        let (outbox, metamanager) = (&self.outbox_options, &self.metamanager_options);
+        format!(
+            "edgehub:
+  controller: {{ protocol: {protocol}, heartbeat: {heartbeat}, node-id: {node} }}
+  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: {deadline}, write-deadline: {deadline} }}
+  tls: {{ ca-file: {e}/ca.crt, cert-file: {e}/node.crt, key-file: {e}/node.key }}
+{bootstrap}  outbox: {{ path: {data}/outbox.db{outbox} }}
+modules:
+  metamanager: {{ path: {data}/meta.db{metamanager} }}
+  local-api: {{ listen: '127.0.0.1:0' }}
+{}",
+            self.modules
+        )
+    }
+
+    /// Writes the file to `path`; returns `path`.
+    pub fn write(&self, path: &Path) -> PathBuf {
+        std::fs::write(path, self.yaml()).expect("write the edge config");
+        path.to_owned()
+    }
+
+    /// Writes the file as `<dir>/edgecore.yaml`; returns its path.
+    pub fn write_in(&self, dir: &Path) -> PathBuf {
+        self.write(&dir.join("edgecore.yaml"))
+    }
+}
+
 /// A bootstrap token for the CA that cloudcore created under `<dir>/pki`, as
 /// `causeway token create` makes it (valid for an hour).
 pub fn bootstrap_token(dir: &Path) -> String {

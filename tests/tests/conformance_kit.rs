@@ -12,7 +12,9 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
-use causeway_tests::daemon::{CloudCore, EdgeCore, binary, http, json_of, outbox_rows, wait_until};
+use causeway_tests::daemon::{
+    CloudCore, EdgeConfig, EdgeCore, binary, http, json_of, outbox_rows, wait_until,
+};
 use causeway_tests::drain::{exactly_once, wait_cloud_drained};
 use certs::{CertificateAuthority, NodeId, Validity};
 
@@ -259,22 +261,8 @@ fn kit_cloud_against_edgecore(protocol: &'static str) {
         .wait_for("listening for the edge")
         .expect("the kit listens");
     let addr = line.rsplit(' ').next().expect("address").to_owned();
-    let config = root.join("edgecore.yaml");
-    let d = root.display();
-    write(
-        &config,
-        &format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: edge-under-test }}
-  {protocol}: {{ server: '{addr}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
-  tls: {{ ca-file: {d}/ca.crt, cert-file: {d}/node.crt, key-file: {d}/node.key }}
-  outbox: {{ path: {d}/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    );
+    let addr = addr.parse().expect("the kit's address");
+    let config = EdgeConfig::new(protocol, "edge-under-test", addr, root).write_in(root);
     let edge = EdgeCore::start(&config, PATIENCE);
     let stdin = kit.stdin.as_mut().expect("kit stdin");
     writeln!(stdin, "http://{}", edge.local).expect("hand the edge API to the kit");

@@ -11,7 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, binary, bootstrap_token, http, json_of, wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, binary, bootstrap_token, http, json_of,
+    wait_until,
 };
 use causeway_tests::drain::{exactly_once, wait_drained};
 use serde_json::{Value, json};
@@ -20,29 +21,7 @@ use serde_json::{Value, json};
 const PATIENCE: Duration = Duration::from_secs(90);
 
 fn edge_config(dir: &Path, protocol: &str, node: &str, cloud: &Cloud) -> PathBuf {
-    let d = dir.display();
-    let server = cloud.server(protocol);
-    let https = cloud.https;
-    let token = bootstrap_token(dir);
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {node} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    )
-    .expect("write edge config");
-    config
+    EdgeConfig::for_cloud(dir, protocol, node, cloud).write_in(dir)
 }
 
 /// Queues an ACK-required message for `node` (202).

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, Sse, bootstrap_token, http, json_of,
+    wait_until,
 };
 use causeway_tests::drain::{exactly_once, wait_drained};
 use serde_json::{Value, json};
@@ -103,29 +104,9 @@ fn wait_node_connected(cloud: &Cloud) {
 }
 
 fn edge_config(dir: &Path, protocol: &str, cloud: &Cloud, heartbeat: u64) -> PathBuf {
-    let d = dir.display();
-    let server = cloud.server(protocol);
-    let https = cloud.https;
-    let token = bootstrap_token(dir);
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: {heartbeat}, node-id: {NODE} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    )
-    .expect("write edge config");
-    config
+    EdgeConfig::for_cloud(dir, protocol, NODE, cloud)
+        .heartbeat(heartbeat)
+        .write_in(dir)
 }
 
 /// One protocol's full run; returns the exactly-once tallies for the report.

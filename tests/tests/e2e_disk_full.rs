@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, Daemon, EdgeCore as Edge, Sse, bootstrap_token, fields, http, http_with,
-    json_of, wait_until,
+    CloudCore as Cloud, Daemon, EdgeConfig, EdgeCore as Edge, Sse, bootstrap_token, fields, http,
+    http_with, json_of, wait_until,
 };
 use causeway_tests::disk::SmallDisk;
 use causeway_tests::drain::{exactly_once, wait_drained};
@@ -46,30 +46,10 @@ fn small_disk(test: &str) -> Option<SmallDisk> {
 }
 
 fn edge_config(dir: &Path, data: &Path, protocol: &str, node: &str, cloud: &Cloud) -> PathBuf {
-    let d = dir.display();
-    let data = data.display();
-    let server = cloud.server(protocol);
-    let https = cloud.https;
-    let token = bootstrap_token(dir);
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {node} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {data}/outbox.db, dedup-pending-ttl: 2 }}
-modules:
-  metamanager: {{ path: {data}/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    )
-    .expect("write edge config");
-    config
+    EdgeConfig::for_cloud(dir, protocol, node, cloud)
+        .stores_in(data)
+        .outbox("dedup-pending-ttl: 2")
+        .write_in(dir)
 }
 
 /// One upstream POST at the edge's local endpoint: the status, the head and the JSON body.
@@ -409,23 +389,7 @@ fn cloud_disk_full(protocol: &str) {
     std::fs::write(edge_dir.join("ca.crt"), ca.cert_pem()).expect("ca");
     certs::files::write_cert(&edge_dir.join("node.crt"), &issued.cert_pem).expect("crt");
     certs::files::write_key(&edge_dir.join("node.key"), &issued.key_pem).expect("key");
-    let e = edge_dir.display();
-    let config = root.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {node} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
-  tls: {{ ca-file: {e}/ca.crt, cert-file: {e}/node.crt, key-file: {e}/node.key }}
-  outbox: {{ path: {e}/outbox.db }}
-modules:
-  metamanager: {{ path: {e}/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    )
-    .expect("edge config");
+    let config = EdgeConfig::new(protocol, &node, server, &edge_dir).write_in(root);
     let mut edge = Edge::start(&config, PATIENCE);
     edge.wait_connected();
     let mut sse = Sse::open(api, PATIENCE, &format!("node={node}&since=0"));

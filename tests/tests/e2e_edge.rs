@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, outbox_rows,
-    wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, Sse, bootstrap_token, http, json_of,
+    outbox_rows, wait_until,
 };
 use causeway_tests::drain::wait_drained;
 use serde_json::{Value, json};
@@ -44,26 +44,10 @@ fn edge_config(
     https: SocketAddr,
     token: &str,
 ) -> PathBuf {
-    let d = dir.display();
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: edge-e2e }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 2, write-deadline: 2 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    )
-    .unwrap();
-    config
+    EdgeConfig::new(protocol, "edge-e2e", server, &dir.join("edge"))
+        .bootstrap(https, Some(token))
+        .deadlines(2)
+        .write_in(dir)
 }
 
 /// Posts a cloud message for the edge and waits for its ACK; returns the message id.

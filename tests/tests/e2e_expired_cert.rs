@@ -11,7 +11,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, Sse, bootstrap_token, http, json_of,
+    wait_until,
 };
 use causeway_tests::drain::{exactly_once, wait_drained};
 use serde_json::json;
@@ -19,26 +20,9 @@ use serde_json::json;
 const PATIENCE: Duration = Duration::from_secs(90);
 
 fn write_config(root: &Path, protocol: &str, node: &str, cloud: &Cloud, token: Option<&str>) {
-    let d = root.display();
-    let server = cloud.server(protocol);
-    let https = cloud.https;
-    let token = token.map_or(String::new(), |t| format!("  token: '{t}'\n"));
-    std::fs::write(
-        root.join("edgecore.yaml"),
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {node} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-{token}  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    )
-    .expect("edge config");
+    EdgeConfig::new(protocol, node, cloud.server(protocol), &root.join("edge"))
+        .bootstrap(cloud.https, token)
+        .write_in(root);
 }
 
 fn expired_certificate_comes_back(protocol: &str) {

@@ -17,8 +17,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, Placement, Sse, binary, bootstrap_token, http, json_of,
-    outbox_rows, wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, Placement, Sse, binary, bootstrap_token,
+    http, json_of, outbox_rows, wait_until,
 };
 use linklab::scenario::{self, Scenario};
 use linklab::{CLOUD_ADDR, Lab, LabError, Netns};
@@ -180,29 +180,7 @@ fn exactly_once_in_order(what: &str, messages: &[Value], ids: &[String]) {
 }
 
 fn edge_config(dir: &Path, protocol: &str, node: &str, cloud: &Cloud) -> PathBuf {
-    let d = dir.display();
-    let server = cloud.server(protocol);
-    let https = cloud.https;
-    let token = bootstrap_token(dir);
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {node} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    )
-    .expect("write edge config");
-    config
+    EdgeConfig::for_cloud(dir, protocol, node, cloud).write_in(dir)
 }
 
 fn in_namespace(ns: &Netns) -> impl Fn(&Path) -> Command + '_ {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http, json_of, wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, bootstrap_token, http, json_of, wait_until,
 };
 use causeway_tests::drain::wait_drained;
 use serde_json::{Value, json};
@@ -27,28 +27,11 @@ const PATIENCE: Duration = Duration::from_secs(60);
 const NODE: &str = "edge-meta";
 
 fn edge_config(dir: &Path, protocol: &str, cloud: &Cloud, token: &str) -> PathBuf {
-    let d = dir.display();
-    let server = cloud.server(protocol);
-    let https = cloud.https;
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {NODE} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 2, write-deadline: 2 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db, remote-query-timeout: 20 }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    )
-    .unwrap();
-    config
+    EdgeConfig::new(protocol, NODE, cloud.server(protocol), &dir.join("edge"))
+        .bootstrap(cloud.https, Some(token))
+        .deadlines(2)
+        .metamanager("remote-query-timeout: 20")
+        .write_in(dir)
 }
 
 fn configmap(name: &str, rv: u64) -> Value {

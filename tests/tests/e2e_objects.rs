@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http, json_of, wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, bootstrap_token, http, json_of, wait_until,
 };
 use causeway_tests::drain::wait_cloud_drained;
 use serde_json::{Value, json};
@@ -30,26 +30,10 @@ fn edge_config(
     https: SocketAddr,
     token: &str,
 ) -> PathBuf {
-    let d = dir.display();
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {NODE} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 2, write-deadline: 2 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    )
-    .unwrap();
-    config
+    EdgeConfig::new(protocol, NODE, server, &dir.join("edge"))
+        .bootstrap(https, Some(token))
+        .deadlines(2)
+        .write_in(dir)
 }
 
 fn put(api: SocketAddr, path: &str, body: &Value) -> Value {

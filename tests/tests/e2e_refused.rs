@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http, json_of,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, bootstrap_token, http, json_of,
 };
 use causeway_tests::drain::wait_drained;
 use serde_json::{Value, json};
@@ -21,29 +21,7 @@ const PATIENCE: Duration = Duration::from_secs(90);
 const NODE: &str = "edge-refused-e2e";
 
 fn edge_config(dir: &Path, protocol: &str, cloud: &Cloud) -> PathBuf {
-    let d = dir.display();
-    let server = cloud.server(protocol);
-    let https = cloud.https;
-    let token = bootstrap_token(dir);
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {NODE} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    )
-    .expect("write edge config");
-    config
+    EdgeConfig::for_cloud(dir, protocol, NODE, cloud).write_in(dir)
 }
 
 fn message(id: &str, group: &str, resource: &str) -> String {

@@ -11,7 +11,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use causeway_tests::daemon::{CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http};
+use causeway_tests::daemon::{
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, Sse, bootstrap_token, http,
+};
 use causeway_tests::drain::{exactly_once, wait_drained};
 use serde_json::json;
 
@@ -32,30 +34,7 @@ fn start_cloud(dir: &Path, ports: [u16; 4]) -> Cloud {
 /// The edge's config: KubeEdge's default upstream limit (30 msg/s, burst 60), which ACKs must
 /// not pay for.
 fn edge_config(dir: &Path, protocol: &str, cloud: &Cloud) -> PathBuf {
-    let d = dir.display();
-    let server = cloud.server(protocol);
-    let https = cloud.https;
-    let token = bootstrap_token(dir);
-    let node = node(protocol);
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {node} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 3, write-deadline: 3 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    )
-    .expect("write edge config");
-    config
+    EdgeConfig::for_cloud(dir, protocol, &node(protocol), cloud).write_in(dir)
 }
 
 /// Queues an ACK-required message for the node; the cloud has it durably once this returns.

@@ -19,7 +19,8 @@ use axum::extract::RawQuery;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http_with, json_of, wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, bootstrap_token, http_with, json_of,
+    wait_until,
 };
 use causeway_tests::drain::{node_view, wait_drained};
 
@@ -103,35 +104,20 @@ fn edge_config(
     token: &str,
     targets: &[SocketAddr],
 ) -> PathBuf {
-    let d = dir.display();
-    let server = cloud.server(protocol);
-    let https = cloud.https;
     let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
     let targets = targets.join(", ");
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {NODE} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 2, write-deadline: 2 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-  service-bus:
+    EdgeConfig::new(protocol, NODE, cloud.server(protocol), &dir.join("edge"))
+        .bootstrap(cloud.https, Some(token))
+        .deadlines(2)
+        .modules(&format!(
+            "  service-bus:
     enable: true
     allowed-targets: [{targets}]
     timeout: 2
     max-response-bytes: 1024
 "
-        ),
-    )
-    .expect("write config");
-    config
+        ))
+        .write_in(dir)
 }
 
 /// A proxy call through the cloud API: (status, response head, body).

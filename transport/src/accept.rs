@@ -33,7 +33,7 @@ impl Handshakes {
     }
 
     /// Waits for a handshake slot as [`Handshakes::permit`] does; `None` once `shutdown`
-    /// completes first. Both adapters' accept loops start each turn with it.
+    /// completes first.
     pub(crate) async fn permit_until(
         &self,
         shutdown: &mut Shutdown,
@@ -41,6 +41,21 @@ impl Handshakes {
         tokio::select! {
             () = shutdown => None,
             permit = self.permit() => permit,
+        }
+    }
+
+    /// One turn of an accept loop: waits for a handshake slot, then for `accept` (the socket's
+    /// next connection); `None` once `shutdown` completes first. Both adapters' loops are
+    /// `while let Some((permit, accepted)) = handshakes.next_turn(..)`.
+    pub(crate) async fn next_turn<T>(
+        &self,
+        shutdown: &mut Shutdown,
+        accept: impl Future<Output = T>,
+    ) -> Option<(OwnedSemaphorePermit, T)> {
+        let permit = self.permit_until(shutdown).await?;
+        tokio::select! {
+            () = shutdown => None,
+            accepted = accept => Some((permit, accepted)),
         }
     }
 

@@ -430,7 +430,7 @@ pub enum RecvError {
         detail: String,
     },
     /// The peer sent a message over the size cap. Peer's fault.
-    #[error("peer sent a message of {len} bytes; the limit is {max}")]
+    #[error("peer sent a message of {} bytes; the limit is {}", .len, .max)]
     TooLarge {
         /// Announced or observed length.
         len: u64,
@@ -444,7 +444,7 @@ pub enum RecvError {
         detail: String,
     },
     /// Nothing arrived within the read deadline / idle timeout: half-open link. Reconnect.
-    #[error("no data from peer for {after:?}; link presumed dead")]
+    #[error("no data from peer for {:?}; link presumed dead", .after)]
     Timeout {
         /// The configured deadline.
         after: Duration,

@@ -365,6 +365,30 @@ macro_rules! common_errors {
     };
 }
 
+/// A handler of one object by its path: [`get_one`] or [`delete_one`] with the path's
+/// namespace (none for a cluster-scoped object), resource and name. The OpenAPI attribute is
+/// passed through.
+macro_rules! one_object_handler {
+    ($(#[$attr:meta])* $name:ident: namespaced => $op:ident) => {
+        $(#[$attr])*
+        pub(super) async fn $name(
+            State(objects): State<Objects>,
+            Path((ns, resource, name)): Path<(String, String, String)>,
+        ) -> Response {
+            $op(objects, &ns, &resource, &name).await
+        }
+    };
+    ($(#[$attr:meta])* $name:ident: cluster => $op:ident) => {
+        $(#[$attr])*
+        pub(super) async fn $name(
+            State(objects): State<Objects>,
+            Path((resource, name)): Path<(String, String)>,
+        ) -> Response {
+            $op(objects, "", &resource, &name).await
+        }
+    };
+}
+
 /// Creates or replaces a namespaced object.
 #[utoipa::path(put, path = "/v1/namespaces/{ns}/{resource}/{name}", tag = "objects",
     description = concat!("Scope: send. The body is the object (JSON): `kind` and `metadata.name` / `metadata.namespace` may be left out and are filled in; if given they must match the path. `metadata.resourceVersion` makes the write conditional: it succeeds only if the stored object has that version. `uid` and `creationTimestamp` are the store's; a body without `status` keeps the stored status. Writing the same object again changes nothing (same resourceVersion). ", common_errors!()),
@@ -387,30 +411,24 @@ pub(super) async fn put_namespaced(
     }
 }
 
-/// One namespaced object.
-#[utoipa::path(get, path = "/v1/namespaces/{ns}/{resource}/{name}", tag = "objects",
-    description = concat!("Scope: read. ", common_errors!()),
-    params(("ns" = String, Path, description = "Namespace"), ("resource" = String, Path, description = "`pods`, `configmaps`, ..."), ("name" = String, Path, description = "Name")),
-    responses((status = 200, description = "The object", body = Object),
-        (status = 404, description = "`not_found`, `unknown_resource`", body = ErrorBody)))]
-pub(super) async fn get_namespaced(
-    State(objects): State<Objects>,
-    Path((ns, resource, name)): Path<(String, String, String)>,
-) -> Response {
-    get_one(objects, &ns, &resource, &name).await
+one_object_handler! {
+    /// One namespaced object.
+    #[utoipa::path(get, path = "/v1/namespaces/{ns}/{resource}/{name}", tag = "objects",
+        description = concat!("Scope: read. ", common_errors!()),
+        params(("ns" = String, Path, description = "Namespace"), ("resource" = String, Path, description = "`pods`, `configmaps`, ..."), ("name" = String, Path, description = "Name")),
+        responses((status = 200, description = "The object", body = Object),
+            (status = 404, description = "`not_found`, `unknown_resource`", body = ErrorBody)))]
+    get_namespaced: namespaced => get_one
 }
 
-/// Deletes a namespaced object.
-#[utoipa::path(delete, path = "/v1/namespaces/{ns}/{resource}/{name}", tag = "objects",
-    description = concat!("Scope: send. Answers the deleted object, whose `metadata.resourceVersion` is the deletion's; nodes that hold it are told. ", common_errors!()),
-    params(("ns" = String, Path, description = "Namespace"), ("resource" = String, Path, description = "`pods`, `configmaps`, ..."), ("name" = String, Path, description = "Name")),
-    responses((status = 200, description = "Deleted: the last object", body = Object),
-        (status = 404, description = "`not_found`, `unknown_resource`", body = ErrorBody)))]
-pub(super) async fn delete_namespaced(
-    State(objects): State<Objects>,
-    Path((ns, resource, name)): Path<(String, String, String)>,
-) -> Response {
-    delete_one(objects, &ns, &resource, &name).await
+one_object_handler! {
+    /// Deletes a namespaced object.
+    #[utoipa::path(delete, path = "/v1/namespaces/{ns}/{resource}/{name}", tag = "objects",
+        description = concat!("Scope: send. Answers the deleted object, whose `metadata.resourceVersion` is the deletion's; nodes that hold it are told. ", common_errors!()),
+        params(("ns" = String, Path, description = "Namespace"), ("resource" = String, Path, description = "`pods`, `configmaps`, ..."), ("name" = String, Path, description = "Name")),
+        responses((status = 200, description = "Deleted: the last object", body = Object),
+            (status = 404, description = "`not_found`, `unknown_resource`", body = ErrorBody)))]
+    delete_namespaced: namespaced => delete_one
 }
 
 /// Lists or watches the objects of a namespace.
@@ -470,30 +488,24 @@ pub(super) async fn put_cluster(
     }
 }
 
-/// One cluster-scoped object.
-#[utoipa::path(get, path = "/v1/cluster/{resource}/{name}", tag = "objects",
-    description = concat!("Scope: read. ", common_errors!()),
-    params(("resource" = String, Path, description = "`nodes`, `namespaces`"), ("name" = String, Path, description = "Name")),
-    responses((status = 200, description = "The object", body = Object),
-        (status = 404, description = "`not_found`, `unknown_resource`", body = ErrorBody)))]
-pub(super) async fn get_cluster(
-    State(objects): State<Objects>,
-    Path((resource, name)): Path<(String, String)>,
-) -> Response {
-    get_one(objects, "", &resource, &name).await
+one_object_handler! {
+    /// One cluster-scoped object.
+    #[utoipa::path(get, path = "/v1/cluster/{resource}/{name}", tag = "objects",
+        description = concat!("Scope: read. ", common_errors!()),
+        params(("resource" = String, Path, description = "`nodes`, `namespaces`"), ("name" = String, Path, description = "Name")),
+        responses((status = 200, description = "The object", body = Object),
+            (status = 404, description = "`not_found`, `unknown_resource`", body = ErrorBody)))]
+    get_cluster: cluster => get_one
 }
 
-/// Deletes a cluster-scoped object.
-#[utoipa::path(delete, path = "/v1/cluster/{resource}/{name}", tag = "objects",
-    description = concat!("Scope: send. ", common_errors!()),
-    params(("resource" = String, Path, description = "`nodes`, `namespaces`"), ("name" = String, Path, description = "Name")),
-    responses((status = 200, description = "Deleted: the last object", body = Object),
-        (status = 404, description = "`not_found`, `unknown_resource`", body = ErrorBody)))]
-pub(super) async fn delete_cluster(
-    State(objects): State<Objects>,
-    Path((resource, name)): Path<(String, String)>,
-) -> Response {
-    delete_one(objects, "", &resource, &name).await
+one_object_handler! {
+    /// Deletes a cluster-scoped object.
+    #[utoipa::path(delete, path = "/v1/cluster/{resource}/{name}", tag = "objects",
+        description = concat!("Scope: send. ", common_errors!()),
+        params(("resource" = String, Path, description = "`nodes`, `namespaces`"), ("name" = String, Path, description = "Name")),
+        responses((status = 200, description = "Deleted: the last object", body = Object),
+            (status = 404, description = "`not_found`, `unknown_resource`", body = ErrorBody)))]
+    delete_cluster: cluster => delete_one
 }
 
 /// Lists or watches cluster-scoped objects.

@@ -532,6 +532,46 @@ impl State {
     }
 }
 
+/// What [`insert_downstream`] does with a message id the node's queue already holds.
+#[derive(Clone, Copy)]
+enum OnConflict {
+    /// Inserts nothing and returns no row (a retried POST).
+    Nothing,
+    /// Fails with the constraint error (the caller removed the rows it replaces).
+    Fail,
+}
+
+/// Inserts `msg` into `node`'s downstream queue as pending; its `seq`, or `None` when
+/// [`OnConflict::Nothing`] skipped a known id. The one INSERT of both enqueue paths.
+fn insert_downstream(
+    conn: &Connection,
+    node: &str,
+    needs_ack: bool,
+    now_ms: i64,
+    msg: &Message,
+    on_conflict: OnConflict,
+) -> Result<Option<i64>, StoreError> {
+    let mut values = vec![
+        rusqlite::types::Value::Text(node.to_owned()),
+        rusqlite::types::Value::Integer(i64::from(needs_ack)),
+        rusqlite::types::Value::Integer(now_ms),
+    ];
+    values.extend(message_values(msg));
+    let conflict = match on_conflict {
+        OnConflict::Nothing => "ON CONFLICT (node, msg_id) DO NOTHING",
+        OnConflict::Fail => "",
+    };
+    let sql = format!(
+        "INSERT INTO downstream (node, needs_ack, enqueued_ms, {MESSAGE_COLUMNS})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+         {conflict} RETURNING seq"
+    );
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row(rusqlite::params_from_iter(values), |r| r.get(0))
+        .optional()?)
+}
+
 /// Message fields as SQL values, in [`MESSAGE_COLUMNS`] order ([`MessageRow`]'s).
 fn message_values(msg: &Message) -> [rusqlite::types::Value; 13] {
     use rusqlite::types::Value;
@@ -652,24 +692,9 @@ impl MessageStore for SqliteStore {
                     }),
                 };
             }
-            let mut values = vec![
-                rusqlite::types::Value::Text(node.clone()),
-                rusqlite::types::Value::Integer(i64::from(needs_ack)),
-                rusqlite::types::Value::Integer(b.now_ms),
-            ];
-            values.extend(message_values(&msg));
             // One statement in the usual case; a known id inserts nothing and returns no row.
-            let sql = format!(
-                "INSERT INTO downstream (node, needs_ack, enqueued_ms, {MESSAGE_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
-                 ON CONFLICT (node, msg_id) DO NOTHING RETURNING seq"
-            );
-            let inserted: Option<i64> =
-                b.tx.prepare_cached(&sql)
-                    .map_err(StoreError::from)?
-                    .query_row(rusqlite::params_from_iter(values), |r| r.get(0))
-                    .optional()
-                    .map_err(StoreError::from)?;
+            let inserted =
+                insert_downstream(&b.tx, &node, needs_ack, b.now_ms, &msg, OnConflict::Nothing)?;
             let Some(seq) = inserted else {
                 return match existing(b)? {
                     Some(seq) => Ok(duplicate(seq)),
@@ -728,22 +753,8 @@ impl MessageStore for SqliteStore {
                     limit,
                 });
             }
-            let mut values = vec![
-                rusqlite::types::Value::Text(node.clone()),
-                rusqlite::types::Value::Integer(i64::from(needs_ack)),
-                rusqlite::types::Value::Integer(b.now_ms),
-            ];
-            values.extend(message_values(&msg));
-            let sql = format!(
-                "INSERT INTO downstream (node, needs_ack, enqueued_ms, {MESSAGE_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
-                 RETURNING seq"
-            );
-            let seq: i64 = sp
-                .prepare_cached(&sql)
-                .map_err(StoreError::from)?
-                .query_row(rusqlite::params_from_iter(values), |r| r.get(0))
-                .map_err(StoreError::from)?;
+            let seq = insert_downstream(&sp, &node, needs_ack, b.now_ms, &msg, OnConflict::Fail)?
+                .ok_or_else(|| StoreError::Corrupt("insert returned no row".into()))?;
             sp.commit().map_err(StoreError::from)?;
             let depth = b.state.depth.entry(node.clone()).or_default();
             depth.pending = depth.pending.saturating_sub(pending) + 1;

@@ -47,6 +47,25 @@ where
     }
 }
 
+/// A daemon's `main`: with `--defaultconfig` (`print_defaults`) prints `defaults`, its complete
+/// commented default configuration, and exits; otherwise runs it as [`main`] does.
+pub fn main_or_defaults<F, E>(
+    name: &str,
+    print_defaults: bool,
+    defaults: &str,
+    run: impl FnOnce() -> F,
+) -> ExitCode
+where
+    F: Future<Output = Result<(), E>>,
+    E: AsRef<dyn std::error::Error + Send + Sync + 'static>,
+{
+    if print_defaults {
+        print!("{defaults}");
+        return ExitCode::SUCCESS;
+    }
+    main(name, run)
+}
+
 /// Modules that failed or overran the shutdown grace: their problems, joined by `; `.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]

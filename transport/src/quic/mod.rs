@@ -151,14 +151,9 @@ impl QuicAdapter {
             local_addr,
             config.max_concurrent_handshakes,
             move |mut handshakes| async move {
-                loop {
-                    let Some(permit) = handshakes.permit_until(&mut shutdown).await else {
-                        break;
-                    };
-                    let incoming = tokio::select! {
-                        () = &mut shutdown => break,
-                        incoming = endpoint.accept() => incoming,
-                    };
+                while let Some((permit, incoming)) =
+                    handshakes.next_turn(&mut shutdown, endpoint.accept()).await
+                {
                     let Some(incoming) = incoming else { break };
                     handshakes.spawn(permit, serve_handshake(ctx.clone(), incoming));
                 }

@@ -103,14 +103,9 @@ impl WsAdapter {
             local_addr,
             config.max_concurrent_handshakes,
             move |mut handshakes| async move {
-                loop {
-                    let Some(permit) = handshakes.permit_until(&mut shutdown).await else {
-                        break;
-                    };
-                    let accepted = tokio::select! {
-                        () = &mut shutdown => break,
-                        accepted = listener.accept() => accepted,
-                    };
+                while let Some((permit, accepted)) =
+                    handshakes.next_turn(&mut shutdown, listener.accept()).await
+                {
                     match accepted {
                         Ok((tcp, remote)) => {
                             handshakes.spawn(permit, serve_handshake(ctx.clone(), tcp, remote));
