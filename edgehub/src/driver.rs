@@ -12,13 +12,12 @@
 //! the connection while the bus is slow, and modules wait on EdgeHub's inbox while the outbox is
 //! full.
 
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::info;
 
 use beehive::ModuleContext;
 use proto::close::SessionCloseCode;
@@ -27,7 +26,7 @@ use session::edge::{Action, DisconnectReason, EdgeSession, Event, SessionEvent};
 use crate::config::EdgeHubConfig;
 use crate::deliver::{Deliveries, Delivery, Refusal};
 use crate::link::{self, Inbound, Link};
-use crate::outbox::{DedupVerdict, OpenError, Outbox};
+use crate::outbox::DedupVerdict;
 use crate::pump::OutboxPump;
 use crate::stats::{self, Counters};
 

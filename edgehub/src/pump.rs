@@ -97,10 +97,15 @@ impl OutboxPump {
 
     /// Completes when the failed storage operations are to be tried again
     /// ([`OutboxPump::retry`]); never while none is scheduled.
-    pub(crate) async fn retry_due(&self) {
-        match self.retry_at {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
+    /// The future owns the deadline, so the driver's select holds no borrow of the pump (which
+    /// is not `Sync`).
+    pub(crate) fn retry_due(&self) -> impl Future<Output = ()> + Send + 'static {
+        let retry_at = self.retry_at;
+        async move {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
         }
     }
 

@@ -11,8 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, binary, bootstrap_token, http, json_of,
-    wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, binary, http, json_of, wait_until,
 };
 use causeway_tests::drain::{exactly_once, wait_drained};
 use serde_json::{Value, json};

@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, Sse, bootstrap_token, http, json_of,
-    wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, Sse, http, json_of, wait_until,
 };
 use causeway_tests::drain::{exactly_once, wait_drained};
 use serde_json::{Value, json};

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, Daemon, EdgeConfig, EdgeCore as Edge, Sse, bootstrap_token, fields, http,
-    http_with, json_of, wait_until,
+    CloudCore as Cloud, Daemon, EdgeConfig, EdgeCore as Edge, Sse, fields, http, http_with,
+    json_of, wait_until,
 };
 use causeway_tests::disk::SmallDisk;
 use causeway_tests::drain::{exactly_once, wait_drained};

@@ -17,8 +17,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, Placement, Sse, binary, bootstrap_token,
-    http, json_of, outbox_rows, wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, Placement, Sse, binary, http, json_of,
+    outbox_rows, wait_until,
 };
 use linklab::scenario::{self, Scenario};
 use linklab::{CLOUD_ADDR, Lab, LabError, Netns};

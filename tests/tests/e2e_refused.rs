@@ -9,9 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, bootstrap_token, http, json_of,
-};
+use causeway_tests::daemon::{CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, http, json_of};
 use causeway_tests::drain::wait_drained;
 use serde_json::{Value, json};
 

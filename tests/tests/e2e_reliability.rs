@@ -11,9 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, Sse, bootstrap_token, http,
-};
+use causeway_tests::daemon::{CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, Sse, http};
 use causeway_tests::drain::{exactly_once, wait_drained};
 use serde_json::json;
 

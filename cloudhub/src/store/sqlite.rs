@@ -694,7 +694,7 @@ impl MessageStore for SqliteStore {
             }
             // One statement in the usual case; a known id inserts nothing and returns no row.
             let inserted =
-                insert_downstream(&b.tx, &node, needs_ack, b.now_ms, &msg, OnConflict::Nothing)?;
+                insert_downstream(b.tx, &node, needs_ack, b.now_ms, &msg, OnConflict::Nothing)?;
             let Some(seq) = inserted else {
                 return match existing(b)? {
                     Some(seq) => Ok(duplicate(seq)),
