@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick start: a cloudcore and an edgecore talking over QUIC (or PROTOCOL=websocket) on loopback, with
 # freshly generated certificates; one message goes from the cloud API to the edge (ACKed by the edge)
-# and one from the edge to the cloud (read back from the cloud API's stream). Then both stop.
+# and one from the edge to the cloud (read back from the cloud API's stream); a configmap applied in
+# the cloud is read at the edge, and read again once cloudcore is stopped. Then both stop.
 #
 # Environment: PROTOCOL=quic|websocket (default quic), PORT_BASE (default 20000: WebSocket, QUIC,
 # bootstrap, API, edge-local on PORT_BASE..PORT_BASE+4), WORKDIR (default: a new temporary directory),
@@ -105,5 +106,21 @@ curl -sf -X POST "http://127.0.0.1:$local_port/v1/upstream" -H 'content-type: ap
 echo
 wait "$tail_pid" || fail "the edge's message did not reach the cloud stream"
 cat "$work/tail.out"
+
+say "the resource path: a configmap applied in the cloud, read at the edge, read again without the cloud"
+cat > "$work/settings.yaml" <<EOF
+apiVersion: v1
+kind: ConfigMap
+metadata: { namespace: default, name: settings }
+data: { mode: edge }
+EOF
+"$causeway" apply --api "$CAUSEWAY_API" -f "$work/settings.yaml"
+"$causeway" get --api "$CAUSEWAY_API" nodes     # the node object, Ready while connected
+# The edge lacks it (no pod there references it), so metamanager asks the cloud and stores it.
+curl -sf "http://127.0.0.1:$local_port/api/v1/namespaces/default/configmaps/settings" && echo
+kill -TERM "${pids[0]}" && wait "${pids[0]}" || true
+say "cloudcore stopped; the edge still serves the configmap"
+curl -sf "http://127.0.0.1:$local_port/api/v1/namespaces/default/configmaps/settings" && echo \
+    || fail "the edge did not serve the configmap without the cloud"
 
 say "done: stopping both daemons (working files in $work)"

@@ -221,16 +221,17 @@ pub(crate) fn run_get(args: GetArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         println!(
-            "{:<20} {:<40} {:>16}",
+            "{:<20} {:<40} {:>16}  STATUS",
             "NAMESPACE", "NAME", "RESOURCEVERSION"
         );
         for item in body["items"].as_array().into_iter().flatten() {
             let meta = &item["metadata"];
             println!(
-                "{:<20} {:<40} {:>16}",
+                "{:<20} {:<40} {:>16}  {}",
                 meta["namespace"].as_str().unwrap_or("-"),
                 meta["name"].as_str().unwrap_or("-"),
                 meta["resourceVersion"].as_str().unwrap_or("-"),
+                status_column(item),
             );
         }
         Ok(())
@@ -332,5 +333,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(json[0]["kind"], "Pod");
+    }
+}
+
+/// What `get`'s STATUS column shows: a node's Ready condition (`Ready`, `NotReady`, `Unknown`), a
+/// pod's phase, else `-`.
+fn status_column(item: &serde_json::Value) -> String {
+    let status = &item["status"];
+    let ready = status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Ready")
+        .and_then(|c| c["status"].as_str());
+    match (item["kind"].as_str(), ready) {
+        (Some("Node"), Some("True")) => "Ready".to_owned(),
+        (Some("Node"), Some("False")) => "NotReady".to_owned(),
+        (Some("Node"), Some(other)) => other.to_owned(),
+        _ => status["phase"].as_str().unwrap_or("-").to_owned(),
     }
 }
