@@ -338,7 +338,7 @@ mod tests {
 
 /// What `get`'s STATUS column shows: a node's Ready condition (`Ready`, `NotReady`, `Unknown`), a
 /// pod's phase, else `-`.
-fn status_column(item: &serde_json::Value) -> String {
+fn status_column(item: &Value) -> String {
     let status = &item["status"];
     let ready = status["conditions"]
         .as_array()
