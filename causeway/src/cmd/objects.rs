@@ -307,6 +307,24 @@ pub(crate) fn run_delete(args: DeleteArgs) -> anyhow::Result<()> {
     })
 }
 
+/// What `get`'s STATUS column shows: a node's Ready condition (`Ready`, `NotReady`, `Unknown`), a
+/// pod's phase, else `-`.
+fn status_column(item: &Value) -> String {
+    let status = &item["status"];
+    let ready = status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Ready")
+        .and_then(|c| c["status"].as_str());
+    match (item["kind"].as_str(), ready) {
+        (Some("Node"), Some("True")) => "Ready".to_owned(),
+        (Some("Node"), Some("False")) => "NotReady".to_owned(),
+        (Some("Node"), Some(other)) => other.to_owned(),
+        _ => status["phase"].as_str().unwrap_or("-").to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,23 +351,5 @@ mod tests {
         )
         .unwrap();
         assert_eq!(json[0]["kind"], "Pod");
-    }
-}
-
-/// What `get`'s STATUS column shows: a node's Ready condition (`Ready`, `NotReady`, `Unknown`), a
-/// pod's phase, else `-`.
-fn status_column(item: &Value) -> String {
-    let status = &item["status"];
-    let ready = status["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["type"] == "Ready")
-        .and_then(|c| c["status"].as_str());
-    match (item["kind"].as_str(), ready) {
-        (Some("Node"), Some("True")) => "Ready".to_owned(),
-        (Some("Node"), Some("False")) => "NotReady".to_owned(),
-        (Some("Node"), Some(other)) => other.to_owned(),
-        _ => status["phase"].as_str().unwrap_or("-").to_owned(),
     }
 }
