@@ -140,10 +140,6 @@ impl Module for CloudHubModule {
         MODULE_NAME
     }
 
-    fn group(&self) -> &str {
-        MODULE_NAME
-    }
-
     fn start(
         self: Arc<Self>,
         mut ctx: ModuleContext,

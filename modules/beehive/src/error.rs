@@ -163,6 +163,12 @@ impl ModuleError {
     pub fn msg(text: impl Into<String>) -> Self {
         Self::Failed(text.into().into())
     }
+
+    /// `module` could not open its store at `path`: the start-up failure every module with a
+    /// file of its own reports the same way.
+    pub fn opening(module: &str, path: &std::path::Path, err: impl std::fmt::Display) -> Self {
+        Self::msg(format!("{module}: opening {}: {err}", path.display()))
+    }
 }
 
 macro_rules! module_error_from {

@@ -26,8 +26,11 @@ pub trait Module: Send + Sync + 'static {
     fn name(&self) -> &str;
 
     /// The group the module belongs to (for example `hub`, `meta`); group sends reach every
-    /// member. An empty group means none.
-    fn group(&self) -> &str;
+    /// member. An empty group means none. By default a module is the one member of a group
+    /// named after it, as KubeEdge's cloud modules are.
+    fn group(&self) -> &str {
+        self.name()
+    }
 
     /// Runs the module. Return `Ok(())` after shutdown, or an error if the module cannot go on;
     /// either way the other modules keep running. A module still running `grace` after shutdown

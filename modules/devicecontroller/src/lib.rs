@@ -96,23 +96,17 @@ impl Module for DeviceController {
         MODULE_NAME
     }
 
-    fn group(&self) -> &str {
-        MODULE_NAME
-    }
-
     fn start(self: Arc<Self>, ctx: ModuleContext) -> BoxFuture<'static, Result<(), ModuleError>> {
         Box::pin(async move {
-            let cursor = Cursor::open(&self.cursor_path).map_err(|e| {
-                ModuleError::msg(format!(
-                    "devicecontroller: opening {}: {e}",
-                    self.cursor_path.display()
-                ))
-            })?;
+            let cursor = Cursor::open(&self.cursor_path)
+                .map_err(|e| ModuleError::opening(MODULE_NAME, &self.cursor_path, e))?;
+            // How far into the upstream log this module had read when it last stopped.
+            let upstream_at = cursor.get().map_err(|e| ModuleError::msg(e.to_string()))?;
             let mut c = Controller {
                 hub: self.hub.clone(),
                 objects: Arc::clone(&self.objects),
                 stats: Arc::clone(&self.stats),
-                upstream_at: cursor.get().map_err(|e| ModuleError::msg(e.to_string()))?,
+                upstream_at,
                 cursor,
                 devices: BTreeMap::new(),
                 objects_at: 0,

@@ -108,12 +108,8 @@ impl Module for DeviceTwin {
         mut ctx: ModuleContext,
     ) -> BoxFuture<'static, Result<(), ModuleError>> {
         Box::pin(async move {
-            let store = TwinStore::open(&self.config.path).map_err(|e| {
-                ModuleError::msg(format!(
-                    "devicetwin: opening {}: {e}",
-                    self.config.path.display()
-                ))
-            })?;
+            let store = TwinStore::open(&self.config.path)
+                .map_err(|e| ModuleError::opening(MODULE_NAME, &self.config.path, e))?;
             let devices = store.load().map_err(|e| ModuleError::msg(e.to_string()))?;
             tracing::info!(path = %self.config.path.display(), devices = devices.len(),
                 "devicetwin started");

@@ -93,18 +93,10 @@ impl Module for EdgeController {
         MODULE_NAME
     }
 
-    fn group(&self) -> &str {
-        MODULE_NAME
-    }
-
     fn start(self: Arc<Self>, ctx: ModuleContext) -> BoxFuture<'static, Result<(), ModuleError>> {
         Box::pin(async move {
-            let sync = SyncStore::open(&self.sync_path).map_err(|e| {
-                ModuleError::msg(format!(
-                    "edgecontroller: opening {}: {e}",
-                    self.sync_path.display()
-                ))
-            })?;
+            let sync = SyncStore::open(&self.sync_path)
+                .map_err(|e| ModuleError::opening(MODULE_NAME, &self.sync_path, e))?;
             let mut controller = Controller {
                 hub: self.hub.clone(),
                 objects: Arc::clone(&self.objects),
