@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use causeway_tests::daemon::{
     CloudCore, EdgeConfig, EdgeCore, binary, http, json_of, outbox_rows, wait_until,
 };
-use causeway_tests::drain::{exactly_once, wait_cloud_drained};
+use causeway_tests::drain::exactly_once;
 use certs::{CertificateAuthority, NodeId, Validity};
 
 /// Bound on daemon start-up and on the kit's whole run.
@@ -160,7 +160,10 @@ fn kit_edge_against_cloudcore(protocol: &'static str) {
     kit.wait_for("ACTION: stop the cloud now")
         .expect("the kit asks for the cloud to be stopped");
     // Every case but the shutdown has run: whatever the kit's nodes were sent is acknowledged,
-    // no queue holds anything.
+    // no queue holds anything of the kit's. Not counted: what edgecontroller sends each node that
+    // connects (its Node object, KubeEdge's resource path). The kit is a bare KubeEdge transport
+    // peer with no metamanager to store and answer it; the resource path has its own tests
+    // (e2e_objects, e2e_metamanager) with an edge that does.
     let (code, body) = http(cloud.api, "GET", "/v1/nodes", "");
     assert_eq!(code, 200, "{body}");
     let nodes = json_of(&body);
@@ -171,13 +174,34 @@ fn kit_edge_against_cloudcore(protocol: &'static str) {
         .filter_map(|n| n["id"].as_str())
         .collect();
     assert!(nodes.contains(&"kit-edge"), "{nodes:?}");
-    for node in nodes {
-        wait_cloud_drained(cloud.api, node, PATIENCE);
-    }
+    let store = root.join("cloudcore.db");
+    wait_until(
+        "the kit's downstream messages all acknowledged",
+        PATIENCE,
+        || {
+            let db = rusqlite::Connection::open_with_flags(
+                &store,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .map_err(|e| e.to_string())?;
+            let open: i64 = db
+            .query_row(
+                "SELECT COUNT(*) FROM downstream WHERE state < 2 AND source != 'edgecontroller'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| e.to_string())?;
+            if open == 0 {
+                Ok(())
+            } else {
+                Err(format!("{open} open"))
+            }
+        },
+    );
     assert_eq!(cloud.daemon.stop(), Some(0), "cloudcore exits 0 on SIGTERM");
     kit.finish(&format!("edge role over {protocol}"));
     // The store, read once cloudcore is gone: each downstream message the kit was sent ended
-    // acknowledged (none open, failed or cancelled), and the upstream log holds each id once.
+    // acknowledged (none open, failed or cancelled; edgecontroller's Node objects aside, above), and the upstream log holds each id once.
     let db = rusqlite::Connection::open_with_flags(
         root.join("cloudcore.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -185,13 +209,17 @@ fn kit_edge_against_cloudcore(protocol: &'static str) {
     .expect("the cloud's store");
     let not_acked: i64 = db
         .query_row(
-            "SELECT COUNT(*) FROM downstream WHERE state != 2",
+            "SELECT COUNT(*) FROM downstream WHERE state != 2 AND source != 'edgecontroller'",
             [],
             |r| r.get(0),
         )
         .expect("count");
     let acked: i64 = db
-        .query_row("SELECT COUNT(*) FROM downstream", [], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM downstream WHERE source != 'edgecontroller'",
+            [],
+            |r| r.get(0),
+        )
         .expect("count");
     assert_eq!(
         not_acked, 0,
