@@ -47,6 +47,29 @@ pub fn wait_cloud_drained(api: SocketAddr, node: &str, patience: Duration) {
     });
 }
 
+/// Receives on `conn` until the Node object that the cloud sends every node that connects
+/// (edgecontroller, the resource path) and answers it as an edge does: for tests whose edge is
+/// a bare connection, so that the cloud's queue then holds only what the test sends.
+pub async fn answer_node_object(conn: &dyn transport::Connection, node: &str, patience: Duration) {
+    let resource = format!("node/{node}");
+    loop {
+        let msg = tokio::time::timeout(patience, conn.recv())
+            .await
+            .expect("the Node object within the patience")
+            .expect("recv")
+            .expect("open");
+        if msg.route.resource.ends_with(&resource) {
+            conn.send(proto::Message::response_to(
+                &msg,
+                proto::Content::text("OK"),
+            ))
+            .await
+            .expect("answer");
+            return;
+        }
+    }
+}
+
 /// Asserts every id in `ids` was counted exactly once in `counts` (`what` names the traffic).
 pub fn exactly_once(what: &str, counts: &HashMap<String, usize>, ids: &[String]) {
     let wrong: Vec<(&String, Option<&usize>)> = ids

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use causeway_tests::daemon::{Daemon, fields, http, json_of, parse_response, wait_until};
-use causeway_tests::drain::wait_cloud_drained;
+use causeway_tests::drain::{answer_node_object, wait_cloud_drained};
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use transport::{Connection, Protocol};
@@ -158,6 +158,10 @@ fn api_flood_is_bounded_and_loses_nothing() {
         });
     };
     node_state(true);
+    // The cloud sends a node that connects its Node object (edgecontroller, the resource path);
+    // this edge answers it as an edge does, so that afterwards the queue holds only the flood.
+    runtime.block_on(answer_node_object(&*conn, NODE, PATIENCE));
+    wait_cloud_drained(api, NODE, PATIENCE);
     let _ = runtime.block_on(conn.close("back later"));
     drop(conn);
     node_state(false);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use causeway_tests::daemon::{Daemon, fields, http, json_of, wait_until};
-use causeway_tests::drain::wait_cloud_drained;
+use causeway_tests::drain::{answer_node_object, wait_cloud_drained};
 use serde_json::json;
 use transport::{Connection, Protocol};
 
@@ -134,6 +134,10 @@ fn slow_edge(protocol: &str) {
             Err(body)
         }
     });
+    // The cloud sends a node that connects its Node object (edgecontroller); answered here, so
+    // the queue's whole room is left for the test's messages.
+    runtime.block_on(answer_node_object(&*conn, NODE, PATIENCE));
+    wait_cloud_drained(api, NODE, PATIENCE);
     let pid = cloud.pid();
     let before = rss_kib(pid);
 
