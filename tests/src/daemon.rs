@@ -650,9 +650,10 @@ impl EdgeCore {
             .find(|m| m["header"]["msg_id"] == id)
     }
 
-    /// How often each cloud message id is journaled by the edge's metamanager.
-    pub fn received(&self) -> HashMap<String, usize> {
-        let mut counts = HashMap::new();
+    /// Every cloud message the edge's metamanager journaled, in the order it stored them (the
+    /// local API's `/v1/messages`, read page by page).
+    pub fn journal(&self) -> Vec<Value> {
+        let mut out = Vec::new();
         let mut after = 0;
         loop {
             let (code, body) = http(
@@ -665,15 +666,22 @@ impl EdgeCore {
             let page = json_of(&body);
             let messages = page["messages"].as_array().cloned().unwrap_or_default();
             if messages.is_empty() {
-                return counts;
+                return out;
             }
-            for m in &messages {
-                if let Some(id) = m["message"]["header"]["msg_id"].as_str() {
-                    *counts.entry(id.to_owned()).or_default() += 1;
-                }
-            }
+            out.extend(messages.into_iter().map(|m| m["message"].clone()));
             after = page["next"].as_u64().expect("next cursor");
         }
+    }
+
+    /// How often each cloud message id is journaled by the edge's metamanager.
+    pub fn received(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for m in self.journal() {
+            if let Some(id) = m["header"]["msg_id"].as_str() {
+                *counts.entry(id.to_owned()).or_default() += 1;
+            }
+        }
+        counts
     }
 }
 

@@ -49,28 +49,6 @@ fn delete(api: SocketAddr, path: &str) -> Value {
     json_of(&text)
 }
 
-/// Every cloud message the edge's local store holds, in the order it stored them.
-fn edge_messages(edge: &Edge) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut after = 0;
-    loop {
-        let (code, body) = http(
-            edge.local,
-            "GET",
-            &format!("/v1/messages?after={after}&limit=1000"),
-            "",
-        );
-        assert_eq!(code, 200, "{body}");
-        let page = json_of(&body);
-        let messages = page["messages"].as_array().cloned().unwrap_or_default();
-        if messages.is_empty() {
-            return out;
-        }
-        out.extend(messages.iter().map(|m| m["message"].clone()));
-        after = page["next"].as_u64().expect("next");
-    }
-}
-
 /// The edge's view: per resource, the last operation and resourceVersion it stored.
 fn edge_state(messages: &[Value]) -> BTreeMap<String, (String, u64)> {
     let mut state = BTreeMap::new();
@@ -94,7 +72,7 @@ fn acked(api: SocketAddr, id: &str) -> bool {
 /// Waits until the edge's last word on each of `want` is (op, rv); returns all its messages.
 fn wait_edge(edge: &Edge, want: &[(&str, &str, u64)]) -> Vec<Value> {
     wait_until("the edge holds the cloud's objects", PATIENCE, || {
-        let messages = edge_messages(edge);
+        let messages = edge.journal();
         let state = edge_state(&messages);
         for (resource, op, rv) in want {
             let got = state.get(*resource);
@@ -174,7 +152,7 @@ fn objects(protocol: &str) {
     // `update`, or `insert` when the controller saw the change before the first ACK (both
     // are upserts at the edge); the version is what matters.
     wait_until("the update reaches the edge", PATIENCE, || {
-        let state = edge_state(&edge_messages(&edge));
+        let state = edge_state(&edge.journal());
         match state.get("default/configmap/cm-a") {
             Some((op, rv)) if *rv == rv_of(&cm2) && (op == "update" || op == "insert") => Ok(()),
             other => Err(format!("{other:?}")),
@@ -186,7 +164,7 @@ fn objects(protocol: &str) {
         "the pod and its unreferenced configmap are deleted at the edge",
         PATIENCE,
         || {
-            let state = edge_state(&edge_messages(&edge));
+            let state = edge_state(&edge.journal());
             let pod_gone =
                 state.get("default/pod/p1") == Some(&("delete".to_owned(), rv_of(&deleted)));
             let cm_gone = state
@@ -220,7 +198,7 @@ fn objects(protocol: &str) {
         &json!({"spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "busybox", "envFrom": env_from}]}}),
     );
     wait_until("the edge holds 100 configmaps", PATIENCE, || {
-        let m = edge_messages(&edge);
+        let m = edge.journal();
         let held = edge_state(&m)
             .iter()
             .filter(|(k, (op, _))| k.starts_with("default/configmap/cm-") && op == "insert")
@@ -233,7 +211,7 @@ fn objects(protocol: &str) {
     });
     wait_cloud_drained(api, NODE, PATIENCE);
     // Taken once the queue drained: every earlier message (the pod too) has arrived.
-    let before = edge_messages(&edge);
+    let before = edge.journal();
 
     // The edge goes away; 100 objects change meanwhile (150 changes).
     assert_eq!(edge.daemon.stop(), Some(0));
@@ -287,7 +265,7 @@ fn objects(protocol: &str) {
         .map(|o| (o["metadata"]["name"].as_str().unwrap().to_owned(), rv_of(o)))
         .collect();
     wait_until("the edge converges to the cloud's state", PATIENCE, || {
-        let m = edge_messages(&edge);
+        let m = edge.journal();
         let state = edge_state(&m);
         for name in &names {
             let key = format!("default/configmap/{name}");
@@ -306,7 +284,8 @@ fn objects(protocol: &str) {
         Ok(())
     });
     wait_cloud_drained(api, NODE, PATIENCE);
-    let after = edge_messages(&edge)
+    let after = edge
+        .journal()
         .into_iter()
         .skip(before.len())
         .collect::<Vec<_>>();
