@@ -93,7 +93,14 @@ pub struct QuicAdapter;
 impl_adapter!(QuicAdapter, Protocol::Quic, Udp, Tcp, "UDP");
 
 /// quinn's transport settings for a link: idle timeout = read deadline, PINGs at the keep-alive
-/// interval, bidirectional streams only, bounded windows.
+/// interval, bidirectional streams only, bounded windows, BBR congestion control.
+///
+/// BBR, not quinn's default Cubic, by measurement (`docs/lossy-links.md`, `lossy_links`
+/// benchmark): with 5 % random loss at 100 ms RTT Cubic took a loss in nearly every round trip
+/// as congestion and kept its window at the minimum (median latency 153-191 ms at 50 msg/s
+/// each way against 56 ms for BBR, and 10 MB not sent in 90 s against 20 Mb/s); on the 2 Mb/s
+/// satellite link goodput went from 31-33 % to 70 % of the link and on `lossy-2` from 43-45 %
+/// to 88 %; the clean link's latency did not change.
 fn transport_config(link: &LinkConfig) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     let idle = IdleTimeout::try_from(link.read_deadline).unwrap_or(IdleTimeout::from(VarInt::MAX));
@@ -104,7 +111,8 @@ fn transport_config(link: &LinkConfig) -> Arc<TransportConfig> {
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(u64::from(CONNECTION_WINDOW))
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(None)
+        .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     Arc::new(t)
 }
 
