@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::timeout;
 
+use super::probe::{MIN_PROBE_INTERVAL, SilenceProbe};
 use super::stream::{FrameReader, ReadEnd, stream_index};
 use super::{code, control};
 use crate::config::LinkConfig;
@@ -453,8 +454,9 @@ pub(crate) fn max_peer_streams() -> VarInt {
     VarInt::from_u32(crate::config::MAX_QUIC_STREAMS as u32 + 1)
 }
 
-/// The driver: accepts the peer's streams, reads ours, runs one reader per stream, and ends once
-/// the connection is gone and every reader has delivered what it had.
+/// The driver: accepts the peer's streams, reads ours, runs one reader per stream, sends a
+/// 1-byte DATAGRAM when the link has gone silent under our unacknowledged data ([`SilenceProbe`]),
+/// and ends once the connection is gone and every reader has delivered what it had.
 async fn drive(
     inner: Arc<Inner>,
     mut own_streams: mpsc::UnboundedReceiver<quinn::RecvStream>,
@@ -464,8 +466,19 @@ async fn drive(
     let mut readers = JoinSet::new();
     readers.spawn(read_control(inner.clone(), control_recv));
     let mut accepting = true;
+    let mut silence = SilenceProbe::new(std::time::Instant::now());
+    let mut probe_tick = tokio::time::interval(MIN_PROBE_INTERVAL);
+    probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = probe_tick.tick(), if accepting => {
+                let stats = inner.conn.stats();
+                let (tx, rx) = (stats.udp_tx.datagrams, stats.udp_rx.datagrams);
+                if silence.poll(std::time::Instant::now(), tx, rx, inner.conn.rtt()) {
+                    // A peer without DATAGRAM support refuses it: then only new data probes.
+                    let _ = inner.conn.send_datagram(Bytes::from_static(&[0]));
+                }
+            }
             accepted = inner.conn.accept_bi(), if accepting => match accepted {
                 Ok((send, recv)) => {
                     // We send on our own streams; dropping our half finishes it.

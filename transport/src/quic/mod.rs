@@ -16,9 +16,12 @@
 //!   silent peer is noticed within the deadline (W7);
 //! - graceful close: finish every stream, wait for the peer to acknowledge their data, then close
 //!   with code 0.
+//! - a silent link is probed while data waits (`probe.rs`): one packet past the congestion window
+//!   per round trip, a 1-byte DATAGRAM (discarded by the receiver) when no new data is queued.
 
 mod connection;
 mod control;
+mod probe;
 mod stream;
 
 use std::net::SocketAddr;
@@ -46,6 +49,10 @@ const CONTROL_MAX: usize = 64 * 1024;
 const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Receive window for the whole connection, and the most we buffer unacknowledged to send.
 const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// What we keep of received DATAGRAM frames (only probes, never read): quinn drops the oldest
+/// beyond it.
+const PROBE_DATAGRAM_BUFFER: usize = 1024;
 
 /// QUIC application error codes of the Causeway profile (CONNECTION_CLOSE of type 0x1d).
 pub mod code {
@@ -111,8 +118,8 @@ fn transport_config(link: &LinkConfig) -> Arc<TransportConfig> {
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(u64::from(CONNECTION_WINDOW))
-        .datagram_receive_buffer_size(None)
-        .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        .datagram_receive_buffer_size(Some(PROBE_DATAGRAM_BUFFER))
+        .congestion_controller_factory(Arc::new(probe::ProbingBbrConfig::default()));
     Arc::new(t)
 }
 
