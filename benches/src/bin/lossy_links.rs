@@ -11,7 +11,10 @@
 //!   this is the transport's own retransmission timer);
 //! - `rebind-port` / `rebind-addr`: whether the connection survived the NAT rebind;
 //! - `handshake-loss`: connection set-up time under 30 % loss;
-//! - `udp-blocked`: whether a connection could be made at all.
+//! - `udp-blocked`: whether a connection could be made at all;
+//! - head-of-line blocking (on `lossy-2`): the small messages' latency edge → cloud while
+//!   another resource streams bulk data on the same connection (QUIC: its own stream;
+//!   WebSocket: the one TCP stream).
 //!
 //! Root only (namespaces, TUN). Run: `cargo run -p causeway-benches --bin lossy_links`
 //! (`LOSSY_SCENARIOS=clean,lossy-5` for some scenarios only). Prints tables in Markdown.
@@ -40,6 +43,11 @@ const DISRUPT_AT: Duration = Duration::from_secs(3);
 const SMALL: usize = 1024;
 /// Goodput message payload.
 const LARGE: usize = 4096;
+/// Bulk message payload of the head-of-line measurement.
+const BULK: usize = 64 * 1024;
+/// The bulk resource (another QUIC stream than the small messages' `default/configmap/lossy`
+/// with the default 8 message streams).
+const BULK_RESOURCE: &str = "default/configmap/bulk";
 /// Connection attempts timed under `handshake-loss`.
 const CONNECTS: usize = 5;
 /// How long a receiver waits past the stream for stragglers.
@@ -165,6 +173,16 @@ fn message(size: usize, seq: usize) -> Message {
         .route("lossy", "resource", "default/configmap/lossy", "update")
         .content(Content::text("x".repeat(size)));
     msg.header.id = seq.to_string();
+    msg
+}
+
+/// A bulk message about [`BULK_RESOURCE`]; its id does not parse as a sequence number, so
+/// [`take`] skips it.
+fn bulk_message(seq: usize) -> Message {
+    let mut msg = Message::new("")
+        .route("lossy", "resource", BULK_RESOURCE, "update")
+        .content(Content::text("b".repeat(BULK)));
+    msg.header.id = format!("bulk-{seq}");
     msg
 }
 
@@ -360,6 +378,42 @@ fn goodput(ends: &Ends<'_>, pair: &Pair, rate_bps: Option<u64>) -> Result<f64> {
     Ok((n * LARGE * 8) as f64 / (end - start).as_secs_f64() / 1e6)
 }
 
+/// The small messages edge → cloud at the fixed rate while the edge pipelines bulk messages
+/// about another resource as fast as the connection takes them.
+fn head_of_line(ends: &Ends<'_>, pair: &Pair) -> Stream {
+    let n = (STREAM.as_secs() * RATE_PER_S) as usize;
+    let origin = Instant::now() + Duration::from_millis(100);
+    let until = origin + STREAM + GRACE;
+    let client = pair.client.clone();
+    let bulk = ends.edge.spawn(async move {
+        for seq in 0.. {
+            client.send(bulk_message(seq)).await?;
+        }
+        anyhow::Ok(())
+    });
+    let small = ends.edge.spawn(offer(pair.client.clone(), n, origin));
+    let served = pair.served.clone();
+    let recv = ends.cloud.spawn(async move {
+        // take() skips the bulk messages (their ids are not sequence numbers).
+        take(served, n, origin - Duration::from_millis(100), until).await
+    });
+    let (received, mut error) = ends
+        .cloud
+        .block_on(recv)
+        .unwrap_or_else(|e| (vec![None; n], Some(e.to_string())));
+    bulk.abort();
+    if let Ok(Err(e)) = ends.edge.block_on(small) {
+        error.get_or_insert(format!("send: {e}"));
+    }
+    Stream {
+        sent: (0..n as u64)
+            .map(|s| 100_000 + s * (1_000_000 / RATE_PER_S))
+            .collect(),
+        received,
+        error,
+    }
+}
+
 /// What one protocol did on one scenario.
 struct Outcome {
     protocol: Protocol,
@@ -367,6 +421,7 @@ struct Outcome {
     up: Option<Stream>,
     healed: Option<u64>,
     goodput: Option<Result<f64>>,
+    hol: Option<Stream>,
     connect_ms: Vec<f64>,
     failure: Option<String>,
 }
@@ -378,6 +433,7 @@ fn measure(lab: &Lab, scenario: &Scenario, protocol: Protocol, ends: &Ends<'_>) 
         up: None,
         healed: None,
         goodput: None,
+        hol: None,
         connect_ms: Vec::new(),
         failure: None,
     };
@@ -427,6 +483,14 @@ fn measure(lab: &Lab, scenario: &Scenario, protocol: Protocol, ends: &Ends<'_>) 
     out.healed = healed;
     if matches!(scenario.disruption, Disruption::None) && !broken {
         out.goodput = Some(goodput(ends, &pair, scenario.rate_bps()));
+    }
+    drop(pair);
+    if scenario.name == "lossy-2" {
+        // A fresh connection: the bulk stream is abandoned unread at the end.
+        match ends.pair(protocol) {
+            Ok(pair) => out.hol = Some(head_of_line(ends, &pair)),
+            Err(e) => out.failure = Some(format!("connect (head-of-line): {e:#}")),
+        }
     }
     out
 }
@@ -505,6 +569,23 @@ fn print_latency(scenario: &Scenario, outcomes: &[Outcome]) {
         if !o.connect_ms.is_empty() {
             let list: Vec<String> = o.connect_ms.iter().map(|v| ms(*v)).collect();
             extra = format!("set-up under 30 % loss: {} ms", list.join(", "));
+        }
+        if let Some(hol) = &o.hol {
+            let (n, p) = percentiles(hol);
+            extra = format!(
+                "small messages beside bulk ({} KiB messages on another resource) edge→cloud \
+                 {n}/{}: {} / {} / {} / {}{}",
+                BULK / 1024,
+                hol.sent.len(),
+                ms(p[0]),
+                ms(p[1]),
+                ms(p[2]),
+                ms(p[3]),
+                hol.error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
         }
         if let Some(f) = &o.failure {
             extra = format!("{extra} {f}");
