@@ -1007,6 +1007,50 @@ fn answers_bypass_the_rate_limiter_and_the_module_backlog() {
 }
 
 #[test]
+fn with_the_default_config_acks_go_far_faster_than_the_module_limit() {
+    // KubeEdge's defaults (30 msg/s, burst 60) protect the cloud from a runaway edge's module
+    // data; the ACKs of 3,000 delivered cloud messages in one second must not be held to them,
+    // while module data queued at the same time still is.
+    let config = SessionConfig::new(HB);
+    assert_eq!((config.message_qps, config.message_burst), (30.0, 60));
+    let mut h = Harness::new(config);
+    h.run_until(ms(200));
+    let g = Generation(1);
+    for i in 0..3_000 {
+        let cloud = cloud_message(&format!("c{i}"));
+        h.session.handle_message(h.now, g, cloud.clone());
+        h.session
+            .queue_answer(Message::response_to(&cloud, Content::text("OK")));
+        if i % 10 == 0 && h.session.upstream_capacity() > 0 {
+            h.session
+                .queue_upstream(upstream(&format!("m{i}")))
+                .unwrap();
+        }
+        h.drain();
+        // 3,000 messages spread over one second of cloud traffic.
+        if i % 3 == 0 {
+            h.run_until(h.elapsed() + Duration::from_millis(1));
+        }
+    }
+    h.run_until(ms(1_300));
+    let answers = h
+        .received
+        .iter()
+        .filter(|(_, _, m)| m.upstream_class() == UpstreamClass::Answer)
+        .count();
+    assert_eq!(answers, 3_000);
+    let stats = h.session.stats();
+    assert_eq!(stats.answers_rate_limited, 0);
+    assert_eq!(stats.answers_dropped, 0);
+    // Module data: the burst of 60 plus 30 per second for about 1.1 s, not one more.
+    let data = received_ids(&h)
+        .iter()
+        .filter(|id| id.starts_with('m'))
+        .count();
+    assert!((60..=95).contains(&data), "{data} module messages");
+}
+
+#[test]
 fn answers_beyond_what_was_delivered_pay_the_rate_limit() {
     // An edge cannot flood the cloud with answers to messages it never received.
     let mut config = SessionConfig::new(HB);
