@@ -32,6 +32,8 @@ use crate::store::{Applied, MetaStore, StoreError};
 
 /// The module's name on the bus (KubeEdge's).
 pub const MODULE_NAME: &str = "metamanager";
+/// Most cloud messages stored in one transaction (one fsync for all of them).
+const MAX_BATCH: usize = 256;
 
 /// The metamanager module. Its store is opened when it is created, so a bad path fails
 /// edgecore's start and MetaServer can share the store before the hive runs.
@@ -102,9 +104,17 @@ async fn run(module: &MetaManager, mut ctx: ModuleContext) {
         remote_timeout: module.config.remote_query_timeout(),
     });
     tracing::info!(path = %module.store.path().display(), "metamanager started");
-    // One message at a time, in arrival order: per key, the cloud's order is the order applied
-    // (KubeEdge's M4). Only a query that asks the cloud runs beside the loop.
-    while let Some(msg) = ctx.recv().await {
+    // In arrival order: per key, the cloud's order is the order applied (KubeEdge's M4). Only a
+    // query that asks the cloud runs beside the loop.
+    let mut held = None;
+    loop {
+        let msg = match held.take() {
+            Some(msg) => msg,
+            None => match ctx.recv().await {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
         let route = &msg.route;
         if route.source == CONNECTION_EVENT_SOURCE && route.operation == CONNECTION_EVENT_OPERATION
         {
@@ -113,9 +123,23 @@ async fn run(module: &MetaManager, mut ctx: ModuleContext) {
                 Some(CLOUD_DISCONNECTED) => shared.connected.store(false, Ordering::Relaxed),
                 _ => {}
             }
-        } else if route.group == GROUP_RESOURCE || route.group == GROUP_FUNC {
-            let outcome = store_cloud(&shared, &msg);
-            answer_cloud(&shared, &msg, &outcome).await;
+        } else if is_cloud_change(&msg) {
+            // Group commit: the cloud messages already waiting are stored with this one in one
+            // transaction and one fsync, then acknowledged; a lone message never waits for more.
+            let mut batch = vec![msg];
+            while batch.len() < MAX_BATCH {
+                match ctx.try_recv() {
+                    Some(next) if is_cloud_change(&next) => batch.push(next),
+                    next => {
+                        held = next;
+                        break;
+                    }
+                }
+            }
+            let outcomes = store_cloud_batch(&shared, &batch);
+            for (msg, outcome) in batch.iter().zip(&outcomes) {
+                answer_cloud(&shared, msg, outcome).await;
+            }
         } else if route.operation == OP_QUERY {
             query(&shared, msg);
         } else {
@@ -127,6 +151,44 @@ async fn run(module: &MetaManager, mut ctx: ModuleContext) {
             reply(&shared.bus, local_error(&msg, text));
         }
     }
+}
+
+/// Whether `msg` is a cloud message for the store (group `resource` or `func`).
+fn is_cloud_change(msg: &Message) -> bool {
+    msg.route.group == GROUP_RESOURCE || msg.route.group == GROUP_FUNC
+}
+
+/// Reads and stores cloud messages in one transaction, with the outcomes storing them one by one
+/// would have (which it falls back to when anything in the batch fails).
+fn store_cloud_batch(shared: &Shared, batch: &[Message]) -> Vec<Outcome> {
+    if batch.len() == 1 {
+        return vec![store_cloud(shared, &batch[0])];
+    }
+    let inspected: Vec<_> = batch.iter().map(decide::inspect).collect();
+    let storable: Vec<(&Message, &CloudChange)> = batch
+        .iter()
+        .zip(&inspected)
+        .filter_map(|(msg, change)| Some((msg, change.as_ref().ok()?)))
+        .collect();
+    let Some(applied) = shared.store.apply_batch(&storable) else {
+        return batch.iter().map(|msg| store_cloud(shared, msg)).collect();
+    };
+    if !storable.is_empty() && shared.store.set_write_problem(None).is_some() {
+        tracing::info!("metamanager: storing works again; acknowledging cloud messages");
+    }
+    let mut applied = applied.into_iter();
+    inspected
+        .into_iter()
+        .zip(batch)
+        .map(|(change, msg)| match change {
+            Err(refusal) => Outcome::Refused(refusal),
+            Ok(change) => match applied.next() {
+                Some(applied) => Outcome::Stored(change, applied),
+                // apply_batch answers every storable message; never reached.
+                None => store_cloud(shared, msg),
+            },
+        })
+        .collect()
 }
 
 /// Reads and stores one cloud message.

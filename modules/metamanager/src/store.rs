@@ -188,13 +188,53 @@ impl MetaStore {
     /// writes the plan and the journal row in one transaction, committed when this returns `Ok`.
     /// A message whose id is journaled already is not applied again ([`Applied::Duplicate`]).
     pub fn apply(&self, msg: &Message, change: &CloudChange) -> Result<Applied, StoreError> {
-        let key = change.resource.key();
         let mut conn = lock(&self.conn);
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        if !msg.header.id.is_empty() && journaled(&tx, &msg.header.id).map_err(|e| self.err(e))? {
-            return Ok(Applied::Duplicate);
+        let (applied, change_out) = self.apply_in(&tx, msg, change).map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        drop(conn);
+        if let Some(change) = change_out {
+            // No watcher is no error.
+            let _ = self.changes.send(change);
         }
-        let stored = stored_state(&tx, &key).map_err(|e| self.err(e))?;
+        Ok(applied)
+    }
+
+    /// [`MetaStore::apply`] for several messages in one transaction and one fsync (group
+    /// commit), in order, with exactly the outcomes applying them one by one would have. `None`
+    /// when any of them failed or the commit did: nothing of the batch is then stored, and the
+    /// caller applies them one by one to learn which failed and why.
+    pub fn apply_batch(&self, batch: &[(&Message, &CloudChange)]) -> Option<Vec<Applied>> {
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction().ok()?;
+        let mut applied = Vec::with_capacity(batch.len());
+        let mut changes = Vec::new();
+        for (msg, change) in batch {
+            // An error drops `tx`, which rolls the whole batch back.
+            let (outcome, change_out) = self.apply_in(&tx, msg, change).ok()?;
+            applied.push(outcome);
+            changes.extend(change_out);
+        }
+        tx.commit().ok()?;
+        drop(conn);
+        for change in changes {
+            let _ = self.changes.send(change);
+        }
+        Some(applied)
+    }
+
+    /// The writes of one cloud message inside `tx`, and the change to publish once committed.
+    fn apply_in(
+        &self,
+        tx: &Transaction<'_>,
+        msg: &Message,
+        change: &CloudChange,
+    ) -> rusqlite::Result<(Applied, Option<Change>)> {
+        let key = change.resource.key();
+        if !msg.header.id.is_empty() && journaled(tx, &msg.header.id)? {
+            return Ok((Applied::Duplicate, None));
+        }
+        let stored = stored_state(tx, &key)?;
         let plan = decide::decide(change, stored.as_ref());
         let now = proto::now_millis();
         let change_out = match (&plan, &change.action) {
@@ -216,8 +256,7 @@ impl MetaStore {
                         change.uid,
                         now
                     ],
-                )
-                .map_err(|e| self.err(e))?;
+                )?;
                 Some(Change {
                     event: if *created {
                         ChangeEvent::Added
@@ -235,7 +274,7 @@ impl MetaStore {
                 })
             }
             (Plan::Delete, _) => {
-                let last = object(&tx, &key).map_err(|e| self.err(e))?;
+                let last = object(tx, &key)?;
                 let rv = change
                     .resource_version
                     .max(stored.as_ref().and_then(|s| s.resource_version));
@@ -243,15 +282,13 @@ impl MetaStore {
                     "UPDATE meta SET deleted = 1, resource_version = ?2, updated_ms = ?3
                      WHERE key = ?1",
                     params![key, rv.map(to_sql_rv), now],
-                )
-                .map_err(|e| self.err(e))?;
+                )?;
                 tx.execute(
                     "DELETE FROM meta WHERE deleted = 1 AND key NOT IN
                          (SELECT key FROM meta WHERE deleted = 1
                           ORDER BY updated_ms DESC LIMIT ?1)",
                     [MAX_TOMBSTONES],
-                )
-                .map_err(|e| self.err(e))?;
+                )?;
                 last.map(|object| Change {
                     event: ChangeEvent::Deleted,
                     object,
@@ -259,14 +296,8 @@ impl MetaStore {
             }
             _ => None,
         };
-        self.journal_in(&tx, msg).map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))?;
-        drop(conn);
-        if let Some(change) = change_out {
-            // No watcher is no error.
-            let _ = self.changes.send(change);
-        }
-        Ok(Applied::Done(plan))
+        self.journal_in(tx, msg)?;
+        Ok((Applied::Done(plan), change_out))
     }
 
     /// Committed changes from now on. A receiver that falls more than 1024 changes behind gets
@@ -596,5 +627,71 @@ mod tests {
             .collect();
         assert_eq!(ids, ["b", "c", "d"]);
         assert_eq!(store.journal(rows[1].0, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_batch_has_the_outcomes_of_one_by_one_in_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let batched = MetaStore::open(&dir.path().join("batched.db"), 100).unwrap();
+        let single = MetaStore::open(&dir.path().join("single.db"), 100).unwrap();
+        let (c, p) = ("default/configmap/c", "default/pod/p");
+        let messages = [
+            msg("a", "insert", c, 5),
+            msg("a", "insert", c, 5),
+            msg("b", "update", c, 4),
+            msg("d", "insert", p, 1),
+            msg("e", "delete", p, 2),
+            msg("f", "update", c, 9),
+        ];
+        let changes: Vec<CloudChange> = messages.iter().map(|m| inspect(m).unwrap()).collect();
+        let mut watch = batched.subscribe();
+        let batch: Vec<(&Message, &CloudChange)> = messages.iter().zip(&changes).collect();
+        let outcomes = batched.apply_batch(&batch).expect("the batch commits");
+        let expected: Vec<Applied> = messages.iter().map(|m| apply(&single, m)).collect();
+        assert_eq!(outcomes, expected);
+        assert_eq!(outcomes[1], Applied::Duplicate);
+        for store in [&batched, &single] {
+            assert_eq!(store.get(c).unwrap().unwrap().resource_version, Some(9));
+            assert_eq!(store.get(p).unwrap(), None);
+            assert_eq!(store.journal_count().unwrap(), 5);
+        }
+        let events: Vec<ChangeEvent> = std::iter::from_fn(|| watch.try_recv().ok())
+            .map(|change| change.event)
+            .collect();
+        assert_eq!(
+            events,
+            [
+                ChangeEvent::Added,
+                ChangeEvent::Added,
+                ChangeEvent::Deleted,
+                ChangeEvent::Modified
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failing_batch_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetaStore::open(&dir.path().join("meta.db"), 100).unwrap();
+        // A trigger that refuses one object makes the batch fail part-way.
+        lock(&store.conn)
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE INSERT ON meta WHEN NEW.name = 'bad'
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
+        let messages = [
+            msg("a", "insert", "default/configmap/good", 1),
+            msg("b", "insert", "default/configmap/bad", 1),
+        ];
+        let changes: Vec<CloudChange> = messages.iter().map(|m| inspect(m).unwrap()).collect();
+        let batch: Vec<(&Message, &CloudChange)> = messages.iter().zip(&changes).collect();
+        assert_eq!(store.apply_batch(&batch), None);
+        assert_eq!(store.object_count().unwrap(), 0);
+        assert_eq!(store.journal_count().unwrap(), 0);
+        // One by one, the good one is stored and the bad one fails.
+        assert!(store.apply(&messages[0], &changes[0]).is_ok());
+        assert!(store.apply(&messages[1], &changes[1]).is_err());
+        assert_eq!(store.object_count().unwrap(), 1);
     }
 }

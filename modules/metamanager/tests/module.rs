@@ -188,6 +188,57 @@ async fn cloud_objects_are_acked_after_the_commit_in_version_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_cloud_messages_is_acked_once_each_after_its_commit() {
+    // Sent faster than metamanager stores them, they are stored in group commits: every message
+    // still gets exactly its own answer, after the commit, and per key in the cloud's order.
+    let mut edge = start();
+    let bus = edge.bus.clone();
+    let mut expected = Vec::new();
+    for i in 0..300 {
+        let (id, msg) = if i % 50 == 7 {
+            // A refusal in the middle of a batch.
+            let id = format!("bad{i}");
+            (id.clone(), cloud(&id, "update", "default/configmap", "1"))
+        } else {
+            let id = format!("b{i}");
+            let key = format!("default/configmap/k{}", i % 10);
+            (id.clone(), cloud(&id, "update", &key, &(i + 1).to_string()))
+        };
+        expected.push(id);
+        bus.send_to_group("meta", msg).await.unwrap();
+        if i == 150 {
+            // A query between cloud messages is answered from what was stored before it.
+            assert_ne!(
+                query(&bus, "default/configmap/k0").await.content,
+                Content::Json(Value::Null)
+            );
+        }
+    }
+    let mut answered = Vec::new();
+    for _ in 0..expected.len() {
+        let (answer, committed) = next(&mut edge.to_cloud).await;
+        let refused = answer.header.parent_id.starts_with("bad");
+        assert_eq!(
+            answer.route.operation,
+            if refused { "error" } else { "response" }
+        );
+        assert!(refused || committed, "{answer:?} left before its commit");
+        answered.push(answer.header.parent_id);
+    }
+    assert_eq!(answered, expected, "one answer each, in arrival order");
+    assert_eq!(edge.store.journal_count().unwrap(), 294);
+    for k in 0..10 {
+        let key = format!("default/configmap/k{k}");
+        let last = (0..300).rev().find(|i| i % 10 == k && i % 50 != 7).unwrap();
+        assert_eq!(
+            edge.store.get(&key).unwrap().unwrap().resource_version,
+            Some(last + 1)
+        );
+    }
+    assert!(edge.hive.shutdown().await.is_clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_answer_locally_and_ask_the_cloud_only_when_connected() {
     let mut edge = start();
     let bus = edge.bus.clone();
