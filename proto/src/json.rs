@@ -72,7 +72,7 @@ pub fn from_slice(bytes: &[u8]) -> Result<Message, DecodeError> {
 fn to_string(msg: &Message) -> String {
     let h = &msg.header;
     let r = &msg.route;
-    let mut out = String::with_capacity(160 + content_size_hint(&msg.content));
+    let mut out = String::with_capacity(capacity_for(msg));
     out.push_str(r#"{"header":{"msg_id":"#);
     write_str(&mut out, &h.id);
     if !h.parent_id.is_empty() {
@@ -127,9 +127,29 @@ fn to_string(msg: &Message) -> String {
     out
 }
 
+/// Room for the keys and punctuation (210 bytes with every field and the WebSocket's newline),
+/// the timestamp's digits and the values unescaped: a message is written without growing its
+/// buffer unless something needs escaping or its content is a JSON value other than a string.
+fn capacity_for(msg: &Message) -> usize {
+    let (h, r) = (&msg.header, &msg.route);
+    let values = [&h.id, &h.parent_id, &h.resource_version, &h.message_type]
+        .into_iter()
+        .chain([
+            &r.source,
+            &r.destination,
+            &r.group,
+            &r.operation,
+            &r.resource,
+        ])
+        .map(String::len)
+        .sum::<usize>();
+    210 + 20 + values + content_size_hint(&msg.content)
+}
+
 fn content_size_hint(content: &Content) -> usize {
     match content {
-        Content::Bytes(b) => b.len() / 3 * 4 + 4,
+        // Base64 with padding, and its quotes.
+        Content::Bytes(b) => b.len().div_ceil(3) * 4 + 2,
         Content::Json(Value::String(s)) => s.len() + 2,
         Content::Json(_) => 64,
     }
@@ -209,11 +229,35 @@ fn write_go_float(out: &mut String, f: f64) {
     }
 }
 
+/// The bytes [`write_str`] must look at: those Go escapes (controls, `"`, `\\`, and `<`, `>`, `&`
+/// with HTML escaping on), and 0xE2, which starts U+2028 and U+2029.
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table[b'<' as usize] = true;
+    table[b'>' as usize] = true;
+    table[b'&' as usize] = true;
+    table[0xe2] = true;
+    table
+};
+
 /// A string as Go's `encoding/json` writes it with HTML escaping on (Go 1.22 and later).
 fn write_str(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push('"');
     let bytes = s.as_bytes();
+    // Ids, routes and most content need no escape: one table lookup a byte, one copy.
+    if !bytes.iter().any(|&b| NEEDS_ESCAPE[usize::from(b)]) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     let mut start = 0;
     let mut i = 0;
     while i < bytes.len() {
@@ -552,6 +596,24 @@ mod tests {
         ];
         for (f, want) in cases {
             assert_eq!(go_float(f), want, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn a_message_is_written_without_growing_its_buffer() {
+        let mut full = Message::with_header("3f2a".repeat(9), "parent-1", -1)
+            .route("edgecontroller", "resource", "ns/configmap/c", "update")
+            .content(Content::Bytes(vec![7; 64].into()));
+        full.route.destination = "edge-1".into();
+        full.header.resource_version = "123456".into();
+        full.header.sync = true;
+        full.header.message_type = "channel".into();
+        full.header.timestamp = i64::MIN;
+        let text = Message::new("a").content(Content::text("x".repeat(100)));
+        for msg in [full, text, Message::default()] {
+            let written = to_ws_text(&msg);
+            assert!(written.len() <= capacity_for(&msg), "{written}");
+            assert_eq!(written.capacity(), capacity_for(&msg), "{written}");
         }
     }
 
