@@ -33,6 +33,18 @@ impl SpawnedCloud {
     /// a restart), room for `nodes` nodes, listening on loopback `ports` (websocket, quic, api;
     /// 0 = any free one). Returns once it logged where it listens; its stderr is drained.
     pub fn start(bin: &str, dir: &Path, nodes: usize, ports: [u16; 3]) -> Self {
+        Self::start_with(bin, dir, nodes, ports, "normal")
+    }
+
+    /// [`SpawnedCloud::start`] with the message store's `durability` (`full`, the default of
+    /// a real deployment, or `normal`, which the load benchmarks use).
+    pub fn start_with(
+        bin: &str,
+        dir: &Path,
+        nodes: usize,
+        ports: [u16; 3],
+        durability: &str,
+    ) -> Self {
         let [ws, quic, api] = ports;
         let config = dir.join("cloudcore.yaml");
         let yaml = format!(
@@ -41,7 +53,7 @@ impl SpawnedCloud {
              https: {{ enable: false, address: 127.0.0.1, port: 0 }}\n  \
              api: {{ enable: true, address: 127.0.0.1, port: {api} }}\n  \
              node-limit: {}\n  tls: {{ cert-dir: {} }}\n  \
-             queue: {{ path: {}, durability: normal }}\n",
+             queue: {{ path: {}, durability: {durability}, limit-per-node: 1000000 }}\n",
             nodes + 16,
             dir.join("pki").display(),
             dir.join("cloudcore.db").display()
@@ -212,4 +224,128 @@ pub fn keepalive() -> Message {
     Message::new("")
         .route("websocket", "resource", "node", "keepalive")
         .content(proto::Content::text("ping"))
+}
+
+/// An edgecore this benchmark started, with its local API's address.
+#[derive(Debug)]
+pub struct SpawnedEdge {
+    /// The process (SIGTERM it with [`SpawnedEdge::stop`]).
+    pub child: Child,
+    /// The local API (`host:port`): `/v1/status`, `/v1/upstream`.
+    pub local: String,
+}
+
+impl SpawnedEdge {
+    /// Starts `bin` with `yaml` written to `<dir>/edgecore.yaml` (the local API must listen on
+    /// `127.0.0.1:0`). Returns once it logged where its local API listens; its stderr is drained.
+    pub fn start(bin: &str, dir: &Path, yaml: &str) -> Self {
+        let config = dir.join("edgecore.yaml");
+        std::fs::write(&config, yaml).expect("write config");
+        let mut child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn,edgecore=info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let listening = loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("local API listening") => break line,
+                Some(Ok(_)) => {}
+                _ => panic!("edgecore exited before its local API listened"),
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        let local = listening
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("addr="))
+            .expect("addr= in the local API's line")
+            .to_owned();
+        Self { child, local }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking HTTP/1.1 client on one kept-alive connection, so a benchmark measures the server
+/// rather than TCP handshakes. It understands what the daemons' APIs answer: a `Content-Length`
+/// body (never chunked for JSON answers).
+#[derive(Debug)]
+pub struct KeepAlive {
+    addr: String,
+    reader: BufReader<TcpStream>,
+}
+
+impl KeepAlive {
+    /// Connects to `addr` (`host:port`).
+    pub fn connect(addr: &str) -> Result<Self, String> {
+        let stream = TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(Self {
+            addr: addr.to_owned(),
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// One request; returns (status, body).
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> Result<(u16, String), String> {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        self.reader
+            .get_mut()
+            .write_all(request.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut status = 0;
+        let mut length = 0;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("connection closed".into());
+            }
+            let trimmed = line.trim_end();
+            if trimmed.is_empty() {
+                break;
+            }
+            if let Some(code) = trimmed.strip_prefix("HTTP/1.1 ") {
+                status = code.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+            } else if let Some((name, value)) = trimmed.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().map_err(|_| "bad content-length")?;
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader
+            .read_exact(&mut body)
+            .map_err(|e| e.to_string())?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
 }
