@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use causeway_benches::{KeepAlive, SpawnedCloud, SpawnedEdge, metrics, wait_connected};
+use causeway_benches::{KeepAlive, SpawnedCloud, SpawnedEdge, metrics, rss_kib, wait_connected};
 use certs::files::CertDir;
 use certs::{NodeId, Validity};
 use transport::Protocol;
@@ -59,6 +59,8 @@ struct Figures {
     outboxed: f64,
     /// Upstream messages accepted by the cloud per second, end to end.
     upstream_accepted: f64,
+    /// edgecore's resident memory, connected and idle, before the traffic.
+    edge_idle_rss_kib: u64,
 }
 
 fn main() -> Result<()> {
@@ -105,11 +107,12 @@ fn main() -> Result<()> {
         .context("the executable's directory")?
         .to_owned();
     println!(
-        "durable_push: {} messages downstream, {} upstream, {} senders; median of one run each",
+        "durable_push: {} messages downstream, {} upstream, {} senders; one run each (repeat \
+         and take medians)",
         options.messages, options.upstream, options.senders
     );
     println!(
-        "{:<10} {:<7} {:>12} {:>12} {:>8} {:>12} {:>12} {:>14}",
+        "{:<10} {:<7} {:>12} {:>12} {:>8} {:>12} {:>12} {:>14} {:>12}",
         "protocol",
         "sync",
         "API msg/s",
@@ -117,7 +120,8 @@ fn main() -> Result<()> {
         "resends",
         "outbox msg/s",
         "up msg/s",
-        "vs KubeEdge"
+        "vs KubeEdge",
+        "edge idle"
     );
     for &protocol in &options.protocols {
         for durability in &options.durabilities {
@@ -128,7 +132,7 @@ fn main() -> Result<()> {
                 _ => 5_800.0,
             };
             println!(
-                "{:<10} {:<7} {:>12.0} {:>12.0} {:>8} {:>12.0} {:>12.0} {:>13.1}x",
+                "{:<10} {:<7} {:>12.0} {:>12.0} {:>8} {:>12.0} {:>12.0} {:>13.1}x {:>8.1} MiB",
                 protocol.as_str(),
                 durability,
                 f.accepted,
@@ -136,7 +140,8 @@ fn main() -> Result<()> {
                 f.resends,
                 f.outboxed,
                 f.upstream_accepted,
-                f.acked / kubeedge
+                f.acked / kubeedge,
+                f.edge_idle_rss_kib as f64 / 1024.0
             );
         }
     }
@@ -193,6 +198,9 @@ fn run_with_cloud(
     runtime
         .block_on(wait_connected(&cloud.api, protocol, 1, PATIENCE))
         .map_err(anyhow::Error::msg)?;
+    // edgecore idle with its default modules, connected, before any traffic.
+    std::thread::sleep(Duration::from_secs(2));
+    let edge_idle_rss_kib = rss_kib(edge.pid()).map_err(anyhow::Error::msg)?;
     let resends_before = counter(&cloud.api, "cloudhub_resends_total")?;
     let start = Instant::now();
     post_all(&cloud.api, options.senders, options.messages, |i| {
@@ -252,6 +260,7 @@ fn run_with_cloud(
         resends,
         outboxed,
         upstream_accepted,
+        edge_idle_rss_kib,
     })
 }
 
