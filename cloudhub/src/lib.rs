@@ -28,6 +28,8 @@
 //!   the reply, handed over by the node's driver.
 //! - [`upstream`]: which cloud module an edge message goes to (by source, as KubeEdge), handed
 //!   over by the node drivers; modules that are not registered leave it on the application path.
+//! - [`ownership`]: scale-out mode's node leases across cloudcore instances (sans-IO rules; the
+//!   bucket is JetStream key-value), and [`store::nats_server`], a local nats-server for tests.
 //! - [`auth`]: the cloud API's credentials (hashed bearer tokens with scopes, client certificates).
 //! - [`metrics`]: counters and the Prometheus text exposition.
 //! - [`config`]: `cloudcore.yaml`, typed.
@@ -53,6 +55,7 @@ pub mod hub;
 pub mod metrics;
 pub mod module;
 pub mod objects;
+pub mod ownership;
 pub mod proxy;
 mod registry;
 pub mod store;
