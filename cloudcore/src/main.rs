@@ -23,6 +23,8 @@ use cloudhub::bootstrap::BootstrapConfig;
 use cloudhub::config::{CloudcoreConfig, DEFAULT_YAML};
 use cloudhub::module::{ApiServing, Bound, CloudHubModule};
 use cloudhub::objects::sqlite::SqliteObjects;
+use cloudhub::store::MessageStore;
+use cloudhub::store::jetstream::JetStreamStore;
 use cloudhub::store::sqlite::SqliteStore;
 use devicecontroller::DeviceController;
 use edgecontroller::EdgeController;
@@ -55,13 +57,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Checked before anything is created or bound: an exposed API without TLS is refused.
     let api_tls = hub_config.api_uses_tls()?;
     let pki = pki::ensure(hub_config)?;
-    let store = SqliteStore::open(hub_config.store_config()).with_context(|| {
-        format!(
-            "opening the message store {}",
-            hub_config.queue.path.display()
-        )
-    })?;
-    let hub = Hub::new(hub_config.hub_config(), Arc::new(store));
+    let store: Arc<dyn MessageStore> = match hub_config.jetstream_config()? {
+        Some(js) => {
+            let url = js.url.clone();
+            Arc::new(
+                JetStreamStore::open(js)
+                    .await
+                    .with_context(|| format!("opening the message store on JetStream {url}"))?,
+            )
+        }
+        None => Arc::new(
+            SqliteStore::open(hub_config.store_config()).with_context(|| {
+                format!(
+                    "opening the message store {}",
+                    hub_config.queue.path.display()
+                )
+            })?,
+        ),
+    };
+    let hub = Hub::new(hub_config.hub_config(), store);
     let objects_path = hub_config.objects_path();
     let objects = Arc::new(
         SqliteObjects::open(&objects_path)

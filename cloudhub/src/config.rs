@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use beehive::config::{ConfigError, Seconds, from_yaml, load_yaml};
 
 use crate::hub::HubConfig;
+use crate::store::jetstream::JetStreamConfig;
 use crate::store::sqlite::{Durability, SqliteConfig};
 use session::node::{Pace, SessionConfig};
 
@@ -335,6 +336,39 @@ pub struct QueueSection {
     /// `full` (survives power loss; default) or `normal` (survives crashes, faster).
     #[serde(default)]
     pub durability: Durability,
+    /// Where the queues, the upstream log and node records live: `sqlite` (this instance's
+    /// file at `path`; default) or `jetstream` (shared by every cloudcore on the same JetStream,
+    /// settings in `jetstream`; docs/scale-out.md).
+    #[serde(default)]
+    pub store: StoreKind,
+    /// The JetStream server and names, for `store: jetstream`. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jetstream: Option<JetStreamSection>,
+}
+
+/// `cloudhub.queue.store`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    /// The embedded SQLite file (one cloudcore).
+    #[default]
+    Sqlite,
+    /// NATS JetStream (several cloudcores sharing a fleet).
+    Jetstream,
+}
+
+/// `cloudhub.queue.jetstream`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct JetStreamSection {
+    /// NATS server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222`. Required.
+    pub url: String,
+    /// Prefix of the buckets, stream and subjects: one per fleet. Default `causeway`.
+    #[serde(default = "default_jetstream_prefix")]
+    pub prefix: String,
+    /// Copies JetStream keeps of each write: 1 on one server, 3 on a cluster. Default 1.
+    #[serde(default = "default_replicas")]
+    pub replicas: NonZeroU32,
 }
 
 impl Default for QueueSection {
@@ -344,6 +378,8 @@ impl Default for QueueSection {
             limit_per_node: default_queue_limit(),
             upstream_window: default_queue_limit(),
             durability: Durability::default(),
+            store: StoreKind::default(),
+            jetstream: None,
         }
     }
 }
@@ -437,6 +473,12 @@ fn default_cert_dir() -> PathBuf {
 fn default_queue_path() -> PathBuf {
     PathBuf::from("/var/lib/causeway/cloudcore.db")
 }
+fn default_jetstream_prefix() -> String {
+    "causeway".into()
+}
+fn default_replicas() -> NonZeroU32 {
+    nz32(1)
+}
 fn default_queue_limit() -> NonZeroU64 {
     NonZeroU64::new(10_000).unwrap_or(NonZeroU64::MIN)
 }
@@ -494,6 +536,27 @@ impl CloudHubConfig {
             durability: self.queue.durability,
             ..SqliteConfig::new(&self.queue.path)
         }
+    }
+
+    /// The JetStream store's settings with `store: jetstream` (`None` with `store: sqlite`);
+    /// an error if the `jetstream` section with its `url` is missing.
+    pub fn jetstream_config(&self) -> Result<Option<JetStreamConfig>, ConfigError> {
+        if self.queue.store == StoreKind::Sqlite {
+            return Ok(None);
+        }
+        let section = self.queue.jetstream.as_ref().ok_or_else(|| {
+            ConfigError::Inconsistent(
+                "cloudhub.queue.store is jetstream but cloudhub.queue.jetstream (url) is missing"
+                    .into(),
+            )
+        })?;
+        Ok(Some(JetStreamConfig {
+            prefix: section.prefix.clone(),
+            replicas: usize::try_from(section.replicas.get()).unwrap_or(1),
+            queue_limit: self.queue.limit_per_node.get(),
+            upstream_window: self.queue.upstream_window.get(),
+            ..JetStreamConfig::new(section.url.as_str())
+        }))
     }
 
     /// The transport's link settings.
@@ -621,6 +684,10 @@ cloudhub:
     upstream-window: 10000
     # full: survives power loss. normal: survives crashes only, faster on slow disks.
     durability: full
+    # sqlite: the file above, one cloudcore. jetstream: NATS JetStream shared by several
+    # cloudcores, with a section `jetstream: { url: nats://HOST:4222, prefix: causeway,
+    # replicas: 1 }`; its server needs `jetstream { sync_interval: always }` (docs/scale-out.md).
+    store: sqlite
   delivery:
     # Unacknowledged messages in flight per node (KubeEdge: 1).
     window: 64
@@ -637,6 +704,35 @@ cloudhub:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_jetstream_store_needs_its_url() {
+        let yaml = "cloudhub:\n  queue:\n    store: jetstream\n";
+        let config = from_yaml::<CloudcoreConfig>(yaml, "x").expect("parses");
+        let err = config.cloudhub.jetstream_config().expect_err("no url");
+        assert!(
+            err.to_string().contains("cloudhub.queue.jetstream"),
+            "{err}"
+        );
+        let yaml = "cloudhub:\n  queue:\n    store: jetstream\n    jetstream:\n      url: nats://127.0.0.1:4222\n      replicas: 3\n";
+        let config = from_yaml::<CloudcoreConfig>(yaml, "x").expect("parses");
+        let js = config
+            .cloudhub
+            .jetstream_config()
+            .expect("valid")
+            .expect("jetstream");
+        assert_eq!(
+            (js.url.as_str(), js.prefix.as_str(), js.replicas),
+            ("nats://127.0.0.1:4222", "causeway", 3)
+        );
+        assert!(
+            CloudcoreConfig::default()
+                .cloudhub
+                .jetstream_config()
+                .expect("valid")
+                .is_none()
+        );
+    }
 
     #[test]
     fn default_yaml_parses_to_the_defaults() {
