@@ -114,6 +114,14 @@ edgehub:
     # Module -> cloud rate limit (keepalives are not limited).
     message-qps: 30
     message-burst: 60
+    # When `protocol` cannot connect (a network that drops UDP blocks QUIC): after `attempts`
+    # failed connects in a row use the other protocol, at the server of its section below;
+    # try `protocol` again every `probe-interval` seconds and move back once it connects.
+    # Messages move exactly once. The cloud must listen on both protocols.
+    fallback:
+      enable: false
+      attempts: 3
+      probe-interval: 60
   websocket:
     server: "127.0.0.1:10000"       # the cloud's host:port (a name or IP in its certificate)
     handshake-timeout: 30

@@ -6,7 +6,7 @@
 //! | Method & path | What |
 //! |---|---|
 //! | `POST /v1/upstream` | send a message to the cloud: `{"group", "resource", "operation", "content"?, "source"? (default "localapp"), "id"?}`; 202 `{"id": ...}` once it is committed to EdgeHub's outbox (it survives a crash); refusals carry `{"error", "code"}` and `Retry-After`: 507 `insufficient_storage` (disk full), 503 `outbox_full`, `storage_failing`, `busy`, or `unconfirmed` (not confirmed within 30 s; retry under the returned `id`, stored once per id); 413 larger than the outbox |
-//! | `GET /v1/status` | `{"cloud": "connected" \| "disconnected", "last_error": <the link's last failure, or null>, "stored": <journaled cloud messages>, "objects": <objects stored>, "storage_error": <why the outbox or metamanager cannot write (a full disk), or null>, "eventbus": <only when eventbus runs: {"broker": "connecting" \| "connected" \| "failed", "last_error", "connects", "to_twin", "uploads_stored", "uploads_not_stored", "published", "publish_dropped"}>}` |
+//! | `GET /v1/status` | `{"cloud": "connected" \| "disconnected", "last_error": <the link's last failure, or null>, "protocol": <"quic" \| "websocket": the link's protocol, or null>, "fallback": <true while on the other protocol than the configured one (`edgehub.controller.fallback`)>, "stored": <journaled cloud messages>, "objects": <objects stored>, "storage_error": <why the outbox or metamanager cannot write (a full disk), or null>, "eventbus": <only when eventbus runs: {"broker": "connecting" \| "connected" \| "failed", "last_error", "connects", "to_twin", "uploads_stored", "uploads_not_stored", "published", "publish_dropped"}>}` |
 //! | `GET /healthz` | `ok` |
 //!
 //! **A full disk.** While EdgeHub's outbox cannot write, `POST /v1/upstream` is refused at once
@@ -338,12 +338,13 @@ fn refused(status: StatusCode, code: &str, text: &str, id: Option<&str>) -> Resp
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Response {
-    let (connected, last_error) = match &shared.link {
+    let (connected, last_error, protocol, fallback) = match &shared.link {
         Some(link) => {
             let link = link.link();
-            (link.connected, link.last_error)
+            let protocol = link.protocol.map(|p| p.as_str());
+            (link.connected, link.last_error, protocol, link.fallback)
         }
-        None => (false, None),
+        None => (false, None, None, false),
     };
     let cloud = if connected {
         "connected"
@@ -367,7 +368,8 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
         Ok(counts) => {
             let (stored, objects) = counts.unzip();
             let mut body = json!({"cloud": cloud, "last_error": last_error, "stored": stored,
-                                  "objects": objects, "storage_error": storage_error});
+                                  "objects": objects, "storage_error": storage_error,
+                                  "protocol": protocol, "fallback": fallback});
             if let Some(eventbus) = &shared.eventbus {
                 body["eventbus"] = json!(eventbus.snapshot());
             }

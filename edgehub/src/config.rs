@@ -8,8 +8,9 @@
 //! [`from_yaml`] parses any config type with serde-saphyr and names the key path of an error
 //! (`edgehub.controller.heartbeat: ...`), for unknown keys and invalid values alike.
 //!
-//! `controller.protocol` alone picks the wire: the `websocket:` or `quic:` section of the same
-//! name supplies the server address and timeouts; the other section is ignored.
+//! `controller.protocol` picks the wire: the `websocket:` or `quic:` section of the same
+//! name supplies the server address and timeouts; the other section is used only by
+//! `controller.fallback` (off by default).
 
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroU64};
@@ -75,6 +76,44 @@ pub struct ControllerConfig {
     /// Module → cloud burst. Default 60.
     #[serde(default = "default_burst")]
     pub message_burst: NonZeroU32,
+    /// Moving to the other protocol when this one cannot connect (a network that drops UDP),
+    /// and back once it can. Off by default.
+    #[serde(default)]
+    pub fallback: FallbackConfig,
+}
+
+/// `edgehub.controller.fallback`: after `attempts` failed connects in a row over `protocol`,
+/// the edge dials the other protocol, at the server of the other endpoint section (`websocket:`
+/// when `protocol` is `quic`); while connected there it tries `protocol` again in the
+/// background every `probe-interval` seconds and moves back once a handshake completes.
+/// Messages move with it exactly once (the session's resend and dedup, as across any
+/// reconnect). Nothing new on the wire: the cloud must listen on both protocols (a Causeway
+/// cloud does by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FallbackConfig {
+    /// Whether to fall back at all. Default false.
+    #[serde(default)]
+    pub enable: bool,
+    /// Failed connects in a row before moving. Default 3 (with QUIC's default 30 s handshake
+    /// timeout about 1.5 to 2 minutes behind a UDP-dropping firewall; lower `quic.handshake-timeout`
+    /// to fall back sooner).
+    #[serde(default = "default_fallback_attempts")]
+    pub attempts: NonZeroU32,
+    /// Seconds between background tries of `protocol` while on the other one (from the end of
+    /// one try to the start of the next). Default 60.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval: Seconds,
+}
+
+impl Default for FallbackConfig {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            attempts: default_fallback_attempts(),
+            probe_interval: default_probe_interval(),
+        }
+    }
 }
 
 /// `edgehub.websocket` / `edgehub.quic`.
@@ -193,6 +232,7 @@ impl EdgeHubConfig {
                 node_id,
                 message_qps: default_qps(),
                 message_burst: default_burst(),
+                fallback: FallbackConfig::default(),
             },
             websocket: EndpointConfig::websocket_default(),
             quic: EndpointConfig::quic_default(),
@@ -205,9 +245,29 @@ impl EdgeHubConfig {
 
     /// The endpoint of the configured protocol.
     pub fn endpoint(&self) -> &EndpointConfig {
-        match self.controller.protocol {
+        self.endpoint_for(self.controller.protocol)
+    }
+
+    /// The endpoint of `protocol` (the other one is used by the fallback).
+    pub fn endpoint_for(&self, protocol: Protocol) -> &EndpointConfig {
+        match protocol {
             Protocol::WebSocket => &self.websocket,
             Protocol::Quic => &self.quic,
+        }
+    }
+
+    /// Which protocol each dial uses: the configured one, or the fallback's choice.
+    pub fn protocol_choice(&self) -> crate::fallback::ProtocolChoice {
+        use crate::fallback::{FallbackPolicy, ProtocolChoice};
+        let fallback = self.controller.fallback;
+        if fallback.enable {
+            ProtocolChoice::with_fallback(FallbackPolicy {
+                primary: self.controller.protocol,
+                attempts: fallback.attempts.get(),
+                probe_interval: fallback.probe_interval.duration(),
+            })
+        } else {
+            ProtocolChoice::fixed(self.controller.protocol)
         }
     }
 
@@ -224,7 +284,12 @@ impl EdgeHubConfig {
 
     /// The transport's link parameters for the configured protocol.
     pub fn link_config(&self) -> transport::config::LinkConfig {
-        let endpoint = self.endpoint();
+        self.link_config_for(self.controller.protocol)
+    }
+
+    /// The transport's link parameters for `protocol`.
+    pub fn link_config_for(&self, protocol: Protocol) -> transport::config::LinkConfig {
+        let endpoint = self.endpoint_for(protocol);
         let read_deadline = endpoint.read_deadline.duration();
         transport::config::LinkConfig {
             handshake_timeout: endpoint.handshake_timeout.duration(),
@@ -473,6 +538,14 @@ fn default_qps() -> Qps {
 
 fn default_burst() -> NonZeroU32 {
     NonZeroU32::MIN.saturating_add(59)
+}
+
+fn default_fallback_attempts() -> NonZeroU32 {
+    NonZeroU32::MIN.saturating_add(2)
+}
+
+fn default_probe_interval() -> Seconds {
+    Seconds::at_least_one(60)
 }
 
 fn default_http_server() -> HttpsUrl {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use beehive::ModuleContext;
 use proto::close::SessionCloseCode;
@@ -25,6 +25,7 @@ use session::edge::{Action, DisconnectReason, EdgeSession, Event, SessionEvent};
 
 use crate::config::EdgeHubConfig;
 use crate::deliver::{Deliveries, Delivery, Refusal};
+use crate::fallback::{ProtocolChoice, Switch, SwitchCause};
 use crate::link::{self, Inbound, Link};
 use crate::outbox::DedupVerdict;
 use crate::pump::OutboxPump;
@@ -49,6 +50,14 @@ struct Driver {
     dialing: Option<JoinHandle<()>>,
     /// The writer's queue was full; wait for room before polling more transmits.
     writer_blocked: bool,
+    /// Which protocol each dial uses (the fallback's state machine).
+    choice: ProtocolChoice,
+    /// The protocol of the connection in use (or the last one).
+    link_protocol: transport::Protocol,
+    /// A probe of the configured protocol in progress (protocol fallback).
+    probing: Option<JoinHandle<()>>,
+    /// A connection a probe established, waiting for the session's next [`Action::Connect`].
+    ready: Option<(transport::Protocol, Box<dyn transport::Connection>)>,
 }
 
 impl Driver {
@@ -62,6 +71,8 @@ impl Driver {
         let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
         let sleep = tokio::time::sleep_until(far());
         tokio::pin!(sleep);
+        let probe_sleep = tokio::time::sleep_until(far());
+        tokio::pin!(probe_sleep);
         let shutdown = ctx.shutdown_signal();
         loop {
             self.turn(ctx);
@@ -70,6 +81,10 @@ impl Driver {
                 .poll_timeout()
                 .map_or_else(far, tokio::time::Instant::from_std);
             sleep.as_mut().reset(deadline);
+            let probe_deadline = self.choice.probe_deadline();
+            if let Some(due) = probe_deadline {
+                probe_sleep.as_mut().reset(tokio::time::Instant::from_std(due));
+            }
             let writer_tx = self.link.as_ref().map(|l| l.writer_tx.clone());
             let writer_wait = self.writer_blocked && writer_tx.is_some();
             let delivering = self.deliveries.is_blocked();
@@ -107,6 +122,7 @@ impl Driver {
                     self.session.handle_event(now(), Event::Reconnect { reason });
                 }
                 () = &mut sleep => self.session.handle_timeout(now()),
+                () = &mut probe_sleep, if probe_deadline.is_some() => self.start_probe(),
             }
         }
     }
@@ -156,6 +172,7 @@ impl Driver {
         match inbound {
             Inbound::Dialed {
                 generation,
+                protocol,
                 result: Ok(conn),
             } => {
                 let conn: Arc<dyn transport::Connection> = Arc::from(conn);
@@ -170,6 +187,12 @@ impl Driver {
                 // down or moved on), it has asked to close it.
                 if self.session.connected_generation() == Some(generation) {
                     self.link = Some(Link::spawn(generation, conn, &self.inbound_tx));
+                    self.link_protocol = protocol;
+                    self.choice.connected(now, protocol);
+                    self.counters.set_protocol(protocol, self.choice.on_fallback());
+                    if let Some((_, unused)) = self.ready.take() {
+                        self.close_unused(unused, "probe connection not needed");
+                    }
                     self.pump.connected();
                 } else {
                     let deadline = self.write_deadline();
@@ -179,12 +202,18 @@ impl Driver {
             }
             Inbound::Dialed {
                 generation,
+                protocol,
                 result: Err(fault),
             } => {
                 self.dialing = None;
+                let configuration = fault.class == proto::FaultClass::Configuration;
+                if let Some(switch) = self.choice.dial_failed(protocol, configuration) {
+                    self.switched(switch, &fault.reason);
+                }
                 let failed = Event::ConnectFailed { generation, fault };
                 self.session.handle_event(now, failed);
             }
+            Inbound::Probed { protocol, result } => self.probed(protocol, result),
             Inbound::Message(generation, message) => {
                 self.session.handle_message(now, generation, message);
             }
@@ -207,11 +236,24 @@ impl Driver {
     fn on_action(&mut self, action: Action) {
         match action {
             Action::Connect { generation } => {
-                let protocol = self.config.controller.protocol;
-                info!(generation = generation.get(), %protocol, "connecting to the cloud");
+                let protocol = self.choice.current();
                 let closers = std::mem::take(&mut self.closing);
                 let tx = self.inbound_tx.clone();
-                self.dialing = Some(link::dial(generation, &self.config, closers, tx));
+                match self.ready.take() {
+                    Some((ready, conn)) if ready == protocol => {
+                        info!(generation = generation.get(), %protocol,
+                            "connecting to the cloud over the probe's connection");
+                        self.dialing = Some(link::adopt(generation, protocol, conn, closers, tx));
+                    }
+                    unused => {
+                        if let Some((_, conn)) = unused {
+                            self.close_unused(conn, "probe connection not needed");
+                        }
+                        info!(generation = generation.get(), %protocol, "connecting to the cloud");
+                        let dial = link::dial(generation, protocol, &self.config, closers, tx);
+                        self.dialing = Some(dial);
+                    }
+                }
             }
             Action::Close { generation, reason } => {
                 if let Some(link) = self.link.take_if(|l| l.generation == generation) {
@@ -246,15 +288,87 @@ impl Driver {
                 DedupVerdict::PendingDuplicate => {}
             },
             other => {
-                let protocol = self.config.controller.protocol;
-                let server = self.config.endpoint().server.as_str();
+                if matches!(other, SessionEvent::Disconnected { .. }) {
+                    self.choice.disconnected();
+                }
+                let protocol = match other {
+                    SessionEvent::Connected { .. } | SessionEvent::Disconnected { .. } => {
+                        self.link_protocol
+                    }
+                    _ => self.choice.current(),
+                };
+                let server = self.config.endpoint_for(protocol).server.as_str();
                 stats::record_event(&self.counters, protocol, server, &other);
             }
         }
     }
 
+    /// The probe timer fired: try the configured protocol in the background.
+    fn start_probe(&mut self) {
+        if self.probing.is_some() {
+            return;
+        }
+        if let Some(protocol) = self.choice.poll_probe(now()) {
+            info!(%protocol, "probing whether the configured protocol works again");
+            let tx = self.inbound_tx.clone();
+            self.probing = Some(link::probe(protocol, &self.config, tx));
+        }
+    }
+
+    /// A probe ended: move back over its connection, or wait for the next.
+    fn probed(
+        &mut self,
+        protocol: transport::Protocol,
+        result: Result<Box<dyn transport::Connection>, proto::Fault>,
+    ) {
+        self.probing = None;
+        let now = now();
+        let conn = match result {
+            Ok(conn) => conn,
+            Err(fault) => {
+                let connected = self.session.connected_generation().is_some();
+                self.choice.probe_failed(now, connected);
+                info!(%protocol, reason = %fault.reason, "probe failed; staying on the fallback");
+                return;
+            }
+        };
+        let Some(switch) = self.choice.probe_succeeded() else {
+            self.close_unused(conn, "probe connection not needed");
+            return;
+        };
+        self.switched(switch, "a probe completed a handshake");
+        self.ready = Some((protocol, conn));
+        let reason = format!("moving back to {protocol}");
+        self.session
+            .handle_event(now, Event::ReconnectNow { reason });
+        // A session that was connecting carries on with its dial; the probe's connection waits
+        // for the next attempt (and is closed if that attempt is over the other protocol).
+    }
+
+    /// Logs and counts a protocol move.
+    fn switched(&self, switch: Switch, why: &str) {
+        let Switch { from, to, cause } = switch;
+        self.counters.switched(to, to != self.config.controller.protocol);
+        match cause {
+            SwitchCause::Failures(failures) => warn!(%from, %to, failures, last_error = why,
+                "falling back: {failures} connects in a row over {from} failed; using {to}"),
+            SwitchCause::ProbeSucceeded => {
+                info!(%from, %to, "{to} works again; moving back from {from}");
+            }
+        }
+    }
+
+    fn close_unused(&mut self, conn: Box<dyn transport::Connection>, reason: &str) {
+        let deadline = self.write_deadline();
+        let closer = link::close_unused(Arc::from(conn), reason.into(), deadline);
+        self.closing.push(closer);
+    }
+
     fn write_deadline(&self) -> Duration {
-        self.config.endpoint().write_deadline.duration()
+        self.config
+            .endpoint_for(self.link_protocol)
+            .write_deadline
+            .duration()
     }
 }
 

@@ -19,6 +19,7 @@
 //! - [`outbox`]: the durable upstream queue (SQLite) and the downstream dedup window.
 //! - [`bootstrap`]: obtaining and renewing the node certificate (KubeEdge's certificate flow).
 //! - [`config`]: the `edgehub:` configuration section and the YAML loader.
+//! - [`fallback`]: which protocol each dial uses when `controller.fallback` is on (sans-IO).
 //!
 //! ```text
 //!  modules ──send to `websocket` / group `hub`──► EdgeHub inbox ──► outbox (SQLite) ──┐
@@ -30,6 +31,7 @@ pub mod bootstrap;
 pub mod config;
 mod deliver;
 mod driver;
+pub mod fallback;
 mod link;
 pub mod module;
 pub mod outbox;

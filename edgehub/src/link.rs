@@ -14,7 +14,7 @@ use tracing::debug;
 use proto::close::SessionCloseCode;
 use proto::{Fault, Message};
 use session::edge::{EdgeSession, Generation, Transmit, TransmitKind};
-use transport::{CloseReason, Connection, DialConfig, RecvError, SendError};
+use transport::{CloseReason, Connection, DialConfig, Protocol, RecvError, SendError};
 
 use crate::config::EdgeHubConfig;
 use crate::stats::Counters;
@@ -30,6 +30,12 @@ pub(crate) enum Inbound {
     /// A dial finished.
     Dialed {
         generation: Generation,
+        protocol: Protocol,
+        result: Result<Box<dyn Connection>, Fault>,
+    },
+    /// A background probe of the configured protocol finished (protocol fallback).
+    Probed {
+        protocol: Protocol,
         result: Result<Box<dyn Connection>, Fault>,
     },
     /// The connection received a message.
@@ -132,45 +138,93 @@ pub(crate) fn close_unused(
     spawn_closer(None, conn, None, reason, deadline)
 }
 
-/// Dials the cloud once every closer in `closers` has finished, and reports the outcome.
+/// Dials the cloud over `protocol` once every closer in `closers` has finished, and reports
+/// the outcome.
 pub(crate) fn dial(
     generation: Generation,
+    protocol: Protocol,
     config: &EdgeHubConfig,
     closers: Vec<JoinHandle<()>>,
     inbound: mpsc::Sender<Inbound>,
 ) -> JoinHandle<()> {
-    let dial = dial_config(config);
-    let protocol = config.controller.protocol;
+    let dial = dial_config(config, protocol);
     tokio::spawn(async move {
         // Every task of the previous connection has ended before we dial again.
         for closer in closers {
             let _ = closer.await;
         }
-        let result = match dial {
-            Ok(dial) => transport::connect(protocol, &dial)
-                .await
-                .map_err(|e| e.fault()),
-            Err(e) => Err(e),
-        };
-        let _ = inbound.send(Inbound::Dialed { generation, result }).await;
+        let result = connect(protocol, dial).await;
+        let _ = inbound
+            .send(Inbound::Dialed {
+                generation,
+                protocol,
+                result,
+            })
+            .await;
     })
 }
 
-/// What to dial with; certificate files that cannot be loaded are a configuration fault.
-fn dial_config(config: &EdgeHubConfig) -> Result<DialConfig, Fault> {
+/// Offers `conn`, established by a probe, as the outcome of the dial of `generation`, once
+/// every closer in `closers` has finished (so no task of the old connection outlives it).
+pub(crate) fn adopt(
+    generation: Generation,
+    protocol: Protocol,
+    conn: Box<dyn Connection>,
+    closers: Vec<JoinHandle<()>>,
+    inbound: mpsc::Sender<Inbound>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        for closer in closers {
+            let _ = closer.await;
+        }
+        let dialed = Inbound::Dialed {
+            generation,
+            protocol,
+            result: Ok(conn),
+        };
+        let _ = inbound.send(dialed).await;
+    })
+}
+
+/// Tries `protocol` in the background while the edge runs on the other one (protocol
+/// fallback): a completed handshake is the connection the edge moves onto.
+pub(crate) fn probe(
+    protocol: Protocol,
+    config: &EdgeHubConfig,
+    inbound: mpsc::Sender<Inbound>,
+) -> JoinHandle<()> {
+    let dial = dial_config(config, protocol);
+    tokio::spawn(async move {
+        let result = connect(protocol, dial).await;
+        let _ = inbound.send(Inbound::Probed { protocol, result }).await;
+    })
+}
+
+async fn connect(
+    protocol: Protocol,
+    dial: Result<DialConfig, Fault>,
+) -> Result<Box<dyn Connection>, Fault> {
+    transport::connect(protocol, &dial?)
+        .await
+        .map_err(|e| e.fault())
+}
+
+/// What to dial `protocol` with; certificate files that cannot be loaded are a configuration
+/// fault.
+fn dial_config(config: &EdgeHubConfig, protocol: Protocol) -> Result<DialConfig, Fault> {
     let tls = &config.tls;
     let identity = certs::Identity::load(&tls.cert_file, &tls.key_file)
         .map_err(|e| Fault::configuration(format!("loading the node certificate: {e}")))?;
     let anchors = certs::TrustAnchors::load(&tls.ca_file)
         .map_err(|e| Fault::configuration(format!("loading the CA certificate: {e}")))?;
     let mut dial = DialConfig::new(
-        config.endpoint().server.as_str(),
+        config.endpoint_for(protocol).server.as_str(),
         config.controller.node_id.clone(),
         identity,
         anchors,
     );
     dial.project_id = config.controller.project_id.as_str().to_owned();
-    dial.link = config.link_config();
+    dial.link = config.link_config_for(protocol);
     Ok(dial)
 }
 

@@ -29,6 +29,7 @@ pub(crate) struct Counters {
     pub(crate) downstream_duplicates: AtomicU64,
     pub(crate) downstream_undeliverable: AtomicU64,
     pub(crate) keepalives_sent: AtomicU64,
+    pub(crate) protocol_switches: AtomicU64,
     link: Mutex<LinkStatus>,
     storage: Mutex<Option<StorageProblem>>,
     /// Who waits to hear what became of a module message, by message id.
@@ -77,6 +78,10 @@ pub struct LinkStatus {
     pub connected: bool,
     /// The most recent connect failure or disconnect reason, if any happened.
     pub last_error: Option<String>,
+    /// The protocol of the connection in use (or the next dial's, while down).
+    pub protocol: Option<Protocol>,
+    /// The edge is on the other protocol than the configured one (`controller.fallback`).
+    pub fallback: bool,
 }
 
 /// A snapshot of EdgeHub's counters.
@@ -107,6 +112,8 @@ pub struct HubStats {
     pub downstream_undeliverable: u64,
     /// Keepalives written.
     pub keepalives_sent: u64,
+    /// Moves between protocols (`controller.fallback`): to the other one and back.
+    pub protocol_switches: u64,
 }
 
 impl Counters {
@@ -123,6 +130,19 @@ impl Counters {
         if error.is_some() {
             link.last_error = error;
         }
+    }
+
+    /// Records the protocol in use and whether it is the fallback.
+    pub(crate) fn set_protocol(&self, protocol: Protocol, fallback: bool) {
+        let mut link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
+        link.protocol = Some(protocol);
+        link.fallback = fallback;
+    }
+
+    /// Counts a protocol move to `to`.
+    pub(crate) fn switched(&self, to: Protocol, fallback: bool) {
+        bump(&self.protocol_switches, 1);
+        self.set_protocol(to, fallback);
     }
 
     pub(crate) fn storage(&self) -> Option<StorageProblem> {
@@ -195,6 +215,7 @@ impl Counters {
             downstream_duplicates: get(&self.downstream_duplicates),
             downstream_undeliverable: get(&self.downstream_undeliverable),
             keepalives_sent: get(&self.keepalives_sent),
+            protocol_switches: get(&self.protocol_switches),
         }
     }
 }

@@ -187,6 +187,15 @@ pub enum Event {
         /// Why, for logs.
         reason: String,
     },
+    /// Reconnect at once, without the wait after a loss: the driver already holds a working
+    /// connection to offer for the next attempt (EdgeHub's protocol fallback moving back to
+    /// its configured protocol). A connected session closes its connection and asks for the next
+    /// one; a waiting one ends its wait; a connecting one carries on (the dial under way
+    /// decides). The next connection resends what was unacknowledged, like any reconnect.
+    ReconnectNow {
+        /// Why, for logs.
+        reason: String,
+    },
     /// Stop for good: close the connection, tell modules, arm no more timers.
     Shutdown,
 }
@@ -592,6 +601,19 @@ impl EdgeSession {
                     self.disconnect(now, DisconnectReason::Requested(reason));
                 }
             }
+            Event::ReconnectNow { reason } => match self.state {
+                State::Connected { generation, .. } => {
+                    self.stop_connection(generation, DisconnectReason::Requested(reason));
+                    self.failures = 0;
+                    self.start_attempt();
+                }
+                State::Waiting => {
+                    self.timers.stop(Timer::ReconnectWait);
+                    self.timers.stop(Timer::Backoff);
+                    self.start_attempt();
+                }
+                State::Connecting { .. } | State::Stopped => {}
+            },
             Event::Shutdown => self.shutdown(),
         }
     }

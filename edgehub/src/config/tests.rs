@@ -154,6 +154,21 @@ fn invalid_values_are_refused_with_their_path() {
             "",
         ),
         (
+            "edgehub:\n  controller: { node-id: edge-1, fallback: { enable: true, attempts: 0 } }\n",
+            "edgehub.controller.fallback.attempts",
+            "",
+        ),
+        (
+            "edgehub:\n  controller: { node-id: edge-1, fallback: { probe-interval: 0 } }\n",
+            "edgehub.controller.fallback.probe-interval",
+            "at least 1",
+        ),
+        (
+            "edgehub:\n  controller: { node-id: edge-1, fallback: { on: true } }\n",
+            "edgehub.controller.fallback.on",
+            "",
+        ),
+        (
             &format!("{base}  quic: {{ server: 'no-port' }}\n"),
             "edgehub.quic.server",
             "host:port",
@@ -191,6 +206,28 @@ fn invalid_values_are_refused_with_their_path() {
         assert!(text.contains(key), "{text}");
         assert!(text.contains(needle), "{needle:?} not in {text}");
     }
+}
+
+#[test]
+fn fallback_is_off_by_default_and_uses_the_other_section() {
+    let config = parse("edgehub:\n  controller: { node-id: edge-1, protocol: quic }\n").unwrap();
+    assert!(!config.controller.fallback.enable);
+    assert_eq!(config.controller.fallback.attempts.get(), 3);
+    assert_eq!(config.controller.fallback.probe_interval.get(), 60);
+    let choice = config.protocol_choice();
+    assert!(!choice.on_fallback());
+    let on = parse(
+        "edgehub:\n  controller: { node-id: edge-1, protocol: quic, \
+         fallback: { enable: true, attempts: 2, probe-interval: 5 } }\n  \
+         websocket: { server: 'cloud:10000' }\n",
+    )
+    .unwrap();
+    let mut choice = on.protocol_choice();
+    assert_eq!(choice.dial_failed(Protocol::Quic, false), None);
+    let switch = choice.dial_failed(Protocol::Quic, false).expect("falls back");
+    assert_eq!(switch.to, Protocol::WebSocket);
+    assert_eq!(on.endpoint_for(switch.to).server.as_str(), "cloud:10000");
+    assert_eq!(on.endpoint().server.as_str(), "127.0.0.1:10001");
 }
 
 #[test]

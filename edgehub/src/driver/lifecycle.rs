@@ -44,7 +44,14 @@ pub(crate) async fn run(
         outbox_messages = outbox.usage().messages,
         "edgehub starting"
     );
+    let choice = config.protocol_choice();
+    let link_protocol = config.controller.protocol;
+    counters.set_protocol(link_protocol, false);
     let mut driver = Driver {
+        choice,
+        link_protocol,
+        probing: None,
+        ready: None,
         config,
         session,
         pump: OutboxPump::new(outbox),
@@ -83,6 +90,12 @@ impl Driver {
         self.turn(ctx);
         if let Some(dial) = self.dialing.take() {
             dial.abort();
+        }
+        if let Some(probe) = self.probing.take() {
+            probe.abort();
+        }
+        if let Some((_, conn)) = self.ready.take() {
+            self.close_unused(conn, "shutting down");
         }
         let closers = std::mem::take(&mut self.closing);
         // Within the hive's shutdown grace: a close the cloud does not confirm by then is

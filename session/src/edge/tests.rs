@@ -869,6 +869,55 @@ fn requested_reconnect_and_shutdown() {
 }
 
 #[test]
+fn reconnect_now_moves_without_the_wait_and_resends_the_unacknowledged() {
+    let mut h = Harness::new(SessionConfig::new(HB));
+    h.run_until(Duration::from_secs(5));
+    assert_eq!(h.session.state(), SessionState::Connected(Generation(1)));
+    // The cloud stops acknowledging: "up-1" is written but stays in flight.
+    h.cloud_acks = false;
+    h.session.queue_upstream(upstream("up-1")).expect("queued");
+    h.run_until(Duration::from_secs(6));
+    let at = h.elapsed();
+    h.inject(Event::ReconnectNow {
+        reason: "moving back to quic".into(),
+    });
+    assert!(matches!(h.closes()[0].2, DisconnectReason::Requested(_)));
+    // The next attempt is asked for at once, not after two heartbeats.
+    assert_eq!(h.connects().last(), Some(&(at, Generation(2))));
+    h.cloud_acks = true;
+    h.run_until(Duration::from_secs(7));
+    assert_eq!(h.session.state(), SessionState::Connected(Generation(2)));
+    // Unacknowledged upstream is the outbox's to offer again (it stays there): the session
+    // forgot nothing it was not acknowledged for.
+    assert!(
+        !h.actions
+            .iter()
+            .any(|(_, a)| matches!(a, Action::Forget { id } if id == "up-1"))
+    );
+
+    // While waiting after a loss, it ends the wait.
+    h.link = Link::Refused;
+    h.inject(Event::Failed {
+        generation: Generation(2),
+        fault: Fault::network("reset"),
+    });
+    assert_eq!(h.session.state(), SessionState::Waiting);
+    h.link = Link::Up;
+    let at = h.elapsed();
+    h.inject(Event::ReconnectNow {
+        reason: "moving back".into(),
+    });
+    assert_eq!(h.connects().last(), Some(&(at, Generation(3))));
+    // While connecting it changes nothing.
+    h.inject(Event::ReconnectNow {
+        reason: "again".into(),
+    });
+    assert_eq!(h.connects().len(), 3);
+    h.run_until(Duration::from_secs(8));
+    assert_eq!(h.session.state(), SessionState::Connected(Generation(3)));
+}
+
+#[test]
 fn shutdown_while_connecting_closes_the_attempt() {
     let mut h = Harness::new(SessionConfig::new(HB));
     h.inject(Event::Shutdown);
