@@ -83,7 +83,9 @@ impl Driver {
             sleep.as_mut().reset(deadline);
             let probe_deadline = self.choice.probe_deadline();
             if let Some(due) = probe_deadline {
-                probe_sleep.as_mut().reset(tokio::time::Instant::from_std(due));
+                probe_sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(due));
             }
             let writer_tx = self.link.as_ref().map(|l| l.writer_tx.clone());
             let writer_wait = self.writer_blocked && writer_tx.is_some();
@@ -189,7 +191,8 @@ impl Driver {
                     self.link = Some(Link::spawn(generation, conn, &self.inbound_tx));
                     self.link_protocol = protocol;
                     self.choice.connected(now, protocol);
-                    self.counters.set_protocol(protocol, self.choice.on_fallback());
+                    self.counters
+                        .set_protocol(protocol, self.choice.on_fallback());
                     if let Some((_, unused)) = self.ready.take() {
                         self.close_unused(unused, "probe connection not needed");
                     }
@@ -348,7 +351,8 @@ impl Driver {
     /// Logs and counts a protocol move.
     fn switched(&self, switch: Switch, why: &str) {
         let Switch { from, to, cause } = switch;
-        self.counters.switched(to, to != self.config.controller.protocol);
+        self.counters
+            .switched(to, to != self.config.controller.protocol);
         match cause {
             SwitchCause::Failures(failures) => warn!(%from, %to, failures, last_error = why,
                 "falling back: {failures} connects in a row over {from} failed; using {to}"),

@@ -234,7 +234,9 @@ mod tests {
         assert_eq!(c.dial_failed(Protocol::Quic, false), None);
         assert_eq!(c.dial_failed(Protocol::Quic, false), None);
         assert_eq!(c.current(), Protocol::Quic);
-        let switch = c.dial_failed(Protocol::Quic, false).expect("third failure moves");
+        let switch = c
+            .dial_failed(Protocol::Quic, false)
+            .expect("third failure moves");
         assert_eq!(
             switch,
             Switch {
@@ -320,7 +322,10 @@ mod tests {
         assert_eq!(c.poll_probe(t(60)), Some(Protocol::Quic));
         let switch = c.probe_succeeded().expect("moves back");
         assert_eq!(switch.cause, SwitchCause::ProbeSucceeded);
-        assert_eq!((switch.from, switch.to), (Protocol::WebSocket, Protocol::Quic));
+        assert_eq!(
+            (switch.from, switch.to),
+            (Protocol::WebSocket, Protocol::Quic)
+        );
         assert_eq!(c.current(), Protocol::Quic);
         c.connected(t(61), Protocol::Quic);
         assert_eq!(c.probe_deadline(), None);

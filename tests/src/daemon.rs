@@ -314,6 +314,8 @@ pub struct EdgeConfig {
     outbox_options: String,
     metamanager_options: String,
     modules: String,
+    handshake_timeout: u64,
+    fallback: Option<(SocketAddr, String)>,
 }
 
 impl EdgeConfig {
@@ -331,7 +333,24 @@ impl EdgeConfig {
             outbox_options: String::new(),
             metamanager_options: String::new(),
             modules: String::new(),
+            handshake_timeout: 5,
+            fallback: None,
         }
+    }
+
+    /// The handshake timeout, seconds (both protocols).
+    #[must_use]
+    pub fn handshake_timeout(mut self, secs: u64) -> Self {
+        self.handshake_timeout = secs;
+        self
+    }
+
+    /// Protocol fallback on (`controller.fallback`, more keys in YAML flow style such as
+    /// `attempts: 2, probe-interval: 2`), the other protocol's cloud at `other_server`.
+    #[must_use]
+    pub fn fallback(mut self, other_server: SocketAddr, keys: &str) -> Self {
+        self.fallback = Some((other_server, keys.to_owned()));
+        self
     }
 
     /// The usual edge of `cloud` (started in `dir`): its files in `<dir>/edge`, bootstrapped
@@ -406,11 +425,32 @@ impl EdgeConfig {
             }
         };
         let (outbox, metamanager) = (&self.outbox_options, &self.metamanager_options);
+        let handshake = self.handshake_timeout;
+        let endpoint = |protocol: &str, server: SocketAddr| {
+            format!(
+                "  {protocol}: {{ server: '{server}', handshake-timeout: {handshake}, \
+                 read-deadline: {deadline}, write-deadline: {deadline} }}\n"
+            )
+        };
+        let (fallback, other) = match &self.fallback {
+            None => (String::new(), String::new()),
+            Some((other_server, keys)) => {
+                let other = if protocol == "quic" {
+                    "websocket"
+                } else {
+                    "quic"
+                };
+                (
+                    format!(", fallback: {{ enable: true, {keys} }}"),
+                    endpoint(other, *other_server),
+                )
+            }
+        };
+        let endpoint = endpoint(protocol, server);
         format!(
             "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: {heartbeat}, node-id: {node} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: {deadline}, write-deadline: {deadline} }}
-  tls: {{ ca-file: {e}/ca.crt, cert-file: {e}/node.crt, key-file: {e}/node.key }}
+  controller: {{ protocol: {protocol}, heartbeat: {heartbeat}, node-id: {node}{fallback} }}
+{endpoint}{other}  tls: {{ ca-file: {e}/ca.crt, cert-file: {e}/node.crt, key-file: {e}/node.key }}
 {bootstrap}  outbox: {{ path: {data}/outbox.db{outbox} }}
 modules:
   metamanager: {{ path: {data}/meta.db{metamanager} }}

@@ -224,7 +224,9 @@ fn fallback_is_off_by_default_and_uses_the_other_section() {
     .unwrap();
     let mut choice = on.protocol_choice();
     assert_eq!(choice.dial_failed(Protocol::Quic, false), None);
-    let switch = choice.dial_failed(Protocol::Quic, false).expect("falls back");
+    let switch = choice
+        .dial_failed(Protocol::Quic, false)
+        .expect("falls back");
     assert_eq!(switch.to, Protocol::WebSocket);
     assert_eq!(on.endpoint_for(switch.to).server.as_str(), "cloud:10000");
     assert_eq!(on.endpoint().server.as_str(), "127.0.0.1:10001");
