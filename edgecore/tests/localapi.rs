@@ -93,7 +93,8 @@ async fn serves_the_journal_and_status_and_forwards_local_apps() {
     assert_eq!(
         status,
         serde_json::json!({"cloud": "disconnected", "last_error": null, "stored": 1,
-                           "objects": 1, "storage_error": null})
+                           "objects": 1, "storage_error": null, "protocol": null,
+                           "fallback": false})
     );
 
     let (code, body) = http(addr, "GET", "/v1/messages?after=0", "").await;
