@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use devicetwin::DeviceTwinConfig;
+use edged::EdgedConfig;
 use edgehub::EdgeHubConfig;
 use edgehub::config::ConfigError;
 use eventbus::EventBusConfig;
@@ -46,6 +47,9 @@ pub struct ModulesConfig {
     /// devicetwin: devices' desired and reported twins over MQTT (through eventbus); default off.
     #[serde(default)]
     pub device_twin: DeviceTwinConfig,
+    /// edged: runs the node's pods through containerd's CRI (needs metamanager); default off.
+    #[serde(default)]
+    pub edged: EdgedConfig,
 }
 
 /// A module switch.
@@ -191,6 +195,19 @@ modules:
     publish-timeout: 5              # seconds a publish may wait for the client; then dropped
     store-timeout: 10               # seconds to wait for the outbox to store an upload
     path: /var/lib/causeway/eventbus.db   # topics subscribed by the cloud (sub_topics)
+  # Runs the pods bound to this node through containerd's CRI (KubeEdge's edged); needs
+  # metamanager. Pod and node status go to the cloud through the outbox.
+  edged:
+    enable: false
+    cri-socket: /run/containerd/containerd.sock
+    pod-sandbox-image: "registry.k8s.io/pause:3.9"   # pulled if absent; containerd's sandbox_image
+    root-dir: /var/lib/causeway/edged   # pods/<uid>/volumes (configmap/secret files), pods/<uid>/logs
+    sync-period: 1                  # seconds between reads of the runtime's state (and on store changes)
+    node-status-period: 60          # node status sent at least this often (and on change)
+    backoff-initial: 10             # restart and image-pull back-off, doubling...
+    backoff-max: 300                # ...up to this
+    max-dead-per-container: 1       # exited instances kept per container (lastState, logs)
+    image-gc-bytes: 0               # unused images removed above this many bytes; 0: never
 "#;
 
 fn yes() -> bool {

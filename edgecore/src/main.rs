@@ -27,6 +27,7 @@ use servicebus::ServiceBus;
 use causeway_edgecore::config::{DEFAULT_YAML, EdgecoreConfig};
 use causeway_edgecore::localapi::LocalApi;
 use devicetwin::DeviceTwin;
+use edged::Edged;
 use metamanager::MetaManager;
 
 /// The Causeway edge daemon: keeps this node's link to the cloud (WebSocket or QUIC) and serves
@@ -113,6 +114,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         meta.as_ref().map(MetaManager::store),
     );
     beehive.register(twin, config.modules.device_twin.enable)?;
+    if config.modules.edged.enable {
+        let Some(meta) = meta.as_ref() else {
+            anyhow::bail!(
+                "modules.edged needs modules.metamanager (the node's pods come from its store)"
+            );
+        };
+        let edged = Edged::new(
+            config.modules.edged.clone(),
+            config.edgehub.controller.node_id.as_str(),
+            meta.store(),
+        );
+        beehive.register(edged, true)?;
+    }
     if let Some(meta) = meta {
         local_api = local_api.with_meta(meta.store(), meta.config().remote_query_timeout());
         beehive.register(meta, true)?;
