@@ -365,8 +365,10 @@ async fn run(bus_module: &EventBus, store: Mutex<TopicStore>, mut ctx: ModuleCon
                     }
                 }
                 Link::Down(why, wait) => {
+                    status.bump(Counter::ConnectFailures);
                     if status.set(BrokerState::Connecting, Some(why.clone())) {
                         tracing::warn!(broker = %address, error = %why,
+                            retry_in_ms = wait.as_millis(),
                             "eventbus not connected to the MQTT broker; retrying with backoff");
                     } else {
                         tracing::debug!(error = %why, retry_in_ms = wait.as_millis(), "MQTT reconnect failed");

@@ -41,9 +41,12 @@ pub enum Counter {
     Published,
     /// Publishes dropped (broker down, queue full past the timeout, bad request).
     PublishDropped,
+    /// Connection attempts that failed (refused, TLS, credentials, lost): each retried after a
+    /// backoff.
+    ConnectFailures,
 }
 
-const COUNTERS: usize = 6;
+const COUNTERS: usize = 7;
 
 /// Shared view of eventbus's state; cheap to clone.
 #[derive(Debug, Clone, Default)]
@@ -68,6 +71,8 @@ pub struct EventBusStatus {
     pub published: u64,
     /// See [`Counter::PublishDropped`].
     pub publish_dropped: u64,
+    /// See [`Counter::ConnectFailures`].
+    pub connect_failures: u64,
 }
 
 impl StatusHandle {
@@ -80,10 +85,11 @@ impl StatusHandle {
         self.0.counters[c as usize].load(Ordering::Relaxed)
     }
 
-    /// Sets the state; returns whether it changed (the caller logs changes only).
+    /// Sets the state; returns whether it or the error changed (the caller logs changes only:
+    /// the first failure, and a failure that differs from the last one, are worth a line).
     pub fn set(&self, state: BrokerState, error: Option<String>) -> bool {
         let mut s = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let changed = s.0 != state;
+        let changed = s.0 != state || (error.is_some() && s.1 != error);
         s.0 = state;
         if error.is_some() {
             s.1 = error;
@@ -117,6 +123,7 @@ impl StatusHandle {
             uploads_not_stored: self.get(Counter::UploadsNotStored),
             published: self.get(Counter::Published),
             publish_dropped: self.get(Counter::PublishDropped),
+            connect_failures: self.get(Counter::ConnectFailures),
         }
     }
 }
