@@ -64,6 +64,8 @@ pub struct LocalApi {
     meta_query_timeout: Duration,
     /// eventbus's state, when eventbus runs.
     eventbus: Option<eventbus::StatusHandle>,
+    /// devicetwin's counters, when devicetwin runs.
+    devicetwin: Option<Arc<devicetwin::TwinStats>>,
 }
 
 /// Why the local endpoint could not start.
@@ -86,6 +88,7 @@ struct Shared {
     meta: Option<Arc<MetaStore>>,
     meta_query_timeout: Duration,
     eventbus: Option<eventbus::StatusHandle>,
+    devicetwin: Option<Arc<devicetwin::TwinStats>>,
 }
 
 impl LocalApi {
@@ -98,7 +101,14 @@ impl LocalApi {
             meta: None,
             meta_query_timeout: Duration::ZERO,
             eventbus: None,
+            devicetwin: None,
         }
+    }
+
+    /// Reports devicetwin's counters (refused payloads among them) on `/v1/status`.
+    pub fn with_devicetwin(mut self, stats: Arc<devicetwin::TwinStats>) -> Self {
+        self.devicetwin = Some(stats);
+        self
     }
 
     /// Reports eventbus's broker state and counters on `/v1/status`.
@@ -163,6 +173,7 @@ async fn run(module: &LocalApi, mut ctx: ModuleContext) -> Result<(), LocalApiEr
         meta: module.meta.clone(),
         meta_query_timeout: module.meta_query_timeout,
         eventbus: module.eventbus.clone(),
+        devicetwin: module.devicetwin.clone(),
     });
     let shutdown = ctx.shutdown_signal();
     let app = router(shared, shutdown.clone());
@@ -372,6 +383,9 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
                                   "protocol": protocol, "fallback": fallback});
             if let Some(eventbus) = &shared.eventbus {
                 body["eventbus"] = json!(eventbus.snapshot());
+            }
+            if let Some(twin) = &shared.devicetwin {
+                body["devicetwin"] = twin.to_json();
             }
             axum::Json(body).into_response()
         }

@@ -113,6 +113,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config.edgehub.controller.node_id.as_str(),
         meta.as_ref().map(MetaManager::store),
     );
+    if config.modules.device_twin.enable {
+        local_api = local_api.with_devicetwin(twin.stats());
+    }
     beehive.register(twin, config.modules.device_twin.enable)?;
     if config.modules.edged.enable {
         let Some(meta) = meta.as_ref() else {

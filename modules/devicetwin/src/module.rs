@@ -66,6 +66,18 @@ impl TwinStats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+
+    /// Every counter by name, as the local API's `/v1/status` shows them under `devicetwin`.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "refused": Self::get(&self.refused),
+            "published": Self::get(&self.published),
+            "publish_failed": Self::get(&self.publish_failed),
+            "synced": Self::get(&self.synced),
+            "confirmed": Self::get(&self.confirmed),
+            "store_failed": Self::get(&self.store_failed),
+        })
+    }
 }
 
 /// The devicetwin module.
@@ -468,8 +480,13 @@ impl Twin {
             tracing::warn!(device = %id, error = %e, "devicetwin: desired values not stored");
             return;
         }
+        let document = twin::document(device, &changed, now, &proto::new_id());
         let delta = twin::delta(&changed, now, &proto::new_id());
         self.devices.insert(id.clone(), changed);
+        if let Some(document) = document {
+            self.publish(&topic::device_topic(&id, "twin/update/document"), &document)
+                .await;
+        }
         if let Some(delta) = delta {
             self.publish(&topic::device_topic(&id, "twin/update/delta"), &delta)
                 .await;

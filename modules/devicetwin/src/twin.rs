@@ -470,6 +470,24 @@ pub fn apply_desired(
     changed
 }
 
+/// `twin/update/document` for what [`apply_desired`] changed (`before` → `after`): each changed
+/// twin's `last` (null when new) and `current`, as KubeEdge publishes it for a cloud-side twin
+/// change before the delta. `None` when nothing changed.
+pub fn document(before: &Device, after: &Device, now: i64, event_id: &str) -> Option<Value> {
+    let mut twins = Map::new();
+    for (name, current) in &after.twins {
+        let last = before.twins.get(name);
+        if last == Some(current) {
+            continue;
+        }
+        twins.insert(
+            name.clone(),
+            json!({"last": last.map(Twin::to_json), "current": current.to_json()}),
+        );
+    }
+    (!twins.is_empty()).then(|| json!({"event_id": event_id, "timestamp": now, "twin": twins}))
+}
+
 /// The desired values of a Device object (`spec.properties[].desired`): property → (value,
 /// `desired.metadata.type`). Properties without a non-empty valid value are left out.
 pub fn desired_of(device_object: &Value) -> BTreeMap<String, (String, Option<String>)> {
@@ -743,7 +761,15 @@ mod tests {
             {"name":"empty","desired":{"value":""}}]}});
         let desired = desired_of(&obj);
         assert_eq!(desired.len(), 1);
+        let before = d.clone();
         assert!(apply_desired(&mut d, &desired, 10));
+        let doc = document(&before, &d, 10, "doc").unwrap();
+        assert_eq!(doc["twin"]["setpoint"]["last"], Value::Null, "a new twin");
+        assert_eq!(
+            doc["twin"]["setpoint"]["current"]["expected"]["value"],
+            "25"
+        );
+        assert_eq!(document(&d, &d, 10, "none"), None, "nothing changed");
         assert!(
             !apply_desired(&mut d, &desired, 11),
             "same value: no change"
