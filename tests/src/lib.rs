@@ -4,4 +4,5 @@ pub mod containerd;
 pub mod daemon;
 pub mod disk;
 pub mod drain;
+pub mod mqtt;
 pub mod transport_harness;

@@ -11,50 +11,19 @@
 //!   reliable, M9); a deleted device leaves the node;
 //! - queues drain.
 //!
-//! The MQTT side (eventbus) is exercised by devicetwin's module tests against its beehive
-//! boundary.
+//! The same path over MQTT (eventbus, both brokers) is `e2e_device_mqtt.rs`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http, json_of, wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, http, json_of, wait_until,
 };
 use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(60);
 const NODE: &str = "edge-dev";
-
-fn edge_config(
-    dir: &Path,
-    protocol: &str,
-    server: SocketAddr,
-    https: SocketAddr,
-    token: &str,
-) -> PathBuf {
-    let d = dir.display();
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {NODE} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 2, write-deadline: 2 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-  device-twin: {{ enable: true, path: {d}/edge/devicetwin.db }}
-"
-        ),
-    )
-    .unwrap();
-    config
-}
 
 fn put(api: SocketAddr, path: &str, body: &Value) -> Value {
     let (code, text) = http(api, "PUT", path, &body.to_string());
@@ -116,8 +85,13 @@ fn devices(protocol: &str) {
     let root = dir.path();
     let cloud = Cloud::start(root, [0; 4], 5, PATIENCE);
     let api = cloud.api;
-    let token = bootstrap_token(root);
-    let config = edge_config(root, protocol, cloud.server(protocol), cloud.https, &token);
+    let config = EdgeConfig::for_cloud(root, protocol, NODE, &cloud)
+        .deadlines(2)
+        .modules(&format!(
+            "  device-twin: {{ enable: true, path: {}/edge/devicetwin.db }}\n",
+            root.display()
+        ))
+        .write_in(root);
     let db = root.join("edge/devicetwin.db");
     let edge = Edge::start(&config, PATIENCE);
     edge.wait_connected();

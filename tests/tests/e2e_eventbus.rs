@@ -15,213 +15,29 @@
 //!   acknowledged reaches the cloud (duplicates across the kill are counted and printed).
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, Sse, bootstrap_token, http, json_of, outbox_rows,
-    wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, Sse, http, json_of, outbox_rows, wait_until,
 };
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use causeway_tests::mqtt::{
+    Device, Mode, Mosquitto, eventbus_module, free_port, installed, mosquitto_or_skip, wait_broker,
+};
 use serde_json::Value;
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn installed(tool: &str) -> bool {
-    Command::new(tool).arg("--help").output().is_ok()
-}
-
-/// mosquitto on a loopback port with a temporary config; killed on drop.
-struct Mosquitto(Child);
-
-impl Mosquitto {
-    fn start(dir: &Path, port: u16) -> Self {
-        let conf = dir.join(format!("mosquitto-{port}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_queued_messages 10000\n"
-            ),
-        )
-        .expect("conf");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto");
-        wait_until("mosquitto listening", PATIENCE, || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .map(drop)
-                .map_err(|e| e.to_string())
-        });
-        Self(child)
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A device: a rumqttc client on its own runtime; what it receives, and how many of its
-/// publishes were acknowledged.
-struct Device {
-    rt: tokio::runtime::Runtime,
-    client: AsyncClient,
-    got: std::sync::mpsc::Receiver<(String, String)>,
-    acks: Arc<AtomicUsize>,
-    subacks: Arc<AtomicUsize>,
-}
-
-impl Device {
-    fn connect(port: u16, id: &str) -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let mut o = MqttOptions::new(id, "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(5));
-        let (client, mut el) = AsyncClient::new(o, 512);
-        let (tx, got) = std::sync::mpsc::channel();
-        let acks = Arc::new(AtomicUsize::new(0));
-        let subacks = Arc::new(AtomicUsize::new(0));
-        let (a, s) = (acks.clone(), subacks.clone());
-        rt.spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        a.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        s.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let body = String::from_utf8_lossy(&p.payload).into_owned();
-                        let _ = tx.send((p.topic.clone(), body));
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        Self {
-            rt,
-            client,
-            got,
-            acks,
-            subacks,
-        }
-    }
-
-    fn subscribe(&self, topic: &str) {
-        let before = self.subacks.load(Ordering::SeqCst);
-        self.rt
-            .block_on(self.client.subscribe(topic, QoS::AtLeastOnce))
-            .expect("subscribe");
-        wait_until("SUBACK", PATIENCE, || {
-            if self.subacks.load(Ordering::SeqCst) > before {
-                Ok(())
-            } else {
-                Err("none".into())
-            }
-        });
-    }
-
-    fn publish(&self, topic: &str, payload: &str) {
-        self.rt
-            .block_on(self.client.publish(topic, QoS::AtLeastOnce, false, payload))
-            .expect("publish");
-    }
-
-    fn acked(&self) -> usize {
-        self.acks.load(Ordering::SeqCst)
-    }
-
-    fn recv(&self) -> (String, String) {
-        self.got.recv_timeout(PATIENCE).expect("a publication")
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    Internal,
-    External,
-}
-
-fn edge_config(
-    dir: &Path,
-    protocol: &str,
-    cloud: &Cloud,
-    token: &str,
-    mode: Mode,
-    mqtt_port: u16,
-) -> PathBuf {
-    let d = dir.display();
-    let server = cloud.server(protocol);
-    let https = cloud.https;
-    let mode_keys = match mode {
-        Mode::Internal => {
-            format!("mode: internal\n    internal: {{ listen: '127.0.0.1:{mqtt_port}' }}")
-        }
-        Mode::External => format!(
-            "mode: external\n    external: {{ server: '127.0.0.1:{mqtt_port}', client-id: eventbus-e2e-{mqtt_port} }}"
-        ),
-    };
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: edge-eb }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 2, write-deadline: 2 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-  eventbus:
-    enable: true
-    {mode_keys}
-    path: {d}/edge/eventbus.db
-"
-        ),
-    )
-    .expect("write config");
-    config
+/// The edge of `cloud` with eventbus on, its broker on `mqtt_port`.
+fn edge_config(dir: &Path, protocol: &str, cloud: &Cloud, mode: Mode, mqtt_port: u16) -> PathBuf {
+    EdgeConfig::for_cloud(dir, protocol, NODE, cloud)
+        .deadlines(2)
+        .modules(&eventbus_module(&dir.join("edge"), mode, mqtt_port, ""))
+        .write_in(dir)
 }
 
 const NODE: &str = "edge-eb";
-
-fn wait_broker(edge: &Edge) {
-    wait_until("eventbus connected to its broker", PATIENCE, || {
-        let s = edge.status();
-        if s["eventbus"]["broker"] == "connected" {
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    });
-}
 
 /// Posts a `router_eventbus` message for the node through the cloud API.
 fn cloud_send(cloud: &Cloud, op: &str, resource: &str, content: Option<&str>) {
@@ -284,8 +100,7 @@ fn until_uploaded(sse: &mut Sse, topic: &str, payloads: &[String]) -> HashMap<St
 }
 
 fn both_ways(protocol: &str, mode: Mode) {
-    if mode == Mode::External && !installed("mosquitto") {
-        println!("SKIP: mosquitto is not installed (apt-get install mosquitto; CI has it)");
+    if mode == Mode::External && !mosquitto_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -293,8 +108,7 @@ fn both_ways(protocol: &str, mode: Mode) {
     let mqtt_port = free_port();
     let _broker = (mode == Mode::External).then(|| Mosquitto::start(root, mqtt_port));
     let mut cloud = Cloud::start(root, [0; 4], 5, PATIENCE);
-    let token = bootstrap_token(root);
-    let config = edge_config(root, protocol, &cloud, &token, mode, mqtt_port);
+    let config = edge_config(root, protocol, &cloud, mode, mqtt_port);
     let outbox = root.join("edge/outbox.db");
     let mut edge = Edge::start(&config, PATIENCE);
     edge.wait_connected();
@@ -437,21 +251,17 @@ fn quic_external_broker() {
 }
 
 /// External broker: edgecore starts while mosquitto is down (and serves), connects once it is
-/// up; then edgecore is killed while a device publishes, and everything mosquitto acknowledged
-/// to the device reaches the cloud after the restart.
+/// up; then edgecore is killed while a device publishes (see [`kill_during_publishing`]).
 #[test]
 fn external_broker_down_at_start_and_kill_during_publishing() {
-    if !installed("mosquitto") {
-        println!("SKIP: mosquitto is not installed (apt-get install mosquitto; CI has it)");
+    if !mosquitto_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let mqtt_port = free_port();
     let cloud = Cloud::start(root, [0; 4], 5, PATIENCE);
-    let token = bootstrap_token(root);
-    let config = edge_config(root, "websocket", &cloud, &token, Mode::External, mqtt_port);
-    let outbox = root.join("edge/outbox.db");
+    let config = edge_config(root, "websocket", &cloud, Mode::External, mqtt_port);
     let edge = Edge::start(&config, PATIENCE);
     edge.wait_connected();
     wait_until("eventbus reports the broker down", PATIENCE, || {
@@ -464,41 +274,114 @@ fn external_broker_down_at_start_and_kill_during_publishing() {
     });
     let _broker = Mosquitto::start(root, mqtt_port);
     wait_broker(&edge);
+    kill_during_publishing(root, &cloud, edge, &config, mqtt_port, Mode::External);
+}
 
-    let dev = Device::connect(mqtt_port, "dev-kill");
-    let payloads: Vec<String> = (0..300).map(|i| format!("k-{i}")).collect();
-    let mut sse = Sse::open(cloud.api, PATIENCE, &format!("node={NODE}&since=0"));
-    let mut edge = Some(edge);
-    for (i, p) in payloads.iter().enumerate() {
-        dev.publish("default/user/kill", p);
-        if i == 150 {
-            edge.take().expect("edge").daemon.kill();
-        }
-    }
-    wait_until("300 PUBACKs from the broker", PATIENCE, || {
-        let n = dev.acked();
-        if n >= 300 {
-            Ok(())
-        } else {
-            Err(format!("{n}"))
-        }
-    });
+/// Embedded broker: edgecore (and with it the broker) killed while a device publishes.
+#[test]
+fn embedded_broker_kill_during_publishing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let mqtt_port = free_port();
+    let cloud = Cloud::start(root, [0; 4], 5, PATIENCE);
+    let config = edge_config(root, "quic", &cloud, Mode::Internal, mqtt_port);
     let edge = Edge::start(&config, PATIENCE);
     edge.wait_connected();
     wait_broker(&edge);
-    let counts = until_uploaded(&mut sse, "default/user/kill", &payloads);
-    wait_drained(&cloud, &outbox);
-    let counts_now = upload_counts(&sse, "default/user/kill");
-    let lost = payloads
+    kill_during_publishing(root, &cloud, edge, &config, mqtt_port, Mode::Internal);
+}
+
+/// A device publishes QoS 1 messages; edgecore is SIGKILLed after the 151st is queued and
+/// started again. External broker: mosquitto takes all 300 meanwhile and holds what eventbus
+/// did not acknowledge. Embedded broker: the broker dies with edgecore; the device reconnects
+/// and, as a device with a clean session does (rumqttc drops its unacknowledged publishes when
+/// the broker has no session for it), publishes again everything it got no PUBACK for, then the
+/// rest. Every publish PUBACKed before the kill reaches the cloud exactly once; every publish at
+/// least once (one the outbox committed but whose PUBACK the kill cut off is sent again, so it
+/// may arrive twice: counted and printed).
+fn kill_during_publishing(
+    root: &Path,
+    cloud: &Cloud,
+    edge: Edge,
+    config: &Path,
+    mqtt_port: u16,
+    mode: Mode,
+) {
+    let outbox = root.join("edge/outbox.db");
+    let dev = Device::connect(mqtt_port, "dev-kill");
+    // Connected before publishing (the SUBACK says so).
+    dev.subscribe("default/user/nothing");
+    let payloads: Vec<String> = (0..300).map(|i| format!("k-{i}")).collect();
+    let mut sse = Sse::open(cloud.api, PATIENCE, &format!("node={NODE}&since=0"));
+    let mut edge = Some(edge);
+    let mut acked_at_kill = 0;
+    let kill_after = 150;
+    for (i, p) in payloads.iter().enumerate() {
+        if mode == Mode::Internal && i > kill_after {
+            break;
+        }
+        dev.publish("default/user/kill", p);
+        if i == kill_after {
+            // Mid-stream: a hundred acknowledged, the rest on their way.
+            wait_until("100 PUBACKs before the kill", PATIENCE, || {
+                let n = dev.acked();
+                if n >= 100 {
+                    Ok(())
+                } else {
+                    Err(format!("{n}"))
+                }
+            });
+            edge.take().expect("edge").daemon.kill();
+            // One connection's PUBACKs come in publish order: these are the first ones.
+            acked_at_kill = dev.acked();
+        }
+    }
+    let edge = Edge::start(config, PATIENCE);
+    edge.wait_connected();
+    wait_broker(&edge);
+    let published = if mode == Mode::Internal {
+        // Reconnected (a new SUBACK), then everything without a PUBACK again, and the rest.
+        dev.subscribe("default/user/nothing");
+        for p in &payloads[acked_at_kill..] {
+            dev.publish("default/user/kill", p);
+        }
+        kill_after + 1 + payloads.len() - acked_at_kill
+    } else {
+        payloads.len()
+    };
+    // Each payload PUBACKed once: before the kill, or after it.
+    let acks_wanted = payloads.len();
+    wait_until("every publish PUBACKed", PATIENCE, || {
+        let n = dev.acked();
+        if n >= acks_wanted {
+            Ok(())
+        } else {
+            Err(format!("{n} of {acks_wanted}"))
+        }
+    });
+    until_uploaded(&mut sse, "default/user/kill", &payloads);
+    wait_drained(cloud, &outbox);
+    let counts = upload_counts(&sse, "default/user/kill");
+    let lost = payloads.iter().filter(|p| !counts.contains_key(*p)).count();
+    let dups: usize = counts.values().map(|n| n - 1).sum();
+    // The broker acknowledges one connection's publishes in order: the first `acked_at_kill`.
+    let acked_not_once: Vec<_> = payloads[..acked_at_kill]
         .iter()
-        .filter(|p| !counts_now.contains_key(*p))
-        .count();
-    let dups: usize = counts_now.values().map(|n| n - 1).sum();
+        .filter(|p| counts.get(*p) != Some(&1))
+        .collect();
     println!(
-        "kill -9 during 300 QoS 1 publishes (external broker): {} of 300 arrived, {lost} lost, \
-         {dups} duplicates",
-        counts.len()
+        "kill -9 during 300 QoS 1 publishes ({mode:?} broker): {published} publishes sent \
+         (republished included), {acked_at_kill} PUBACKed before the kill, {} PUBACKed in all; \
+         {} of 300 arrived, {lost} lost, {dups} duplicates; of those PUBACKed before the kill, \
+         {} not exactly once",
+        dev.acked(),
+        counts.len(),
+        acked_not_once.len()
     );
     assert_eq!(lost, 0);
+    if mode == Mode::Internal {
+        // The embedded broker PUBACKs only what the outbox committed.
+        assert!(acked_not_once.is_empty(), "{acked_not_once:?}");
+    }
     assert_eq!(edge.daemon.stop(), Some(0));
 }

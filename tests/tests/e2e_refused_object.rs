@@ -6,41 +6,15 @@
 //! backoff, and the object arrives: stored once, ACKed, every queue drained.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use causeway_tests::daemon::{
-    CloudCore as Cloud, EdgeCore as Edge, bootstrap_token, http, json_of, outbox_rows, wait_until,
+    CloudCore as Cloud, EdgeConfig, EdgeCore as Edge, http, json_of, outbox_rows, wait_until,
 };
 use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(60);
 const NODE: &str = "edge-refuse";
-
-fn edge_config(dir: &Path, protocol: &str, cloud: &Cloud, token: &str) -> PathBuf {
-    let d = dir.display();
-    let server = cloud.server(protocol);
-    let https = cloud.https;
-    let config = dir.join("edgecore.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "edgehub:
-  controller: {{ protocol: {protocol}, heartbeat: 1, node-id: {NODE} }}
-  {protocol}: {{ server: '{server}', handshake-timeout: 5, read-deadline: 2, write-deadline: 2 }}
-  tls: {{ ca-file: {d}/edge/ca.crt, cert-file: {d}/edge/node.crt, key-file: {d}/edge/node.key }}
-  http-server: 'https://{https}'
-  token: '{token}'
-  outbox: {{ path: {d}/edge/outbox.db }}
-modules:
-  metamanager: {{ path: {d}/edge/meta.db }}
-  local-api: {{ listen: '127.0.0.1:0' }}
-"
-        ),
-    )
-    .unwrap();
-    config
-}
 
 fn put(api: SocketAddr, path: &str, body: &Value) -> Value {
     let (code, text) = http(api, "PUT", path, &body.to_string());
@@ -90,8 +64,9 @@ fn refused_then_resent(protocol: &str) {
     let root = dir.path();
     let cloud = Cloud::start(root, [0; 4], 5, PATIENCE);
     let api = cloud.api;
-    let token = bootstrap_token(root);
-    let config = edge_config(root, protocol, &cloud, &token);
+    let config = EdgeConfig::for_cloud(root, protocol, NODE, &cloud)
+        .deadlines(2)
+        .write_in(root);
     let edge = Edge::start(&config, PATIENCE);
     edge.wait_connected();
     let db = rusqlite::Connection::open(root.join("edge/meta.db")).unwrap();
