@@ -22,8 +22,20 @@ fn left_at_runtime(socket: &Path, uid: &str) -> usize {
         .unwrap()
         .block_on(async {
             let mut cri = Cri::connect(socket).await.unwrap();
-            let c = cri.containers().await.unwrap().iter().filter(|c| c.pod_uid == uid).count();
-            let s = cri.sandboxes().await.unwrap().iter().filter(|s| s.pod_uid == uid).count();
+            let c = cri
+                .containers()
+                .await
+                .unwrap()
+                .iter()
+                .filter(|c| c.pod_uid == uid)
+                .count();
+            let s = cri
+                .sandboxes()
+                .await
+                .unwrap()
+                .iter()
+                .filter(|s| s.pod_uid == uid)
+                .count();
             c + s
         })
 }
@@ -34,7 +46,10 @@ fn median(v: &mut [Duration]) -> Duration {
 }
 
 fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10);
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10);
     let runtime = Containerd::start().unwrap_or_else(|why| panic!("{why}"));
     let socket = runtime.socket().to_owned();
     let dir = tempfile::tempdir().unwrap();
@@ -61,11 +76,18 @@ fn main() {
         let start = Instant::now();
         let (code, text) = http(api, "PUT", &path, &body.to_string());
         assert!(code == 200 || code == 201, "{text}");
-        let uid = json_of(&text)["metadata"]["uid"].as_str().unwrap().to_owned();
+        let uid = json_of(&text)["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         wait_until("Running in the cloud", PATIENCE, || {
             let (_, text) = http(api, "GET", &path, "");
             let pod = json_of(&text);
-            if pod["status"]["phase"] == "Running" { Ok(()) } else { Err(text) }
+            if pod["status"]["phase"] == "Running" {
+                Ok(())
+            } else {
+                Err(text)
+            }
         });
         let running = start.elapsed();
         let start = Instant::now();
@@ -73,7 +95,11 @@ fn main() {
         assert_eq!(code, 200, "{text}");
         wait_until("gone from the runtime", PATIENCE, || {
             let left = left_at_runtime(&socket, &uid);
-            if left == 0 { Ok(()) } else { Err(left.to_string()) }
+            if left == 0 {
+                Ok(())
+            } else {
+                Err(left.to_string())
+            }
         });
         let gone = start.elapsed();
         println!("{name}: apply->Running {running:?}, delete->gone {gone:?}");
