@@ -23,7 +23,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::timeout;
 
-use super::probe::{MIN_PROBE_INTERVAL, SilenceProbe};
+use super::probe::{QUIET_POLL_INTERVAL, SilenceProbe};
 use super::stream::{FrameReader, ReadEnd, stream_index};
 use super::{code, control};
 use crate::config::LinkConfig;
@@ -467,17 +467,20 @@ async fn drive(
     readers.spawn(read_control(inner.clone(), control_recv));
     let mut accepting = true;
     let mut silence = SilenceProbe::new(std::time::Instant::now());
-    let mut probe_tick = tokio::time::interval(MIN_PROBE_INTERVAL);
-    probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let probe_poll = tokio::time::sleep(QUIET_POLL_INTERVAL);
+    tokio::pin!(probe_poll);
     loop {
         tokio::select! {
-            _ = probe_tick.tick(), if accepting => {
+            () = &mut probe_poll, if accepting => {
                 let stats = inner.conn.stats();
                 let (tx, rx) = (stats.udp_tx.datagrams, stats.udp_rx.datagrams);
                 if silence.poll(std::time::Instant::now(), tx, rx, inner.conn.rtt()) {
                     // A peer without DATAGRAM support refuses it: then only new data probes.
                     let _ = inner.conn.send_datagram(Bytes::from_static(&[0]));
                 }
+                probe_poll
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + silence.next_poll(tx));
             }
             accepted = inner.conn.accept_bi(), if accepting => match accepted {
                 Ok((send, recv)) => {

@@ -9,7 +9,8 @@
 //!
 //! [`ProbeWindow`] (the decision, sans-IO) and [`SilenceProbe`] (when a connection with nothing
 //! new to send pings) take the time as an argument; [`ProbingBbrConfig`] wraps quinn's BBR with
-//! the former, and the connection driver ticks the latter.
+//! the former, and the connection driver polls the latter (ten times a second while an answer
+//! is awaited, once a second on a quiet connection).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -22,6 +23,11 @@ use quinn_proto::RttEstimator;
 /// loss-probe timeout on a short link (RTT + 4 × RTT variance + 25 ms ACK delay), so a
 /// short link's own timer still goes first.
 pub(crate) const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often a connection whose datagrams are all answered looks again: a quiet connection (an
+/// idle node between heartbeats) costs one wake-up a second instead of ten, and a blackhole that
+/// starts while it is quiet is noticed within this long after it next sends.
+pub(crate) const QUIET_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// (silence before the first probe, interval between probes) for a smoothed RTT: no probe
 /// before two round trips without an acknowledgement, at most one per round trip (and never
@@ -147,6 +153,16 @@ impl SilenceProbe {
             self.last_probe = Some(now);
         }
         due
+    }
+
+    /// When to poll next, given the datagrams sent so far: soon while some of ours went out
+    /// after the peer's last one (an answer is awaited), else after [`QUIET_POLL_INTERVAL`].
+    pub(crate) fn next_poll(&self, tx: u64) -> Duration {
+        if tx > self.tx_at_rx {
+            MIN_PROBE_INTERVAL
+        } else {
+            QUIET_POLL_INTERVAL
+        }
     }
 }
 
@@ -302,5 +318,18 @@ mod tests {
         assert!(!p.poll(t0 + 1250 * MS, 7, 5, rtt));
         assert!(p.poll(t0 + 1300 * MS, 7, 5, rtt));
         assert!(!p.poll(t0 + 1310 * MS, 8, 6, rtt));
+    }
+
+    #[test]
+    fn a_quiet_connection_polls_once_a_second_and_an_awaited_answer_ten_times() {
+        let t0 = Instant::now();
+        let mut p = SilenceProbe::new(t0);
+        let rtt = 20 * MS;
+        assert_eq!(p.next_poll(0), QUIET_POLL_INTERVAL);
+        // Both sides exchanged and nothing of ours is unanswered: quiet.
+        assert!(!p.poll(t0 + 100 * MS, 3, 3, rtt));
+        assert_eq!(p.next_poll(3), QUIET_POLL_INTERVAL);
+        // We sent after the peer's last datagram: poll soon.
+        assert_eq!(p.next_poll(4), MIN_PROBE_INTERVAL);
     }
 }
