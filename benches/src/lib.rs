@@ -244,7 +244,7 @@ impl SpawnedEdge {
         let mut child = Command::new(bin)
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "warn,edgecore=info")
+            .env("RUST_LOG", "warn,causeway_edgecore=info")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
